@@ -1,0 +1,124 @@
+"""accordion's one typed configuration tree. Validated when built; every field documented.
+
+``EngineConfig`` is what an engine instance needs (model, cache, scheduler, device); ``ServeConfig`` adds the
+serving front end. This is the only module that reads environment variables (``ACCORDION_*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def cache_dir() -> Path:
+    """Where accordion keeps prepared models (``ACCORDION_CACHE_DIR``, default ``~/.cache/accordion``)."""
+    return Path(os.environ.get("ACCORDION_CACHE_DIR", Path.home() / ".cache" / "accordion"))
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    model: str
+    """Path to an HF checkpoint directory, or an alias of an embedded model (``smollm2``)."""
+    dtype: Dtype = "auto"
+    """Weights and activations dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+    max_model_len: int | None = None
+    """Longest prompt + output; defaults to the checkpoint's ``max_position_embeddings``."""
+    seed: int = 0
+    """Seed of the sampler for unseeded requests."""
+
+    def __post_init__(self) -> None:
+        _positive("max_model_len", self.max_model_len)
+
+    def hf_config(self) -> dict:
+        return json.loads((Path(self.model) / "config.json").read_text())
+
+    def resolved_max_model_len(self) -> int:
+        limit = int(self.hf_config().get("max_position_embeddings", 2048))
+        if self.max_model_len is None:
+            return limit
+        return self.max_model_len
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """Force the KV pool size (blocks); otherwise sized from memory (``gpu_memory_utilization`` / ``cpu_kv_bytes``)."""
+    gpu_memory_utilization: float = 0.90
+    """Fraction of the GPU's memory the engine may use for weights, activations and KV."""
+    cpu_kv_bytes: int = 1 << 30
+    """KV pool size on CPU devices."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of identical full-block prompt prefixes (hash chain)."""
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        _positive("num_blocks", self.num_blocks)
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ValueError(f"gpu_memory_utilization must be in [0.05, 0.99], got {self.gpu_memory_utilization}")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (Sarathi-Serve's chunk size): decodes first, then prefill chunks."""
+    max_num_seqs: int = 256
+    """Most requests running at once."""
+    max_waiting: int = 4096
+    """Most requests queued; beyond it new requests are refused (RESOURCE_EXHAUSTED)."""
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    """Admission order: arrival, or (priority, arrival)."""
+
+    def __post_init__(self) -> None:
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_waiting", self.max_waiting)
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass(kw_only=True)
+class DeviceConfig:
+    device: Device = "auto"
+    """``auto`` picks CUDA when available."""
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """``auto`` = Triton kernels on CUDA, torch on CPU."""
+    cuda_graphs: bool = True
+    """Capture decode steps in CUDA graphs (CUDA only)."""
+    cuda_graph_max_batch: int = 256
+    """Largest decode batch captured in a graph."""
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Everything one engine instance needs."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.max_model_len is not None and self.model.max_model_len < self.cache.block_size:
+            raise ValueError("max_model_len must be at least one block")

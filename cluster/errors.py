@@ -1,0 +1,33 @@
+"""Errors the control plane raises toward the front end. The gRPC layer maps each to one status code."""
+
+from __future__ import annotations
+
+from accordion.cluster.request import RequestValidationError
+
+__all__ = [
+    "RequestValidationError",
+    "EngineOverloadedError",
+    "EngineUnavailableError",
+    "ModelNotFoundError",
+    "RequestTooLargeError",
+]
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (gRPC RESOURCE_EXHAUSTED with a retry hint)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineUnavailableError(RuntimeError):
+    """Not ready yet, draining, or no instance alive (gRPC UNAVAILABLE)."""
+
+
+class ModelNotFoundError(LookupError):
+    """The request names a model this server does not serve (gRPC NOT_FOUND)."""
+
+
+class RequestTooLargeError(RequestValidationError):
+    """The request can never fit: prompt plus max_tokens over max_model_len or over the KV pool."""

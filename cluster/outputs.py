@@ -1,0 +1,116 @@
+"""What generation produces, at three levels.
+
+* :class:`EngineOutput`: engine core -> front end, token ids only, one per request per step that produced tokens
+  (or finished). Small plain data, so it crosses Ray cheaply.
+* :class:`StreamDelta`: front end -> client, after incremental detokenization and stop-string handling by
+  :class:`~accordion.cluster.output_processor.OutputProcessor`. One gRPC ``GenerateChunk`` is built from one delta.
+* :class:`RequestOutput` / :class:`CompletionOutput`: the offline API's result, in vLLM's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from accordion.cluster.request import FinishReason
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probabilities around one generated token: the sampled token's and the top-N."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """(token id, logprob) pairs, most likely first."""
+
+    def as_dict(self) -> dict[int, float]:
+        d = dict(self.top)
+        d[self.token_id] = self.logprob
+        return d
+
+
+@dataclass(slots=True)
+class RequestTimings:
+    """Server-side timings of one request, in seconds."""
+
+    queue_s: float = 0.0
+    """Arrival to first scheduled."""
+    prefill_s: float = 0.0
+    """First scheduled to first token."""
+    decode_s: float = 0.0
+    """First token to finish."""
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """New tokens of one request from one engine step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+    """The stop token (EOS or a ``stop_token_ids`` entry) that ended the request, if any."""
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+    timings: RequestTimings | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class StreamDelta:
+    """What is new for one completion since the last delta, ready to send to a client."""
+
+    request_id: str
+    index: int
+    """Which of the ``n`` completions this delta belongs to."""
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    matched_stop: int | str | None = None
+    """The stop token id or stop string that ended the completion."""
+    usage: Usage = field(default_factory=Usage)
+    """Cumulative for this completion."""
+    timings: RequestTimings | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """'stop', 'length', 'abort' or 'error' (vLLM's strings)."""
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0

@@ -1,0 +1,241 @@
+"""Iteration-level scheduler with Sarathi-Serve stall-free batching.
+
+Each step spends a token budget (``max_num_batched_tokens``) in this order:
+
+1. every running request that is decoding (one token each); if its next token needs a block and none is free,
+   the lowest-priority running request is preempted (its blocks freed, recomputed later);
+2. running requests whose prefill is only partly done (the next chunk of their prompt);
+3. new requests in admission order (FCFS, or priority then FCFS), while blocks for their whole prompt can be
+   allocated up front and ``max_num_seqs`` allows.
+
+There is no prefill phase or decode phase: a step is whatever the budget buys. The scheduler imports no torch;
+it is tested by constructing it (tests/cluster/test_scheduler.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+
+from accordion.cluster.block_manager import KVCacheManager
+from accordion.cluster.config import CacheConfig, SchedulerConfig
+from accordion.cluster.errors import EngineOverloadedError, RequestTooLargeError
+from accordion.cluster.outputs import EngineOutput, RequestTimings
+from accordion.cluster.plan import NewRequestData, ScheduledChunk, StepPlan, StepResult
+from accordion.cluster.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, *, num_blocks: int, max_model_len: int):
+        self.config = config
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[tuple[tuple, Request]] = []  # sorted by admission key
+        self.running: list[Request] = []  # in admission-key order: the tail is preempted first
+        self._seq = itertools.count()
+        self._keys: dict[str, tuple] = {}
+        self._forget: list[str] = []  # request ids the worker may drop at the next step
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests in and out
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """Raise RequestTooLargeError if a request could never run here (instead of hanging in the queue)."""
+        if num_prompt_tokens >= self.max_model_len:
+            raise RequestTooLargeError(
+                "prompt", f"prompt has {num_prompt_tokens} tokens; max_model_len is {self.max_model_len}")
+        total = num_prompt_tokens + (max_tokens if max_tokens is not None else self.max_model_len)
+        total = min(total, self.max_model_len)
+        # The last sampled token's KV is never computed.
+        if self.kv.blocks_for(total - 1) > self.kv.num_blocks:
+            raise RequestTooLargeError(
+                "max_tokens", f"prompt + max_tokens needs {self.kv.blocks_for(total - 1)} KV blocks; "
+                f"the pool has {self.kv.num_blocks}")
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        self.check_fits(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise EngineOverloadedError(f"{len(self.waiting)} requests are waiting; try again later")
+        prio = request.priority if self.config.policy == "priority" else 0
+        key = (prio, request.arrival_time, next(self._seq))
+        self._keys[request.request_id] = key
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, (key, request), key=lambda kr: kr[0])
+
+    def abort(self, request_ids: list[str]) -> list[EngineOutput]:
+        outputs = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            outputs.append(self._output(req, []))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        new_reqs: list[NewRequestData] = []
+        now = time.monotonic()
+
+        # 1. Decodes: never stalled by prefills.
+        scheduled: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            if req.in_prefill:
+                i += 1
+                continue
+            new_blocks = self._grow(req, req.num_tokens)
+            if new_blocks is None:  # this request itself was preempted
+                continue
+            chunks.append(ScheduledChunk(req.request_id, req.num_computed_tokens, 1, True, new_blocks))
+            req.num_computed_tokens += 1
+            scheduled.add(req.request_id)
+            budget -= 1
+            i += 1
+        num_decodes = len(chunks)
+
+        # 2. Partial prefills, continuing (their blocks were allocated at admission).
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.request_id in scheduled or not req.in_prefill:
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            chunks.append(self._prefill_chunk(req, n, []))
+            budget -= n
+
+        # 3. New admissions in key order; head-of-line blocking keeps FCFS fair.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            _, req = self.waiting[0]
+            cached = self.kv.find_cached_prefix(req)
+            blocks = self.kv.allocate(req, req.num_tokens, cached)
+            if blocks is None:
+                break
+            self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = len(cached) * self.kv.block_size
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+                req.num_cached_tokens = req.num_computed_tokens
+            self._insert_running(req)
+            new_reqs.append(NewRequestData(req.request_id, list(req.prompt_token_ids), list(req.output_token_ids),
+                                           req.sampling_params, list(blocks), req.eos_token_ids))
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            chunks.append(self._prefill_chunk(req, n, []))
+            budget -= n
+
+        self._step_id += 1
+        forget, self._forget = self._forget, []
+        return StepPlan(self._step_id, new_reqs, chunks, forget, num_decodes)
+
+    def _prefill_chunk(self, req: Request, n: int, new_blocks: list[int]) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        req.num_computed_tokens += n
+        return ScheduledChunk(req.request_id, start, n, start + n == req.num_tokens, new_blocks)
+
+    def _grow(self, req: Request, num_tokens: int) -> list[int] | None:
+        """Blocks for ``num_tokens`` tokens of a running request, preempting from the tail as needed.
+
+        Returns the new block ids, or None if ``req`` itself had to be preempted.
+        """
+        while True:
+            blocks = self.kv.allocate(req, num_tokens)
+            if blocks is not None:
+                return blocks
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return None
+
+    def _insert_running(self, req: Request) -> None:
+        keys = [self._keys[r.request_id] for r in self.running]
+        self.running.insert(bisect.bisect(keys, self._keys[req.request_id]), req)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._forget.append(req.request_id)
+        bisect.insort(self.waiting, (self._keys[req.request_id], req), key=lambda kr: kr[0])
+
+    # ------------------------------------------------------------------ results
+    def update(self, plan: StepPlan, result: StepResult) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            req = self.requests.get(chunk.request_id)
+            if req is None or req.is_finished or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            self.kv.cache_computed_blocks(req)
+            if not chunk.sample:
+                continue
+            token = result.sampled[req.request_id]
+            req.output_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            status, stop_token = self._check_stop(req, token)
+            lp = result.logprobs.get(req.request_id)
+            if status is not None:
+                self._finish(req, status)
+            outputs.append(self._output(req, [token], [lp] if lp else None, stop_token))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> tuple[RequestStatus | None, int | None]:
+        sp = req.sampling_params
+        n_out = len(req.output_token_ids)
+        if n_out > sp.min_tokens:  # the sampler masks stop tokens below min_tokens
+            if (not sp.ignore_eos and token in req.eos_token_ids) or token in sp.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            idx = next((i for i, (_, r) in enumerate(self.waiting) if r is req), None)
+            if idx is not None:
+                self.waiting.pop(idx)
+        self.kv.free(req.request_id)
+        req.status = status
+        req.finish_time = time.monotonic()
+        self._forget.append(req.request_id)
+        del self.requests[req.request_id]
+        del self._keys[req.request_id]
+
+    def _output(self, req: Request, tokens: list[int], logprobs=None, stop_token: int | None = None) -> EngineOutput:
+        out = EngineOutput(req.request_id, tokens, logprobs, req.finish_reason, stop_token,
+                           req.num_prompt_tokens, req.num_cached_tokens)
+        if req.is_finished:
+            start = req.first_scheduled_time or req.finish_time
+            first = req.first_token_time or req.finish_time
+            out.timings = RequestTimings(start - req.arrival_time, first - start, req.finish_time - first)
+        return out
+
+    def check_invariants(self) -> None:
+        self.kv.check_invariants()
+        held = set(self.kv.req_blocks)
+        assert held <= {r.request_id for r in self.running}, "a request that is not running holds blocks"

@@ -1,0 +1,1 @@
+"""accordion.kernels: Triton GPU kernels (attention in accordion.kernels.attention)."""

@@ -1,0 +1,103 @@
+"""Per-request state the worker keeps between steps, and the flat tensors of one step.
+
+Ownership: :class:`InputBatch` owns ``CachedRequestState`` for every request the worker has seen and not yet
+been told to forget; it applies each :class:`~accordion.cluster.plan.StepPlan`'s diffs (new requests, new blocks,
+sampled tokens) and lays the step out as flat arrays (see ``accordion.workers.attention`` for the layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from accordion.cluster.plan import StepPlan
+from accordion.cluster.request import SamplingParams
+from accordion.workers.sampler import SampleRow
+
+
+@dataclass
+class CachedRequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    eos_token_ids: tuple[int, ...]
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+@dataclass
+class StepInputs:
+    """Host-side arrays of one step (T tokens, B rows, S sampled rows)."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    block_table: np.ndarray  # [B, max_blocks] int32
+    seq_lens: np.ndarray  # [B] int32
+    query_start_loc: np.ndarray  # [B + 1] int32
+    logits_indices: np.ndarray  # [S] int64: token index whose logits are sampled
+    sampled_ids: list[str]  # [S] request ids
+    sample_rows: list[SampleRow]
+    num_decodes: int
+
+
+class InputBatch:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.states: dict[str, CachedRequestState] = {}
+
+    def apply(self, plan: StepPlan) -> None:
+        for rid in plan.finished_request_ids:
+            self.states.pop(rid, None)
+        for new in plan.new_requests:
+            self.states[new.request_id] = CachedRequestState(
+                new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
+                list(new.block_ids), tuple(new.eos_token_ids))
+        for chunk in plan.chunks:
+            if chunk.new_block_ids:
+                self.states[chunk.request_id].block_ids.extend(chunk.new_block_ids)
+
+    def record_sampled(self, sampled: dict[str, int]) -> None:
+        for rid, tok in sampled.items():
+            self.states[rid].output_token_ids.append(tok)
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        bs = self.block_size
+        ids, pos, slots, rows_blocks = [], [], [], []
+        seq_lens, qsl = [], [0]
+        logits_idx, sampled_ids, sample_rows = [], [], []
+        for chunk in plan.chunks:
+            st = self.states[chunk.request_id]
+            start, end = chunk.start, chunk.start + chunk.num_tokens
+            p = np.arange(start, end, dtype=np.int64)
+            blocks = np.asarray(st.block_ids, dtype=np.int64)
+            ids.append(np.asarray(st.tokens(start, end), dtype=np.int64))
+            pos.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            rows_blocks.append(st.block_ids)
+            seq_lens.append(end)
+            qsl.append(qsl[-1] + chunk.num_tokens)
+            if chunk.sample:
+                logits_idx.append(qsl[-1] - 1)
+                sampled_ids.append(chunk.request_id)
+                sample_rows.append(SampleRow(st.sampling_params, st.prompt_token_ids, st.output_token_ids,
+                                             st.eos_token_ids))
+        width = max((len(b) for b in rows_blocks), default=1)
+        table = np.zeros((len(rows_blocks), width), dtype=np.int32)
+        for i, b in enumerate(rows_blocks):
+            table[i, :len(b)] = b
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
+        return StepInputs(cat(ids), cat(pos), cat(slots), table, np.asarray(seq_lens, dtype=np.int32),
+                          np.asarray(qsl, dtype=np.int32), np.asarray(logits_idx, dtype=np.int64), sampled_ids,
+                          sample_rows, plan.num_decodes)

@@ -1,0 +1,171 @@
+"""StepPlan -> tensors -> forward -> sample -> StepResult, for one device.
+
+The runner owns the model, the paged KV tensors (one ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer),
+the attention backend and, on CUDA, the decode CUDA graphs (:mod:`accordion.workers.cuda_graph`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from accordion.cluster.config import EngineConfig
+from accordion.cluster.plan import StepPlan, StepResult
+from accordion.workers.arch import ArchConfig
+from accordion.workers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from accordion.workers.input_batch import InputBatch, StepInputs
+from accordion.workers.loader import load_model
+from accordion.workers.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def make_backend(kind: str, device: torch.device, arch: ArchConfig) -> AttentionBackend:
+    args = (arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.head_dim ** -0.5)
+    if kind == "auto":
+        kind = "triton" if device.type == "cuda" else "torch"
+    if kind == "triton":
+        from accordion.workers.attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend(*args)
+    return TorchAttentionBackend(*args)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device.resolved_device())
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.arch = ArchConfig.from_hf(config.model.hf_config())
+        self.max_model_len = config.model.resolved_max_model_len()
+        self.block_size = config.cache.block_size
+        self.backend = make_backend(config.device.attention_backend, self.device, self.arch)
+        self.batch = InputBatch(self.block_size)
+        self.sampler = Sampler(self.device, config.model.seed)
+        self.model = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.graphs = None
+
+    # ------------------------------------------------------------------ set-up
+    def load_model(self) -> None:
+        t0 = time.perf_counter()
+        self.model = load_model(self.config.model.model, self.arch, dtype=self.dtype, device=self.device,
+                                max_positions=self.max_model_len)
+        logger.info("loaded %s (%s, %s) in %.1fs", self.config.model.model, self.dtype, self.device,
+                    time.perf_counter() - t0)
+
+    def block_bytes(self) -> int:
+        return self.arch.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8) * self.block_size
+
+    def profile_num_blocks(self) -> int:
+        """KV blocks that fit: the configured count, else from memory after a worst-case profiling step."""
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if self.device.type != "cuda":
+            return max(1, cache.cpu_kv_bytes // self.block_bytes())
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        graph_reserve = 512 << 20 if self.config.device.cuda_graphs else 0
+        budget = total * cache.gpu_memory_utilization - peak - non_torch - graph_reserve
+        n = int(budget // self.block_bytes())
+        if n <= 0:
+            raise RuntimeError(f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+                               "raise gpu_memory_utilization or lower max_num_batched_tokens")
+        return n
+
+    def _profile_run(self) -> None:
+        """One forward over max_num_batched_tokens tokens plus max_num_seqs logits rows, on a scratch cache."""
+        t = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        nb = -(-t // self.block_size)
+        scratch = [self._alloc_layer_cache(nb) for _ in range(self.arch.num_layers)]
+        meta = AttentionMetadata(
+            num_decodes=0,
+            slot_mapping=torch.arange(t, device=self.device),
+            block_table=torch.arange(nb, device=self.device, dtype=torch.int32)[None],
+            seq_lens=torch.tensor([t], device=self.device, dtype=torch.int32),
+            query_start_loc=torch.tensor([0, t], device=self.device, dtype=torch.int32),
+            max_query_len=t, max_seq_len=t, seq_lens_cpu=[t], query_lens_cpu=[t])
+        with torch.inference_mode():
+            ids = torch.zeros(t, dtype=torch.long, device=self.device)
+            hidden = self.model(ids, torch.arange(t, device=self.device), scratch, self.backend, meta)
+            rows = min(self.config.scheduler.max_num_seqs, t)
+            self.model.compute_logits(hidden[:rows])
+        del scratch
+
+    def _alloc_layer_cache(self, num_blocks: int) -> torch.Tensor:
+        a = self.arch
+        return torch.zeros(2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype,
+                           device=self.device)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = [self._alloc_layer_cache(num_blocks) for _ in range(self.arch.num_layers)]
+        logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    num_blocks * self.block_bytes() / 2**30)
+        if self.device.type == "cuda" and self.config.device.cuda_graphs:
+            from accordion.workers.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
+            self.graphs.capture()
+
+    # ------------------------------------------------------------------ steps
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def build_metadata(self, inp: StepInputs) -> AttentionMetadata:
+        seq_lens = inp.seq_lens.tolist()
+        q_lens = np.diff(inp.query_start_loc).tolist()
+        return AttentionMetadata(
+            num_decodes=inp.num_decodes,
+            slot_mapping=self._to_device(inp.slot_mapping),
+            block_table=self._to_device(inp.block_table),
+            seq_lens=self._to_device(inp.seq_lens),
+            query_start_loc=self._to_device(inp.query_start_loc),
+            max_query_len=max(q_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            seq_lens_cpu=seq_lens,
+            query_lens_cpu=q_lens,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.batch.apply(plan)
+        if plan.is_empty:
+            return StepResult(plan.step_id, {})
+        inp = self.batch.prepare(plan)
+        if self.graphs is not None and self.graphs.can_run(plan, inp):
+            hidden = self.graphs.run(inp)
+        else:
+            meta = self.build_metadata(inp)
+            hidden = self.model(self._to_device(inp.input_ids), self._to_device(inp.positions), self.kv_caches,
+                                self.backend, meta)
+            hidden = hidden[self._to_device(inp.logits_indices)]
+        if not inp.sampled_ids:
+            return StepResult(plan.step_id, {})
+        logits = self.model.compute_logits(hidden)
+        tokens, logprobs = self.sampler(logits, inp.sample_rows)
+        sampled = dict(zip(inp.sampled_ids, tokens))
+        self.batch.record_sampled(sampled)
+        lps = {rid: lp for rid, lp in zip(inp.sampled_ids, logprobs) if lp is not None}
+        return StepResult(plan.step_id, sampled, lps)
