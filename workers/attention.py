@@ -36,9 +36,13 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     """[B + 1] int32: row b's tokens are query_start_loc[b]:query_start_loc[b + 1]."""
     max_query_len: int
+    """Longest prefill chunk of the step (host int; sizes kernel grids)."""
     max_seq_len: int
+    """Upper bound of seq_lens (host int; picks the decode split factor)."""
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
+    prefill_query_start_loc: torch.Tensor | None = None
+    """[P + 1] int32: query_start_loc of the prefill rows, rebased to 0 (None when there are none)."""
 
     @property
     def num_rows(self) -> int:

@@ -136,16 +136,21 @@ class ModelRunner:
     def build_metadata(self, inp: StepInputs) -> AttentionMetadata:
         seq_lens = inp.seq_lens.tolist()
         q_lens = np.diff(inp.query_start_loc).tolist()
+        nd = inp.num_decodes
+        prefill_qsl = None
+        if len(seq_lens) > nd:
+            prefill_qsl = self._to_device(inp.query_start_loc[nd:] - inp.query_start_loc[nd])
         return AttentionMetadata(
             num_decodes=inp.num_decodes,
             slot_mapping=self._to_device(inp.slot_mapping),
             block_table=self._to_device(inp.block_table),
             seq_lens=self._to_device(inp.seq_lens),
             query_start_loc=self._to_device(inp.query_start_loc),
-            max_query_len=max(q_lens, default=0),
+            max_query_len=max(q_lens[nd:], default=0),
             max_seq_len=max(seq_lens, default=0),
             seq_lens_cpu=seq_lens,
             query_lens_cpu=q_lens,
+            prefill_query_start_loc=prefill_qsl,
         )
 
     @torch.inference_mode()
