@@ -11,6 +11,9 @@ import logging
 
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.engine import EngineCore
+from accordion.cluster.outputs import EngineOutput
+from accordion.cluster.plan import SPPrefillJob
+from accordion.cluster.request import Request
 from accordion.cluster.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -36,4 +39,34 @@ class EngineInstance:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks=self.num_blocks,
                                    max_model_len=self.max_model_len)
         self.core = EngineCore(self.scheduler, self.worker)
+        self.rank: int | None = None
         logger.info("engine instance ready: %d KV blocks, max_model_len %d", self.num_blocks, self.max_model_len)
+
+    # ------------------------------------------------------------------ elastic sequence parallelism
+    def join_group(self, init_method: str, world_size: int, rank: int, backend: str | None = None) -> None:
+        """Join the instances' torch.distributed group (NCCL on GPU, gloo on CPU) at the manager's address."""
+        from accordion.workers.parallel import init_instance_group
+
+        backend = backend or ("nccl" if self.worker.device.type == "cuda" else "gloo")
+        init_instance_group(init_method, world_size, rank, backend=backend)
+        self.rank = rank
+
+    def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
+        return self.scheduler.reserve_slice(request_id, num_tokens)
+
+    def run_sp_prefill(self, job: SPPrefillJob, request: Request | None = None) -> EngineOutput | None:
+        """Run this instance's share of a sequence-parallel prefill. The master (``job.group[0]``), given the
+        ``request``, adopts it for decoding when it holds the whole prompt's KV, and returns its first output."""
+        from accordion.workers.sequence_parallel import SequenceParallelPrefill
+        from accordion.workers.input_batch import CachedRequestState
+
+        token = SequenceParallelPrefill(self.worker, self.rank).run(job)
+        if self.rank != job.group[0]:
+            return None
+        mine = job.slice_of(self.rank)
+        if mine is None or mine.start != 0 or mine.end != len(job.prompt_token_ids):
+            raise NotImplementedError("decoding over KV spread across instances")
+        self.worker.batch.states[job.request_id] = CachedRequestState(
+            job.request_id, list(job.prompt_token_ids), [token], job.sampling_params, list(mine.block_ids),
+            tuple(job.eos_token_ids))
+        return self.scheduler.adopt(request, token)

@@ -69,3 +69,36 @@ class StepResult:
     sampled: dict[str, int]
     """Request id -> sampled token id, for chunks with ``sample`` set."""
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- elastic sequence parallelism
+@dataclass(slots=True)
+class KVSlice:
+    """Token positions ``[start, end)`` of one request whose K/V one instance keeps, in ``block_ids``."""
+
+    rank: int
+    start: int
+    end: int
+    block_ids: list[int]
+
+
+@dataclass(slots=True)
+class SPPrefillJob:
+    """Prefill one prompt across an instance group with ring attention (LoongServe's scalable prefill).
+
+    ``group`` lists instance ranks in ring order; ``group[0]`` is the master: it samples the first token and
+    then owns the request's decoding. ``placement`` says which instance keeps which positions' K/V (proactive
+    scale-down: the slices are stored while the K/V circulate, so nothing moves afterwards). Slices are
+    contiguous, disjoint and cover the prompt.
+    """
+
+    job_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    group: list[int]
+    placement: list[KVSlice]
+
+    def slice_of(self, rank: int) -> KVSlice | None:
+        return next((s for s in self.placement if s.rank == rank), None)

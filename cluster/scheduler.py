@@ -23,7 +23,7 @@ from accordion.cluster.config import CacheConfig, SchedulerConfig
 from accordion.cluster.errors import EngineOverloadedError, RequestTooLargeError
 from accordion.cluster.outputs import EngineOutput, RequestTimings
 from accordion.cluster.plan import NewRequestData, ScheduledChunk, StepPlan, StepResult
-from accordion.cluster.request import Request, RequestStatus
+from accordion.cluster.request import Request, RequestStatus, SamplingParams
 
 
 class Scheduler:
@@ -235,7 +235,42 @@ class Scheduler:
             out.timings = RequestTimings(start - req.arrival_time, first - start, req.finish_time - first)
         return out
 
+    # ------------------------------------------------------------------ sequence parallelism
+    def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for ``num_tokens`` of a request prefilled across instances; None if they do not fit."""
+        if request_id in self.kv.req_blocks:
+            raise ValueError(f"request id {request_id!r} already holds blocks here")
+        holder = Request(request_id=request_id, prompt_token_ids=[], sampling_params=SamplingParams())
+        return self.kv.allocate(holder, num_tokens)
+
+    def release_slice(self, request_id: str) -> None:
+        self.kv.free(request_id)
+
+    def adopt(self, request: Request, first_token: int) -> EngineOutput:
+        """Make a request whose whole prompt KV was written here by a sequence-parallel prefill (into blocks
+        from :meth:`reserve_slice`) a local, decoding request with its first sampled token."""
+        held = self.kv.req_blocks.get(request.request_id, [])
+        assert len(held) * self.kv.block_size >= request.num_prompt_tokens, "adopted request lacks KV blocks"
+        now = time.monotonic()
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.first_scheduled_time = request.first_scheduled_time or now
+        request.first_token_time = now
+        request.output_token_ids.append(first_token)
+        key = (request.priority if self.config.policy == "priority" else 0, request.arrival_time, next(self._seq))
+        self._keys[request.request_id] = key
+        self.requests[request.request_id] = request
+        self._insert_running(request)
+        self.kv.cache_computed_blocks(request)
+        status, stop_token = self._check_stop(request, first_token)
+        if status is not None:
+            self._finish(request, status)
+        return self._output(request, [first_token], None, stop_token)
+
     def check_invariants(self) -> None:
         self.kv.check_invariants()
-        held = set(self.kv.req_blocks)
+        held = set(self.kv.req_blocks) - self._slices_in_flight()
         assert held <= {r.request_id for r in self.running}, "a request that is not running holds blocks"
+
+    def _slices_in_flight(self) -> set[str]:
+        return {rid for rid in self.kv.req_blocks if rid not in self.requests}

@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; it must be set before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
 
 
