@@ -1,8 +1,9 @@
 """Random-weight Hugging Face checkpoints of real or tiny model shapes, for tests and benchmarks.
 
-``make_checkpoint(path, "tiny-llama")`` writes a directory that both ``transformers.AutoModelForCausalLM.from_pretrained``
-and accordion's loader read: ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards plus
-``model.safetensors.index.json``), ``tokenizer.json`` and ``tokenizer_config.json`` (with a ChatML chat template).
+``make_checkpoint(path, "tiny-llama")`` writes a directory that both
+``transformers.AutoModelForCausalLM.from_pretrained`` and accordion's loader read: ``config.json``,
+``generation_config.json``, ``model.safetensors`` (or shards plus ``model.safetensors.index.json``),
+``tokenizer.json`` and ``tokenizer_config.json`` (with a ChatML chat template).
 Nothing is downloaded: the tokenizer is a byte-level BPE trained in well under a second on a little text, and the
 weights are seeded Gaussian noise, scaled so that logits are far from flat and greedy tokens vary.
 """
@@ -77,7 +78,19 @@ def build_config(preset: str, dtype: str = "float32", **overrides) -> dict:
         cfg.setdefault("max_window_layers", cfg["num_hidden_layers"])
         cfg.setdefault("layer_types", ["full_attention"] * cfg["num_hidden_layers"])
     cfg["torch_dtype"] = cfg["dtype"] = dtype
+    # transformers >= 5 reads a missing or pre-5 version as "maybe a broken Mistral tokenizer" and warns on load.
+    cfg["transformers_version"] = _transformers_version()
     return dict(sorted(cfg.items()))
+
+
+def _transformers_version() -> str:
+    """The installed transformers version if it is 5.x or later, else ``"5.0.0"`` (the format these configs use)."""
+    try:
+        import transformers
+
+        return transformers.__version__ if int(transformers.__version__.split(".")[0]) >= 5 else "5.0.0"
+    except Exception:  # not installed or an odd version string
+        return "5.0.0"
 
 
 def weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -179,7 +192,7 @@ def _write_tokenizer(path: Path, cfg: dict, corpus: str | Path | None) -> None:
 
 
 def _plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
-    """Split tensor names, in order, into groups of at most ``max_shard_bytes`` (a single bigger tensor stands alone)."""
+    """Split tensor names, in order, into groups of at most ``max_shard_bytes`` (a bigger tensor stands alone)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -212,10 +225,10 @@ def make_checkpoint(path: str | Path, preset: str, *, dtype: str = "float32", se
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").unlink(missing_ok=True)
     cfg = build_config(preset, dtype=dtype, **config_overrides)
     std = PRESETS[preset]["init_std"] if init_std is None else init_std
     torch_dtype = _DTYPES[dtype]
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen_cfg = {"bos_token_id": 0, "eos_token_id": [1, 4], "pad_token_id": 2, "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     _write_tokenizer(path, cfg, corpus)
@@ -240,6 +253,7 @@ def make_checkpoint(path: str | Path, preset: str, *, dtype: str = "float32", se
     if len(files) > 1:
         idx = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")  # last: its presence marks a complete write
     return path
 
 

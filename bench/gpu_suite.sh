@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install accordion (no network there), run the GPU tests, then benchmarks.
+# Usage: bash bench/gpu_suite.sh [tests] [offline] [kernels] [serve] ...   (default: tests offline kernels)
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "editable install failed"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+steps=${*:-tests offline kernels}
+for step in $steps; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/workers 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
+    offline) python3 bench/offline.py 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
+    offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
+    kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+cp bench/results/*.json "$OUT"/ 2>/dev/null || true
+echo "=== done ($(date +%T))"

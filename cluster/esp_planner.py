@@ -1,0 +1,94 @@
+"""Elastic sequence parallelism planning (LoongServe): how many instances prefill a prompt, and who keeps its KV.
+
+* :class:`PrefillCostModel` predicts prefill time per degree of parallelism,
+  ``T(sp, l) = A_sp + B_sp * sum(l) + C_sp * sum(l^2)``; ``accordion profile`` measures it and stores it as JSON.
+* :func:`choose_degree` picks the degree for a prompt from the idle instances: the fastest predicted time, but
+  one more instance must buy at least ``min_gain`` of speed-up (instances are not free: they serve others).
+* :func:`plan_placement` is the proactive scale-down plan: the KV slices each instance keeps while the ring
+  passes the K/V by. Slices go to as few instances as possible (the master first), so decoding continues on
+  the fewest instances and nothing moves after the prefill.
+
+Pure Python; tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class PrefillCostModel:
+    coeffs: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    """degree -> (A seconds, B seconds per token, C seconds per token^2)."""
+
+    def predict(self, degree: int, lengths: list[int]) -> float:
+        a, b, c = self.coeffs[degree]
+        s1 = float(sum(lengths))
+        s2 = float(sum(x * x for x in lengths))
+        return a + b * s1 + c * s2
+
+    @property
+    def degrees(self) -> list[int]:
+        return sorted(self.coeffs)
+
+    @classmethod
+    def fit(cls, samples: list[tuple[int, list[int], float]]) -> PrefillCostModel:
+        """Least squares per degree over (degree, prompt lengths of the batch, measured seconds)."""
+        by_degree: dict[int, list[tuple[list[int], float]]] = {}
+        for degree, lengths, seconds in samples:
+            by_degree.setdefault(degree, []).append((lengths, seconds))
+        coeffs = {}
+        for degree, rows in by_degree.items():
+            x = np.array([[1.0, sum(ls), sum(v * v for v in ls)] for ls, _ in rows])
+            y = np.array([s for _, s in rows])
+            sol, *_ = np.linalg.lstsq(x, y, rcond=None)
+            coeffs[degree] = tuple(float(v) for v in np.maximum(sol, 0.0))
+        return cls(coeffs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({str(k): v for k, v in self.coeffs.items()}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrefillCostModel:
+        raw = json.loads(Path(path).read_text())
+        return cls({int(k): tuple(v) for k, v in raw.items()})
+
+    @classmethod
+    def analytic(cls, max_degree: int, b: float = 1e-4, c: float = 1e-9, a: float = 5e-3,
+                 a_per_instance: float = 2e-2) -> PrefillCostModel:
+        """Ideal 1/sp scaling plus a fixed cost per extra instance, for use before ``accordion profile``."""
+        return cls({d: (a + a_per_instance * (d - 1), b / d, c / d) for d in range(1, max_degree + 1)})
+
+
+def choose_degree(cost: PrefillCostModel, length: int, available: int, *, min_gain: float = 1.25) -> int:
+    """Degree of parallelism for one prompt given ``available`` idle instances (>= 1)."""
+    best = 1
+    for degree in cost.degrees:  # each step up must speed the prefill by min_gain over the current choice
+        if best < degree <= available and cost.predict(best, [length]) >= min_gain * cost.predict(degree, [length]):
+            best = degree
+    return best
+
+
+def plan_placement(num_tokens: int, block_size: int, group: list[int], free_blocks: dict[int, int]
+                   ) -> list[tuple[int, int, int]] | None:
+    """Contiguous, block-aligned slices (rank, start, end) covering ``num_tokens`` positions.
+
+    Fills the master (``group[0]``) first, then the other members in order of free space, each up to its free
+    blocks; None if the group cannot hold the tokens.
+    """
+    order = [group[0]] + sorted(group[1:], key=lambda r: -free_blocks.get(r, 0))
+    slices, start = [], 0
+    for rank in order:
+        if start >= num_tokens:
+            break
+        cap = free_blocks.get(rank, 0) * block_size
+        if cap <= 0:
+            continue
+        end = min(num_tokens, start + cap)
+        slices.append((rank, start, end))
+        start = end
+    return slices if start >= num_tokens else None
