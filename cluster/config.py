@@ -122,3 +122,37 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.model.max_model_len is not None and self.model.max_model_len < self.cache.block_size:
             raise ValueError("max_model_len must be at least one block")
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """The Ray deployment: the global manager actor and the engine instance actors it creates."""
+
+    engine: EngineConfig
+    """What every instance runs."""
+    manager_name: str = "accordion-global-manager"
+    """Name of the global manager actor (one per namespace)."""
+    namespace: str = "accordion"
+    """Ray namespace of the manager and its instances."""
+    gpus_per_instance: float = 0.0
+    """Ray ``num_gpus`` of one instance actor: 1 on GPU machines, 0 for CPU instances."""
+    cpus_per_instance: float = 1.0
+    """Ray ``num_cpus`` of one instance actor."""
+    cpu_threads_per_instance: int = 1
+    """``torch.set_num_threads`` inside a CPU instance."""
+    health_check_interval_s: float = 5.0
+    """How often the manager pings every instance's ``load()``."""
+    health_check_timeout_s: float = 10.0
+    """A ping slower than this marks the instance dead."""
+    drain_timeout_s: float = 30.0
+    """``remove_instance(drain=True)`` waits this long for the instance's requests before killing it."""
+    start_timeout_s: float = 300.0
+    """Loading the model on a new instance may take this long."""
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_instance < 0 or self.cpus_per_instance < 0:
+            raise ValueError("gpus_per_instance and cpus_per_instance must be non-negative")
+        _positive("cpu_threads_per_instance", self.cpu_threads_per_instance)
+        for name in ("health_check_interval_s", "health_check_timeout_s", "drain_timeout_s", "start_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

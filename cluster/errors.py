@@ -20,6 +20,9 @@ class EngineOverloadedError(RuntimeError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self):  # picklable with its retry hint (it crosses Ray)
+        return (type(self), (str(self), self.retry_after_s))
+
 
 class EngineUnavailableError(RuntimeError):
     """Not ready yet, draining, or no instance alive (gRPC UNAVAILABLE)."""

@@ -8,9 +8,11 @@ Nothing here touches gRPC itself: functions take and return protobuf messages an
 from __future__ import annotations
 
 from accordion.cluster.engine_client import ModelInfo, ServerInfo
-from accordion.cluster.errors import RequestTooLargeError, RequestValidationError
+from accordion.cluster.errors import RequestValidationError
 from accordion.cluster.outputs import RequestTimings, StreamDelta, TokenLogprobs
 from accordion.cluster.request import FinishReason, SamplingParams
+from accordion.cluster.validation import check_max_tokens, check_prompt_room
+from accordion.cluster.validation import validate_token_ids  # noqa: F401  (re-exported for the servicer)
 from accordion.protos import llm_service_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 256
@@ -51,17 +53,6 @@ def validate_request_id(request_id: str) -> None:
         raise RequestValidationError("request_id", "only printable ASCII characters without spaces are allowed")
 
 
-def validate_token_ids(ids, vocab_size: int, field_name: str = "token_ids") -> list[int]:
-    """Return ``ids`` as a list, or raise naming the first id outside ``[0, vocab_size)``."""
-    out = list(ids)
-    for i, t in enumerate(out):
-        if t < 0 or t >= vocab_size:
-            raise RequestValidationError(
-                field_name, f"token id {t} at index {i} is out of the vocabulary (must be in [0, {vocab_size}))"
-            )
-    return out
-
-
 def chat_messages_to_dicts(msgs: pb.ChatMessages) -> tuple[list[dict[str, str]], bool]:
     if not msgs.messages:
         raise RequestValidationError("messages", "must contain at least one message")
@@ -82,20 +73,12 @@ def sampling_params_from_proto(sp: pb.SamplingParams, prompt_len: int, max_model
     ``max_tokens`` unset means "whatever fits": ``max_model_len - prompt_len``. A prompt that leaves no room, or
     an explicit ``max_tokens`` that does not fit, raises :class:`RequestTooLargeError`.
     """
-    if prompt_len >= max_model_len:
-        raise RequestTooLargeError(
-            "prompt", f"prompt has {prompt_len} tokens; max_model_len is {max_model_len} (no room to generate)"
-        )
+    room = check_prompt_room(prompt_len, max_model_len)
     kwargs: dict = {name: getattr(sp, name) for name in _SAMPLING_SCALARS if sp.HasField(name)}
-    room = max_model_len - prompt_len
     if "max_tokens" not in kwargs:
         kwargs["max_tokens"] = room
-    elif kwargs["max_tokens"] > room:
-        raise RequestTooLargeError(
-            "max_tokens",
-            f"prompt has {prompt_len} tokens and max_tokens is {kwargs['max_tokens']}; max_model_len is "
-            f"{max_model_len}, so at most {room} new tokens fit",
-        )
+    else:
+        check_max_tokens(prompt_len, kwargs["max_tokens"], max_model_len)
     kwargs["stop"] = list(sp.stop)
     kwargs["stop_token_ids"] = list(sp.stop_token_ids)
     return SamplingParams(**kwargs)

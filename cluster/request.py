@@ -63,6 +63,10 @@ class RequestValidationError(ValueError):
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
+
+    def __reduce__(self):  # picklable (it crosses Ray), whatever the subclass
+        return (type(self), (self.field, self.message))
 
 
 def _check(cond: bool, field_name: str, message: str) -> None:

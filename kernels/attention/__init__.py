@@ -1,0 +1,22 @@
+"""Triton attention kernels over the paged KV cache, each beside a plain torch reference (reference.py).
+
+Cache layout: k_cache / v_cache `[num_blocks, block_size, Hkv, D]` (views of one `[2, ...]` tensor are fine).
+"""
+
+from .decode import paged_decode_attention
+from .kv_cache import write_kv_cache
+from .merge import merge_attention_states
+from .pod import DecodeArgs, PrefillArgs, pod_attention
+from .prefill import paged_prefill_attention
+from .varlen import varlen_attention_with_positions
+
+__all__ = [
+    "DecodeArgs",
+    "PrefillArgs",
+    "merge_attention_states",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "pod_attention",
+    "varlen_attention_with_positions",
+    "write_kv_cache",
+]

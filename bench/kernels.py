@@ -1,0 +1,250 @@
+"""Attention-kernel benchmark (a script, not a test): `python bench/kernels.py [--quick]`.
+
+On an H100 (Llama-3.1-8B attention shape: Hq=32, Hkv=8, D=128, bf16, block_size 16), side by side:
+  (a) paged decode, batch x context: achieved GB/s vs device-copy bandwidth and vs torch SDPA (unpaged view of
+      the same memory: the cache uses an identity block table, so K/V are also a strided [B, Hkv, ctx, D] view);
+  (b) causal prefill of one sequence: TFLOP/s vs SDPA's flash backend on the same data;
+  (c) hybrid batches: pod_attention vs the prefill kernel then the decode kernel (ratio > 1: fused is faster).
+Writes bench/results/kernels-<time>.json (GPU, torch/triton versions, git commit, settings, rows).
+`--quick`: tiny shapes on CPU under TRITON_INTERPRET=1 (only checks that the script executes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if "--quick" in sys.argv and "TRITON_INTERPRET" not in os.environ:
+    import torch as _t  # the interpreter flag must be set before triton is imported
+
+    if not _t.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from accordion.kernels.attention import (  # noqa: E402
+    DecodeArgs,
+    PrefillArgs,
+    paged_decode_attention,
+    paged_prefill_attention,
+    pod_attention,
+)
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+MAX_KV_BYTES = 40e9
+
+
+def bench(fn, dev) -> float:
+    """Median milliseconds of fn()."""
+    if dev.type == "cuda":
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2] * 1e3
+
+
+def copy_bandwidth(dev, nbytes: int) -> float:
+    """GB/s of a device copy, counting bytes read + written."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), dev)
+    del a, b
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def identity_cache(B: int, ctx: int, dtype, dev):
+    """kv [2, B*nb, PAGE, HKV, D] with sequence b in blocks b*nb ... (b+1)*nb-1 (identity block table)."""
+    nb = -(-ctx // PAGE)
+    kv = torch.empty(2, B * nb, PAGE, HKV, D, dtype=dtype, device=dev).normal_()
+    table = torch.arange(B * nb, dtype=torch.int32, device=dev).view(B, nb)
+    return kv, table, nb
+
+
+def unpaged(cache: torch.Tensor, B: int, nb: int) -> torch.Tensor:
+    """[B, HKV, nb*PAGE, D] strided view of an identity-mapped cache [B*nb, PAGE, HKV, D]."""
+    return cache.view(B, nb * PAGE, HKV, D).transpose(1, 2)
+
+
+def sdpa(q, k, v, causal):
+    try:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    except (RuntimeError, TypeError):
+        g = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=causal)
+
+
+def run_decode(dev, dtype, batches, contexts, copy_bw):
+    rows = []
+    esz = torch.finfo(dtype).bits // 8
+    for B in batches:
+        for ctx in contexts:
+            kv_bytes = 2 * B * ctx * HKV * D * esz
+            if kv_bytes > MAX_KV_BYTES:
+                continue
+            kv, table, nb = identity_cache(B, ctx, dtype, dev)
+            sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
+            out = torch.empty_like(q)
+            lse = torch.empty(B, HQ, dtype=torch.float32, device=dev)
+            ms = bench(lambda: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
+                                                      max_seq_len=ctx), dev)
+            k4, v4 = unpaged(kv[0], B, nb), unpaged(kv[1], B, nb)
+            q4 = q.view(B, HQ, 1, D)
+            try:
+                ms_sdpa = bench(lambda: sdpa(q4, k4, v4, False), dev)
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                print(f"sdpa decode B={B} ctx={ctx} failed: {e}")
+                ms_sdpa = float("nan")
+            moved = kv_bytes + 2 * q.numel() * esz
+            gbs = moved / (ms * 1e-3) / 1e9
+            rows.append(dict(batch=B, context=ctx, ms=ms, gb_s=gbs, pct_copy_bw=100 * gbs / copy_bw,
+                             sdpa_ms=ms_sdpa, speedup_vs_sdpa=ms_sdpa / ms))
+            print(f"decode B={B:4d} ctx={ctx:6d}: {ms:8.3f} ms {gbs:7.0f} GB/s ({100 * gbs / copy_bw:5.1f}% copy) "
+                  f"sdpa {ms_sdpa:8.3f} ms -> x{ms_sdpa / ms:.2f}", flush=True)
+            del kv, k4, v4
+    return rows
+
+
+def run_prefill(dev, dtype, lengths):
+    rows = []
+    for n in lengths:
+        kv, table, nb = identity_cache(1, n, dtype, dev)
+        sl = torch.tensor([n], dtype=torch.int32, device=dev)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        q = torch.randn(n, HQ, D, dtype=dtype, device=dev)
+        out = torch.empty_like(q)
+        lse = torch.empty(n, HQ, dtype=torch.float32, device=dev)
+        ms = bench(lambda: paged_prefill_attention(q, kv[0], kv[1], table, cu, sl, scale=D**-0.5, max_seqlen_q=n,
+                                                   out=out, lse=lse), dev)
+        q4 = q.unsqueeze(0).transpose(1, 2)
+        k4, v4 = unpaged(kv[0], 1, nb)[:, :, :n], unpaged(kv[1], 1, nb)[:, :, :n]
+        try:
+            if dev.type == "cuda":
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    ms_sdpa = bench(lambda: sdpa(q4, k4, v4, True), dev)
+            else:
+                ms_sdpa = bench(lambda: sdpa(q4, k4, v4, True), dev)
+        except Exception as e:  # noqa: BLE001
+            print(f"sdpa flash prefill n={n} failed: {e}")
+            ms_sdpa = float("nan")
+        flops = 4.0 * HQ * D * n * n / 2  # QK^T and PV over the causal half
+        tf = flops / (ms * 1e-3) / 1e12
+        rows.append(dict(tokens=n, ms=ms, tflop_s=tf, sdpa_flash_ms=ms_sdpa,
+                         sdpa_flash_tflop_s=flops / (ms_sdpa * 1e-3) / 1e12, ratio_vs_sdpa=ms_sdpa / ms))
+        print(f"prefill n={n:6d}: {ms:8.3f} ms {tf:6.1f} TFLOP/s; sdpa flash {ms_sdpa:8.3f} ms -> x{ms_sdpa / ms:.2f}",
+              flush=True)
+        del kv
+    return rows
+
+
+def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
+    rows = []
+    for chunk, p_ctx in chunks:
+        for bd in decode_batches:
+            for d_ctx in decode_contexts:
+                B = 1 + bd
+                nbp, nbd = -(-p_ctx // PAGE), -(-d_ctx // PAGE)
+                kv = torch.empty(2, nbp + bd * nbd, PAGE, HKV, D, dtype=dtype, device=dev).normal_()
+                p_table = torch.arange(nbp, dtype=torch.int32, device=dev).view(1, nbp)
+                d_table = (nbp + torch.arange(bd * nbd, dtype=torch.int32, device=dev)).view(bd, nbd)
+                p_sl = torch.tensor([p_ctx], dtype=torch.int32, device=dev)
+                cu = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
+                d_sl = torch.full((bd,), d_ctx, dtype=torch.int32, device=dev)
+                pq = torch.randn(chunk, HQ, D, dtype=dtype, device=dev)
+                dq = torch.randn(bd, HQ, D, dtype=dtype, device=dev)
+                po, do = torch.empty_like(pq), torch.empty_like(dq)
+                plse = torch.empty(chunk, HQ, dtype=torch.float32, device=dev)
+                dlse = torch.empty(bd, HQ, dtype=torch.float32, device=dev)
+                pa = PrefillArgs(pq, p_table, cu, p_sl, chunk, out=po, lse=plse)
+                da = DecodeArgs(dq, d_table, d_sl, out=do, lse=dlse, max_seq_len=d_ctx)
+
+                def seq():
+                    paged_prefill_attention(pq, kv[0], kv[1], p_table, cu, p_sl, scale=D**-0.5, max_seqlen_q=chunk,
+                                            out=po, lse=plse)
+                    paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=D**-0.5, out=do, lse=dlse,
+                                           max_seq_len=d_ctx)
+
+                ms_seq = bench(seq, dev)
+                ms_pod = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5), dev)
+                ms_pod_static = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, use_smid=False), dev)
+                rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx, batch=B,
+                                 sequential_ms=ms_seq, pod_ms=ms_pod, pod_static_ms=ms_pod_static,
+                                 speedup=ms_seq / ms_pod, speedup_static=ms_seq / ms_pod_static))
+                print(f"hybrid chunk={chunk:5d}@{p_ctx:6d} decodes={bd:4d}@{d_ctx:6d}: seq {ms_seq:7.3f} ms, "
+                      f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f}), pod-static {ms_pod_static:7.3f} ms "
+                      f"(x{ms_seq / ms_pod_static:.2f})", flush=True)
+                del kv
+    return rows
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter smoke run)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<time>.json)")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if args.quick:
+        settings = dict(batches=[1, 2], contexts=[64], prefill=[64], chunks=[(16, 48)], decodes=[2], d_ctx=[64],
+                        copy_bytes=1 << 20)
+    else:
+        settings = dict(batches=[1, 16, 64, 256], contexts=[1024, 8192, 32768, 131072], prefill=[4096, 16384, 65536],
+                        chunks=[(512, 4096), (1024, 16384), (2048, 32768)], decodes=[16, 64, 128],
+                        d_ctx=[4096, 16384, 32768], copy_bytes=2 << 30)
+    t0 = time.time()
+    copy_bw = copy_bandwidth(dev, settings["copy_bytes"])
+    print(f"device copy bandwidth: {copy_bw:.0f} GB/s (read + write)", flush=True)
+    decode = run_decode(dev, dtype, settings["batches"], settings["contexts"], copy_bw)
+    prefill = run_prefill(dev, dtype, settings["prefill"])
+    hybrid = run_hybrid(dev, dtype, settings["chunks"], settings["decodes"], settings["d_ctx"])
+    result = dict(
+        gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (TRITON_INTERPRET)",
+        torch=torch.__version__, triton=triton.__version__, git_commit=git_commit(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"), dtype=str(dtype),
+        shape=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=PAGE),
+        settings={k: v for k, v in settings.items()}, copy_bandwidth_gb_s=copy_bw,
+        decode=decode, prefill=prefill, hybrid=hybrid, wall_s=time.time() - t0,
+    )
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
+        f"kernels-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    print(f"\n== summary ({result['gpu']}, copy {copy_bw:.0f} GB/s) ==")
+    print(f"{'decode B':>9} {'ctx':>7} {'GB/s':>7} {'%copy':>6} {'xSDPA':>6}")
+    for r in decode:
+        print(f"{r['batch']:>9} {r['context']:>7} {r['gb_s']:>7.0f} {r['pct_copy_bw']:>6.1f} {r['speedup_vs_sdpa']:>6.2f}")
+    print(f"{'prefill n':>9} {'TFLOP/s':>8} {'SDPA':>8} {'ratio':>6}")
+    for r in prefill:
+        print(f"{r['tokens']:>9} {r['tflop_s']:>8.1f} {r['sdpa_flash_tflop_s']:>8.1f} {r['ratio_vs_sdpa']:>6.2f}")
+    print(f"{'chunk':>6} {'pctx':>6} {'dec':>4} {'dctx':>6} {'seq ms':>8} {'pod ms':>8} {'x':>5} {'x(static)':>9}")
+    for r in hybrid:
+        print(f"{r['chunk']:>6} {r['prefill_context']:>6} {r['decodes']:>4} {r['decode_context']:>6} "
+              f"{r['sequential_ms']:>8.3f} {r['pod_ms']:>8.3f} {r['speedup']:>5.2f} {r['speedup_static']:>9.2f}")
+    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The global manager: a named Ray actor that owns the registry of engine instance actors.
+
+It creates instances from a :class:`ClusterConfig` (resources per instance from the config), adds and removes
+them at run time (removal drains first), pings every instance's ``load()`` periodically and marks one that fails
+or times out dead (removed from routing, killed). Front ends (``RayEngineClient``) learn the membership through
+:meth:`GlobalManager.watch`, a long poll that returns when it changes. The manager is not on the token path.
+
+Elastic sequence parallelism (instance groups re-formed each iteration, KV slice placement) will live here, as a
+separate planner the manager consults; it is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from accordion.cluster.config import ClusterConfig
+
+logger = logging.getLogger(__name__)
+
+
+class InstanceState(str, enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    """Routable."""
+    DRAINING = "draining"
+    """Finishing its requests; gets no new ones."""
+    DEAD = "dead"
+    """Failed a health check or crashed; its requests were failed by the front end."""
+
+
+@dataclass
+class InstanceRecord:
+    """One instance as the manager (and a front end, from :meth:`GlobalManager.watch`) sees it."""
+
+    instance_id: str
+    handle: Any  # ray.actor.ActorHandle of an InstanceActor
+    state: InstanceState = InstanceState.STARTING
+    device: str = ""
+    dtype: str = ""
+    num_blocks: int = 0
+    max_model_len: int = 0
+    error: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def routable(self) -> bool:
+        return self.state == InstanceState.SERVING
+
+
+class GlobalManager:
+    """Registry and lifecycle of instance actors. Use as a Ray async actor, see :func:`start_manager`."""
+
+    def __init__(self, config: ClusterConfig, worker_cls: str | None = None):
+        self.config = config
+        self.worker_cls = worker_cls
+        self._instances: dict[str, InstanceRecord] = {}
+        self._ids = itertools.count()
+        self._version = 0
+        self._changed: asyncio.Condition | None = None
+        self._health_task: asyncio.Task | None = None
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        return self._changed
+
+    async def _bump(self) -> None:
+        async with self._cond():
+            self._version += 1
+            self._cond().notify_all()
+
+    # ---- membership --------------------------------------------------------------------------------------------
+
+    async def start(self, num_instances: int) -> list[InstanceRecord]:
+        """Create ``num_instances`` instances concurrently; returns the registry."""
+        self._cond()
+        await asyncio.gather(*(self.add_instance() for _ in range(num_instances)))
+        return await self.list_instances()
+
+    async def add_instance(self) -> InstanceRecord:
+        """Create one instance actor with the configured resources, load its model, make it routable."""
+        from accordion.cluster.instance import DEFAULT_WORKER
+        from accordion.cluster.instance_actor import instance_actor_class
+
+        c = self.config
+        iid = f"instance-{next(self._ids)}"
+        cls = instance_actor_class(c.gpus_per_instance, c.cpus_per_instance)
+        handle = cls.options(name=f"{c.manager_name}.{iid}", namespace=c.namespace).remote(
+            iid, c.engine, self.worker_cls or DEFAULT_WORKER,
+            c.cpu_threads_per_instance if c.gpus_per_instance == 0 else None)
+        rec = InstanceRecord(iid, handle)
+        self._instances[iid] = rec
+        await self._bump()
+        try:
+            info = await asyncio.wait_for(handle.start.remote(), c.start_timeout_s)
+        except BaseException as e:
+            await self._mark_dead(rec, f"failed to start: {type(e).__name__}: {e}")
+            raise
+        rec.info, rec.device, rec.dtype = info, info["device"], info["dtype"]
+        rec.num_blocks, rec.max_model_len = info["num_blocks"], info["max_model_len"]
+        rec.state = InstanceState.SERVING
+        await self._bump()
+        logger.info("instance %s serving on %s (%d KV blocks)", iid, rec.device, rec.num_blocks)
+        return rec
+
+    async def remove_instance(self, instance_id: str, drain: bool = True, timeout_s: float | None = None) -> bool:
+        """Stop routing to the instance; with ``drain``, wait (up to ``timeout_s``, default
+        ``drain_timeout_s``) for its requests to finish; then shut it down and kill it. Returns whether it drained
+        cleanly (False: timed out, or it was not drained)."""
+        import ray
+
+        rec = self._instances.get(instance_id)
+        if rec is None:
+            raise KeyError(f"no instance {instance_id!r}")
+        rec.state = InstanceState.DRAINING
+        await self._bump()
+        clean = False
+        if drain:
+            timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
+            try:
+                clean = await asyncio.wait_for(rec.handle.drain.remote(timeout), timeout + 5.0)
+            except Exception as e:
+                logger.warning("instance %s: drain failed: %s", instance_id, e)
+            if not clean:
+                logger.warning("instance %s did not drain within %.1fs; killing it", instance_id, timeout)
+        try:
+            await asyncio.wait_for(rec.handle.shutdown.remote(), 10.0)
+        except Exception as e:
+            logger.warning("instance %s: shutdown failed: %s", instance_id, e)
+        ray.kill(rec.handle, no_restart=True)
+        self._instances.pop(instance_id, None)
+        await self._bump()
+        logger.info("instance %s removed (drained cleanly: %s)", instance_id, clean)
+        return clean
+
+    async def list_instances(self) -> list[InstanceRecord]:
+        return list(self._instances.values())
+
+    async def watch(self, known_version: int = -1, timeout_s: float = 30.0) -> tuple[int, list[InstanceRecord]]:
+        """Long poll: return ``(version, instances)`` as soon as the version differs from ``known_version`` (or
+        after ``timeout_s``)."""
+        cond = self._cond()
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: self._version != known_version), timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            return self._version, list(self._instances.values())
+
+    async def shutdown(self) -> None:
+        """Remove every instance without draining (the front end drained already) and stop health checks."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await asyncio.gather(*(self.remove_instance(i, drain=False) for i in list(self._instances)),
+                             return_exceptions=True)
+
+    # ---- health ------------------------------------------------------------------------------------------------
+
+    async def _mark_dead(self, rec: InstanceRecord, reason: str) -> None:
+        import ray
+
+        if rec.state == InstanceState.DEAD:
+            return
+        logger.error("instance %s is dead: %s", rec.instance_id, reason)
+        rec.state, rec.error = InstanceState.DEAD, reason
+        try:
+            ray.kill(rec.handle, no_restart=True)  # ends its output stream: the front end fails its requests
+        except Exception:
+            pass
+        self._instances.pop(rec.instance_id, None)
+        await self._bump()
+
+    async def _ping(self, rec: InstanceRecord) -> None:
+        try:
+            await asyncio.wait_for(rec.handle.load.remote(), self.config.health_check_timeout_s)
+        except Exception as e:
+            if rec.state in (InstanceState.SERVING, InstanceState.DRAINING):
+                await self._mark_dead(rec, f"health check failed: {type(e).__name__}: {e}")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_check_interval_s)
+            live = [r for r in self._instances.values() if r.state in (InstanceState.SERVING,)]
+            await asyncio.gather(*(self._ping(r) for r in live))
+
+
+def start_manager(config: ClusterConfig, worker_cls: str | None = None):
+    """Create the named manager actor (detached from nothing: it lives as long as the driver). Returns its
+    handle. Raises if one with that name already exists in the namespace."""
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_restarts=0)(GlobalManager)
+    return cls.options(name=config.manager_name, namespace=config.namespace).remote(config, worker_cls)
+
+
+def get_manager(config: ClusterConfig):
+    """The handle of the running manager named by ``config``."""
+    import ray
+
+    return ray.get_actor(config.manager_name, namespace=config.namespace)

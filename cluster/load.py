@@ -1,0 +1,30 @@
+"""What an engine instance reports about its load after each step; the router's only input."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class LoadReport:
+    """A snapshot of one instance's scheduler, taken by its engine loop thread between steps."""
+
+    instance_id: str
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    """Fraction of KV blocks in use (0..1)."""
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_preemptions: int = 0
+    num_added: int = 0
+    """Engine requests accepted since start (cumulative): lets a front end count what it sent but the instance
+    has not reported yet."""
+    num_unfinished: int = 0
+    """Requests accepted and not finished, including those still in the loop's inbox."""
+    time: float = field(default_factory=time.monotonic)
+
+    @property
+    def idle(self) -> bool:
+        return self.num_unfinished == 0

@@ -1,0 +1,205 @@
+"""``RayEngineClient``: the :class:`EngineClient` of the gRPC front end over instance actors on a Ray cluster.
+
+The request path is :class:`EngineFrontend`'s. This class adds where requests go: it follows the global manager's
+membership (:meth:`GlobalManager.watch`, a long poll), keeps one pump task per instance that consumes the
+instance's output stream (one ``(outputs, LoadReport)`` batch per engine step) and dispatches it, and routes each
+new request with a :class:`Router` over the latest load reports. No RPC beyond ``add_requests`` (and ``abort``)
+is made per request. An instance whose stream breaks (it died) fails its requests with an ERROR delta.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import accordion
+from accordion.cluster.config import EngineConfig
+from accordion.cluster.engine_client import InstanceInfo, ServerInfo
+from accordion.cluster.engine_frontend import EngineFrontend, RetryElsewhere, model_info_for
+from accordion.cluster.errors import EngineUnavailableError
+from accordion.cluster.global_manager import InstanceRecord
+from accordion.cluster.instance_actor import unwrap_ray_error
+from accordion.cluster.load import LoadReport
+from accordion.cluster.request import Request
+from accordion.cluster.router import InstanceLoad, LeastLoaded, Router
+from accordion.cluster.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text[:limit]
+
+
+class RayEngineClient(EngineFrontend):
+    """Front end over the instances of one global manager. Build with :meth:`create` on the serving loop."""
+
+    def __init__(self, manager, config: EngineConfig, tokenizer: Tokenizer, *, router: Router | None = None,
+                 watch_timeout_s: float = 30.0):
+        super().__init__(tokenizer, model_info_for(config, tokenizer))
+        self.manager = manager
+        self.config = config
+        self.router: Router = router or LeastLoaded()
+        self.watch_timeout_s = watch_timeout_s
+        self._records: dict[str, InstanceRecord] = {}
+        self._pumps: dict[str, asyncio.Task] = {}
+        self._loads: dict[str, LoadReport] = {}
+        self._subscribed: set[str] = set()
+        self._refused: set[str] = set()
+        self._sent: dict[str, int] = {}
+        self.routed: dict[str, int] = {}
+        """Requests (not children) routed to each instance since start; for tests and debugging."""
+        self._changed = asyncio.Event()
+        self._version = -1
+        self._watch_task: asyncio.Task | None = None
+
+    @classmethod
+    async def create(cls, manager, config: EngineConfig, *, router: Router | None = None) -> RayEngineClient:
+        """Load the tokenizer, take the manager's current membership and start following it."""
+        tokenizer = await asyncio.to_thread(Tokenizer, config.model.model)
+        self = cls(manager, config, tokenizer, router=router)
+        version, records = await manager.watch.remote(-1, 0.0)
+        self._apply(version, records)
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
+        return self
+
+    # ---- membership --------------------------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                version, records = await self.manager.watch.remote(self._version, self.watch_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # manager gone: keep serving on the instances we know
+                logger.error("global manager watch failed: %s; retrying in 1s", _short(e))
+                await asyncio.sleep(1.0)
+                continue
+            self._apply(version, records)
+
+    def _apply(self, version: int, records: list[InstanceRecord]) -> None:
+        if version == self._version:
+            return
+        self._version = version
+        self._records = {r.instance_id: r for r in records}
+        if self._records and self._model_info.dtype == "auto":
+            dtype = next((r.dtype for r in records if r.dtype), None)
+            if dtype:
+                self._model_info.dtype = dtype
+        for r in records:
+            if r.routable and r.instance_id not in self._pumps:
+                self._pumps[r.instance_id] = asyncio.get_running_loop().create_task(self._pump(r))
+        logger.info("membership v%d: %s", version, {r.instance_id: r.state.value for r in records})
+        self._changed.set()
+
+    async def wait_for_instances(self, n: int, timeout_s: float = 60.0) -> None:
+        """Wait until ``n`` instances are routable from here (subscribed to their output streams)."""
+        async def _wait():
+            while len(self._routable()) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(_wait(), timeout_s)
+
+    def _routable(self) -> list[str]:
+        return [i for i, r in self._records.items()
+                if r.routable and i in self._subscribed and i not in self._refused]
+
+    # ---- output streams ----------------------------------------------------------------------------------------
+
+    async def _pump(self, rec: InstanceRecord) -> None:
+        iid = rec.instance_id
+        reason = "its output stream ended"
+        try:
+            gen = rec.handle.outputs.options(num_returns="streaming").remote()
+            async for ref in gen:
+                outputs, load = await ref
+                self._loads[iid] = load
+                if iid not in self._subscribed:
+                    self._subscribed.add(iid)
+                    self._changed.set()
+                    logger.info("subscribed to %s", iid)
+                self._on_outputs(outputs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            reason = _short(unwrap_ray_error(e))
+        finally:
+            self._subscribed.discard(iid)
+            self._pumps.pop(iid, None)
+            self._changed.set()
+        self._fail_route(iid, f"engine instance {iid} failed ({reason}); request aborted")
+
+    # ---- EngineFrontend hooks ----------------------------------------------------------------------------------
+
+    def _choose_route(self, requests: list[Request], exclude: set[str]) -> str:
+        cands = [InstanceLoad(i, self._loads.get(i), self._outstanding(i))
+                 for i in self._routable() if i not in exclude]
+        if not cands:
+            raise EngineUnavailableError("no engine instance is available; retry later")
+        return self.router.choose(cands)
+
+    def _outstanding(self, iid: str) -> int:
+        ld = self._loads.get(iid)
+        return max(0, self._sent.get(iid, 0) - (ld.num_added if ld else 0))
+
+    async def _send(self, route: str, requests: list[Request]) -> None:
+        rec = self._records.get(route)
+        if rec is None:
+            raise RetryElsewhere("no longer a member")
+        self._sent[route] = self._sent.get(route, 0) + len(requests)
+        ok = False
+        try:
+            await rec.handle.add_requests.remote(requests)
+            ok = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            cause = unwrap_ray_error(e)
+            if isinstance(cause, EngineUnavailableError):
+                self._refused.add(route)  # draining: stop routing there until membership says otherwise
+                raise RetryElsewhere(str(cause)) from None
+            if cause is e:  # not an error the instance raised: the actor is gone
+                raise EngineUnavailableError(f"engine instance {route} is unavailable ({_short(e)})") from None
+            raise cause from None
+        finally:
+            if not ok:
+                self._sent[route] -= len(requests)
+        self.routed[route] = self.routed.get(route, 0) + 1
+
+    def _send_abort(self, route: str, request_ids: list[str]) -> None:
+        rec = self._records.get(route)
+        if rec is not None and route not in self._failed_routes:
+            rec.handle.abort.remote(request_ids)  # fire and forget; ordered after add_requests from this caller
+
+    # ---- EngineClient ------------------------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return not self.draining and bool(self._routable())
+
+    async def server_info(self) -> ServerInfo:
+        insts = []
+        for iid, rec in sorted(self._records.items()):
+            ld = self._loads.get(iid) or LoadReport(iid)
+            insts.append(InstanceInfo(iid, rec.device, ld.num_running, ld.num_waiting, ld.kv_usage,
+                                      ld.num_preemptions, healthy=rec.routable and iid in self._subscribed))
+        loads = [self._loads[i] for i in self._records if i in self._loads]
+        total_blocks = sum(ld.num_blocks for ld in loads)
+        used = sum(ld.kv_usage * ld.num_blocks for ld in loads)
+        return ServerInfo(
+            version=accordion.__version__,
+            num_running=sum(i.num_running for i in insts),
+            num_waiting=sum(i.num_waiting for i in insts),
+            kv_usage=used / total_blocks if total_blocks else 0.0,
+            num_preemptions=sum(i.num_preemptions for i in insts),
+            instances=insts,
+            draining=self.draining,
+        )
+
+    async def close(self) -> None:
+        """Stop following the manager and the output streams (in-flight requests end with an error)."""
+        tasks = [t for t in [self._watch_task, *self._pumps.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,160 @@
+"""Launcher: paged decode attention (one query token per sequence), split-KV for long contexts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_power_of_2, next_power_of_2, num_sms
+from .decode_kernel import merge_splits_kernel, paged_decode_kernel
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SPLITS = 64
+MIN_TOKENS_PER_SPLIT = 256
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 ("ieee") for fp32 inputs, irrelevant for 16-bit ones."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """BLOCK_N / num_warps / num_stages of the decode kernel (one small config under the interpreter)."""
+    if is_interpreter():
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+    block_n = 64 if head_dim <= 128 else 32
+    if dtype == torch.float32:
+        block_n //= 2
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
+    """Split-KV factor from shapes only (no host sync): enough (b, kv_head, split) programs to fill every SM
+    about twice (two resident CTAs per SM), avoiding a badly quantised last wave, each split >= 256 keys."""
+    work = batch * num_kv_heads
+    cap = max(1, min(MAX_SPLITS, cdiv(max_context, max(MIN_TOKENS_PER_SPLIT, block_n))))
+    slots = 2 * num_sms(device)
+    if work >= slots or cap == 1:
+        return 1
+    best, best_eff = 1, 0.0
+    for s in range(1, cap + 1):
+        progs = work * s
+        eff = progs / (math.ceil(progs / slots) * slots)
+        if progs >= slots and eff >= 0.85:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def validate_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int, dtype: torch.dtype) -> None:
+    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)
+    check_tensor("v_cache", v_cache, 4, FLOAT_DTYPES)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} shapes differ")
+    if k_cache.dtype != dtype or v_cache.dtype != dtype:
+        raise ValueError(f"k_cache/v_cache dtype ({k_cache.dtype}) must equal q dtype ({dtype})")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
+    if not is_power_of_2(k_cache.shape[1]):
+        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two, got {k_cache.shape[1]}")
+    if not (is_power_of_2(head_dim) and 16 <= head_dim <= 256):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of one query token per sequence over a paged KV cache.
+
+    q:           [B, Hq, D]                          (fp16 / bf16 / fp32; last dim contiguous)
+    k_cache:     [num_blocks, block_size, Hkv, D]    same dtype as q; any strides, last dim contiguous
+    v_cache:     [num_blocks, block_size, Hkv, D]
+    block_table: int32 [B, max_blocks_per_seq]       entries past a sequence's last block never read
+    seq_lens:    int32 [B]                           KV length per sequence (current token included); 0 -> out 0
+    out:         optional [B, Hq, D] (q.dtype)       written in place
+    lse:         optional fp32 [B, Hq]               natural-log LSE of the scaled scores (-inf when seq_len 0)
+    num_splits:  split-KV factor; None = automatic from B * Hkv vs SM count and the maximum context
+    max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
+                 block_table.shape[1] * block_size.
+    Returns (out, lse). No host syncs; scratch sizes depend on shapes only (CUDA-graph capturable).
+    """
+    check_tensor("q", q, 3, FLOAT_DTYPES)
+    B, Hq, D = q.shape
+    validate_paged_kv(k_cache, v_cache, D, q.dtype)
+    check_tensor("block_table", block_table, 2, (torch.int32,))
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    if Hq % Hkv != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if block_table.shape[0] != B or seq_lens.shape[0] != B:
+        raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)} must have B={B} rows")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    if lse is None:
+        lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    elif lse.shape != (B, Hq) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 [{B}, {Hq}]")
+    if B == 0:
+        return out, lse
+    group = Hq // Hkv
+    cfg = decode_config(D, q.dtype)
+    max_ctx = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, cfg["BLOCK_N"])
+    if not (1 <= num_splits <= 1024):
+        raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
+    qk_scale = float(scale) * 1.4426950408889634
+    meta = dict(
+        GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
+        BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    common = (
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+    )
+    grid = (B, Hkv, num_splits)
+    if num_splits == 1:
+        paged_decode_kernel[grid](
+            q, k_cache, v_cache, block_table, seq_lens, out, lse, *common,
+            out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0, qk_scale, **meta,
+        )
+        return out, lse
+    mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    paged_decode_kernel[grid](
+        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, *common,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2), qk_scale, **meta,
+    )
+    merge_splits(mid_o, mid_lse, out, lse)
+    return out, lse
+
+
+def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Combine split partials mid_o fp32 [B, Hq, S, D], mid_lse fp32 [B, Hq, S] into out [B, Hq, D], lse [B, Hq]."""
+    B, Hq, S, D = mid_o.shape
+    merge_splits_kernel[(B, Hq)](
+        mid_o, mid_lse, out, lse,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        NUM_SPLITS=S, SPLITS_PAD=next_power_of_2(S), HEAD_DIM=D, num_warps=1 if is_interpreter() else 4,
+    )

@@ -1,0 +1,141 @@
+"""@triton.jit code for paged decode attention (split-KV / flash-decoding) and the split merge.
+
+Work item = (sequence b, kv head, split): all GROUP query heads of the kv head are processed together
+(rows of a [BLOCK_H, HEAD_DIM] tile, BLOCK_H >= 16 so tl.dot maps onto MMA), so each K/V tile is
+loaded once per GQA group. Split s covers keys [s * L, min((s + 1) * L, seq_len)) with
+L = cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N; empty splits write out 0, lse -inf.
+"""
+
+import triton
+import triton.language as tl
+
+from .paged_common import NEG_BIG, finalize, paged_attn_loop
+
+
+@triton.jit
+def decode_work(
+    q_ptr,  # [B, Hq, D]
+    k_ptr,  # [num_blocks, PAGE, Hkv, D]
+    v_ptr,  # [num_blocks, PAGE, Hkv, D]
+    bt_ptr,  # int32 [B, max_blocks]
+    seq_lens_ptr,  # int32 [B]
+    o_ptr,  # out [B, Hq, D] (split stride 0) or partial [B, Hq, S, D] fp32
+    lse_ptr,  # lse [B, Hq] (split stride 0) or partial [B, Hq, S] fp32
+    b,
+    kvh,
+    split,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kp,
+    stride_kh,
+    stride_vb,
+    stride_vp,
+    stride_vh,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (b, kvh, split) decode work item; stores normalised out rows and their lse."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(seq_len, lo + split_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    h_mask = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask[:, None], other=0.0)
+
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    acc, l_i, m_i = paged_attn_loop(
+        acc, l_i, m_i, q, offs_h,
+        k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
+        lo, hi, hi,
+        stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
+    )
+    out, lse = finalize(acc, l_i, m_i)
+    o_off = b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
+    tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_mask)
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_kp, stride_kh,
+    stride_vb, stride_vp, stride_vh,
+    stride_btb,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh, stride_ls,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (B, Hkv, NUM_SPLITS). Tensor shapes as in `decode_work`."""
+    decode_work(
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+        tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
+        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, NUM_SPLITS, DOT_PRECISION,
+    )
+
+
+@triton.jit
+def merge_splits_kernel(
+    mid_o_ptr,  # fp32 [B, Hq, S, D]
+    mid_lse_ptr,  # fp32 [B, Hq, S]
+    o_ptr,  # [B, Hq, D]
+    lse_ptr,  # fp32 [B, Hq]
+    stride_mob, stride_moh, stride_mos,
+    stride_mlb, stride_mlh, stride_mls,
+    stride_ob, stride_oh,
+    stride_lb, stride_lh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Grid (B, Hq): log-sum-exp weighted combination of the NUM_SPLITS partial results of one row."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(mid_lse_ptr + b * stride_mlb + h * stride_mlh + offs_s * stride_mls, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    tot = tl.sum(w, 0)
+    o = tl.load(
+        mid_o_ptr + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
+        mask=s_mask[:, None], other=0.0,
+    )
+    denom = tl.where(tot > 0.0, tot, 1.0)
+    out = tl.sum(o * w[:, None], 0) / denom
+    out_lse = tl.where(tot > 0.0, m_safe + tl.log(denom), float("-inf"))
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh, out_lse)

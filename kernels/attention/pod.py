@@ -1,0 +1,157 @@
+"""Launcher: POD-Attention style fused attention of a hybrid batch (prefill chunks + decodes, one launch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2
+from .decode import choose_num_splits, decode_config, dot_precision, merge_splits, paged_decode_attention
+from .pod_kernel import pod_attention_kernel
+from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
+
+SMID_SLOTS = 1024
+POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as a prefill tile
+
+
+@dataclass
+class PrefillArgs:
+    """Prefill half of a hybrid batch (same meaning as `paged_prefill_attention`).
+
+    q [Tq, Hq, D]; block_table int32 [Bp, *]; cu_seqlens_q int32 [Bp + 1]; seq_lens int32 [Bp];
+    max_seqlen_q host int; out optional [Tq, Hq, D]; lse optional fp32 [Tq, Hq].
+    """
+
+    q: torch.Tensor
+    block_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    max_seqlen_q: int
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeArgs:
+    """Decode half of a hybrid batch (same meaning as `paged_decode_attention`).
+
+    q [Bd, Hq, D]; block_table int32 [Bd, *]; seq_lens int32 [Bd]; out optional [Bd, Hq, D]; lse optional
+    fp32 [Bd, Hq]; num_splits None = automatic; max_seq_len optional host upper bound of seq_lens.
+    """
+
+    q: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    num_splits: int | None = None
+    max_seq_len: int | None = None
+
+
+def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the fused kernel: prefill and decode CTAs of similar size so >= 2 co-reside per SM."""
+    if is_interpreter():
+        p, d = prefill_config(head_dim, dtype, torch.device("cpu")), decode_config(head_dim, dtype)
+        return dict(P_BLOCK_M=p["BLOCK_M"], P_BLOCK_N=p["BLOCK_N"], D_BLOCK_N=d["BLOCK_N"], num_warps=1, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def pod_attention(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefill: PrefillArgs,
+    decode: DecodeArgs,
+    *,
+    scale: float,
+    use_smid: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused prefill + decode attention over one layer's paged KV cache in a single kernel launch.
+
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D] shared by both halves (one layer).
+    prefill: PrefillArgs (q [Tq, Hq, D] ...);  decode: DecodeArgs (q [Bd, Hq, D] ...).
+    use_smid: SM-aware scheduler via %smid + atomics (default: on for CUDA, off under the interpreter).
+    Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
+    the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
+    Split-KV decode adds one small merge launch. No host syncs; scratch sizes depend on shapes only.
+    """
+    pq, dq = prefill.q, decode.q
+    Tq, Hq, D, Bp = validate_prefill_inputs(
+        pq, k_cache, v_cache, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, prefill.max_seqlen_q
+    )
+    check_tensor("decode.q", dq, 3, (pq.dtype,))
+    check_tensor("decode.block_table", decode.block_table, 2, (torch.int32,))
+    check_tensor("decode.seq_lens", decode.seq_lens, 1, (torch.int32,))
+    Bd = dq.shape[0]
+    if dq.shape[1:] != (Hq, D):
+        raise ValueError(f"decode.q must be [Bd, {Hq}, {D}], got {tuple(dq.shape)}")
+    if decode.block_table.shape[0] != Bd or decode.seq_lens.shape[0] != Bd:
+        raise ValueError(f"decode.block_table / decode.seq_lens must have Bd={Bd} rows")
+    if dq.device != pq.device or decode.block_table.device != pq.device or decode.seq_lens.device != pq.device:
+        raise ValueError("prefill and decode tensors must be on one device")
+    cfg = pod_config(D, pq.dtype)
+    num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
+    if Bp == 0 or Tq == 0 or num_m == 0 or Bd == 0:
+        po, plse = paged_prefill_attention(
+            pq, k_cache, v_cache, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, scale=scale,
+            max_seqlen_q=prefill.max_seqlen_q, out=prefill.out, lse=prefill.lse,
+        )
+        do, dlse = paged_decode_attention(
+            dq, k_cache, v_cache, decode.block_table, decode.seq_lens, scale=scale, out=decode.out,
+            lse=decode.lse, num_splits=decode.num_splits, max_seq_len=decode.max_seq_len,
+        )
+        return po, plse, do, dlse
+
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    po = torch.empty_like(pq) if prefill.out is None else prefill.out
+    plse = torch.empty(Tq, Hq, dtype=torch.float32, device=pq.device) if prefill.lse is None else prefill.lse
+    do = torch.empty_like(dq) if decode.out is None else decode.out
+    dlse = torch.empty(Bd, Hq, dtype=torch.float32, device=pq.device) if decode.lse is None else decode.lse
+    for name, t, shape in (("prefill.out", po, pq.shape), ("decode.out", do, dq.shape)):
+        if t.shape != shape or t.dtype != pq.dtype or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be {tuple(shape)} {pq.dtype} with a contiguous last dim")
+    for name, t, shape in (("prefill.lse", plse, (Tq, Hq)), ("decode.lse", dlse, (Bd, Hq))):
+        if t.shape != shape or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be fp32 {list(shape)}")
+
+    max_ctx = decode.max_seq_len if decode.max_seq_len is not None else decode.block_table.shape[1] * page
+    splits = decode.num_splits
+    if splits is None:
+        splits = max(choose_num_splits(Bd, Hkv, max_ctx, pq.device, cfg["D_BLOCK_N"]),
+                     min(64, cdiv(max_ctx, POD_DECODE_TOKENS_PER_SPLIT)))
+    if not (1 <= splits <= 1024):
+        raise ValueError(f"num_splits must be in [1, 1024], got {splits}")
+    if splits == 1:
+        d_o, d_l, d_strides = do, dlse, (do.stride(0), do.stride(1), 0, dlse.stride(0), dlse.stride(1), 0)
+    else:
+        d_o = torch.empty(Bd, Hq, splits, D, dtype=torch.float32, device=pq.device)
+        d_l = torch.empty(Bd, Hq, splits, dtype=torch.float32, device=pq.device)
+        d_strides = (*d_o.stride()[:3], *d_l.stride())
+
+    use_smid = (pq.is_cuda and not is_interpreter()) if use_smid is None else bool(use_smid)
+    counters = torch.zeros(2 + SMID_SLOTS if use_smid else 1, dtype=torch.int32, device=pq.device)
+    n_prefill = num_m * Hq * Bp
+    n_decode = Bd * Hkv * splits
+    pod_attention_kernel[(n_prefill + n_decode,)](
+        pq, dq, k_cache, v_cache,
+        prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
+        po, plse, d_o, d_l, counters,
+        n_prefill, n_decode, Hq, num_m, Bp, Hkv,
+        pq.stride(0), pq.stride(1), dq.stride(0), dq.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        prefill.block_table.stride(0), decode.block_table.stride(0),
+        po.stride(0), po.stride(1), plse.stride(0), plse.stride(1),
+        *d_strides,
+        float(scale) * 1.4426950408889634,
+        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page,
+        P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
+        D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"], NUM_SPLITS=splits,
+        USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        merge_splits(d_o, d_l, do, dlse)
+    return po, plse, do, dlse

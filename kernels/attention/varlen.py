@@ -1,0 +1,81 @@
+"""Launcher: non-paged varlen attention with explicit positions (ring attention / sequence parallelism)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils import cdiv, check_same_device, check_tensor, is_power_of_2
+from .decode import FLOAT_DTYPES, dot_precision
+from .prefill import prefill_config
+from .varlen_kernel import varlen_pos_kernel
+
+
+def varlen_attention_with_positions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    scale: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over packed, non-paged K/V where key j is visible to query i iff k_pos[j] <= q_pos[i].
+
+    q:            [Tq, Hq, D]      (fp16 / bf16 / fp32; last dim contiguous)
+    k, v:         [Tk, Hkv, D]     same dtype as q
+    q_pos:        int32 [Tq]       absolute positions of the queries (any order, may have gaps)
+    k_pos:        int32 [Tk]       absolute positions of the keys
+    cu_seqlens_q: int32 [B + 1];   cu_seqlens_k: int32 [B + 1]   (sequence b: q rows cu_q[b]:cu_q[b+1], etc.)
+    max_seqlen_q: host int (grid size); max_seqlen_k: host int (validated, informational)
+    out:          optional [Tq, Hq, D] (q.dtype);  lse: optional fp32 [Tq, Hq]
+    Returns (out, lse); rows with no visible key: out 0, lse -inf (mergeable with merge_attention_states).
+    """
+    check_tensor("q", q, 3, FLOAT_DTYPES)
+    check_tensor("k", k, 3, (q.dtype,))
+    check_tensor("v", v, 3, (q.dtype,))
+    for name, t in (("q_pos", q_pos), ("k_pos", k_pos), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, t, 1, (torch.int32,))
+    check_same_device(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    Tq, Hq, D = q.shape
+    Tk, Hkv, Dk = k.shape
+    if v.shape != k.shape or Dk != D:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} must be [Tk, Hkv, {D}]")
+    if Hq % Hkv != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if not (is_power_of_2(D) and 16 <= D <= 256):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {D}")
+    if q_pos.shape[0] != Tq or k_pos.shape[0] != Tk:
+        raise ValueError("q_pos / k_pos lengths must equal Tq / Tk")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must both be [B + 1]")
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be a non-negative host int, got {val!r}")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    if lse is None:
+        lse = torch.empty(Tq, Hq, dtype=torch.float32, device=q.device)
+    elif lse.shape != (Tq, Hq) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 [{Tq}, {Hq}]")
+    B = cu_seqlens_q.shape[0] - 1
+    if Tq == 0 or B <= 0 or max_seqlen_q == 0:
+        return out, lse
+    cfg = prefill_config(D, q.dtype, q.device)
+    grid = (cdiv(max_seqlen_q, cfg["BLOCK_M"]), Hq, B)
+    varlen_pos_kernel[grid](
+        q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, out, lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        float(scale) * 1.4426950408889634,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse

@@ -1,0 +1,69 @@
+"""Small helpers shared by the Triton kernels (no state, no accordion.cluster / accordion.workers imports)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (>= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def is_power_of_2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in the numpy interpreter (TRITON_INTERPRET=1, e.g. CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_props(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming-multiprocessor count of a CUDA device (a nominal 132 off-GPU, so heuristics still run)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 132
+    return _device_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability, (0, 0) for non-CUDA devices."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return (0, 0)
+    p = _device_props(device.index if device.index is not None else torch.cuda.current_device())
+    return (p.major, p.minor)
+
+
+def is_hopper(device: torch.device) -> bool:
+    return cuda_capability(device)[0] == 9
+
+
+def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
+    """Raise ValueError unless `t` is a tensor with `ndim` dims, a unit last-dim stride and an allowed dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
+    if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride(-1)==1), got strides {t.stride()}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devs.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devs}")

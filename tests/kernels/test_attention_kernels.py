@@ -1,0 +1,248 @@
+"""Triton attention kernels vs the plain torch references (fp32 on CPU via TRITON_INTERPRET=1).
+
+Outputs are pre-filled with NaN so an unwritten element fails. Tolerance (fp32): atol = rtol = 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from .attn_helpers import device, make_paged_kv, make_prefill_batch, poisoned
+
+from accordion.kernels.attention import (
+    DecodeArgs,
+    PrefillArgs,
+    merge_attention_states,
+    paged_decode_attention,
+    paged_prefill_attention,
+    pod_attention,
+    varlen_attention_with_positions,
+    write_kv_cache,
+)
+from accordion.kernels.attention.reference import (
+    ref_merge_attention_states,
+    ref_paged_decode_attention,
+    ref_paged_prefill_attention,
+    ref_varlen_attention_with_positions,
+    ref_write_kv_cache,
+)
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+F32 = torch.float32
+HKV = 2
+
+# (group, head_dim, block_size): GQA 1 / 4 / 8, head_dim 64 + one 128 case, pages 8 / 16 / 32
+SHAPES = [(1, 64, 16), (4, 64, 8), (8, 64, 32), (4, 128, 16)]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _close(out, ref, lse, ref_lse):
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float(), ref, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+
+
+@pytest.mark.parametrize("group,head_dim,page", SHAPES)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_decode_matches_reference(group, head_dim, page, num_splits):
+    gen, dev = _gen(1000 + group * 7 + head_dim + page + (num_splits or 0)), device()
+    seq_lens = [1, 37, 100, 64]  # 37 / 100: not multiples of the page size
+    kv, table, sl = make_paged_kv(seq_lens, HKV, head_dim, page, F32, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * group, head_dim, generator=gen).to(dev)
+    scale = 1.0 / math.sqrt(head_dim)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale, out=out, lse=lse, num_splits=num_splits)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale)
+    _close(out, ref, lse, ref_lse)
+
+
+def test_decode_mqa_strided_cache_and_empty_rows():
+    """Hkv=1 (MQA), a cache interleaved as [num_blocks, 2, P, Hkv, D] (non-contiguous views), seq_len 0 rows."""
+    gen, dev = _gen(7), device()
+    seq_lens = [0, 45, 0, 9]
+    kv, table, sl = make_paged_kv(seq_lens, 1, 64, 8, F32, dev, gen)
+    inter = kv.transpose(0, 1).contiguous()  # [num_blocks, 2, P, 1, D]
+    k_cache, v_cache = inter[:, 0], inter[:, 1]
+    assert not k_cache.is_contiguous()
+    q = torch.randn(4, 4, 64, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    paged_decode_attention(q, k_cache, v_cache, table, sl, scale=0.125, out=out, lse=lse, num_splits=2)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+    assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))
+
+
+PREFILL_CASES = {
+    # name: (q_lens, seq_lens)
+    "mixed": ([1, 37, 20, 16], [50, 37, 100, 16]),  # single token, full prefill, chunk over a prefix, exact page
+    "single_token": ([1, 1], [1, 33]),
+    "prefix_chunks": ([23, 40], [61, 75]),
+}
+
+
+@pytest.mark.parametrize("group,head_dim,page", SHAPES)
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_matches_reference(group, head_dim, page, case):
+    if head_dim == 128 and case != "mixed":
+        pytest.skip("head_dim 128: one case on CPU")
+    q_lens, seq_lens = PREFILL_CASES[case]
+    gen, dev = _gen(2000 + group + head_dim + page + len(case)), device()
+    kv, table, sl = make_paged_kv(seq_lens, HKV, head_dim, page, F32, dev, gen)
+    q, cu = make_prefill_batch(q_lens, seq_lens, HKV * group, head_dim, F32, dev, gen)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    paged_prefill_attention(q, kv[0], kv[1], table, cu, sl, scale=0.1, max_seqlen_q=max(q_lens), out=out, lse=lse)
+    ref, ref_lse = ref_paged_prefill_attention(q, kv[0], kv[1], table, cu, sl, scale=0.1)
+    _close(out, ref, lse, ref_lse)
+
+
+def test_prefill_multi_chunk_equals_full_prefill():
+    """Chunked prefill (prefix already cached) gives the same rows as one full prefill of the sequence."""
+    gen, dev = _gen(3), device()
+    n, chunks = 70, [30, 25, 15]
+    kv, table, sl = make_paged_kv([n], HKV, 64, 16, F32, dev, gen)
+    q, cu = make_prefill_batch([n], [n], HKV * 4, 64, F32, dev, gen)
+    full, full_lse = paged_prefill_attention(q, kv[0], kv[1], table, cu, sl, scale=0.125, max_seqlen_q=n)
+    start = 0
+    for c in chunks:
+        cu_c = torch.tensor([0, c], dtype=torch.int32, device=dev)
+        sl_c = torch.tensor([start + c], dtype=torch.int32, device=dev)
+        o, l_ = paged_prefill_attention(q[start : start + c], kv[0], kv[1], table, cu_c, sl_c, scale=0.125,
+                                        max_seqlen_q=c)
+        torch.testing.assert_close(o, full[start : start + c], **TOL)
+        torch.testing.assert_close(l_, full_lse[start : start + c], **TOL)
+        start += c
+
+
+def test_merge_attention_states_with_neg_inf():
+    gen, dev = _gen(4), device()
+    N, H, D = 6, 3, 64
+    o1, o2 = (torch.randn(N, H, D, generator=gen).to(dev) for _ in range(2))
+    lse1, lse2 = (torch.randn(N, H, generator=gen).to(dev) * 3 for _ in range(2))
+    lse1[0], lse2[1] = float("-inf"), float("-inf")
+    lse1[2, 0] = lse2[2, 0] = float("-inf")
+    o1[0] = float("nan")  # a -inf side's output is ignored
+    out, olse = poisoned((N, H, D), F32, dev), poisoned((N, H), F32, dev)
+    merge_attention_states(o1, lse1, o2, lse2, out=out, out_lse=olse)
+    ref, ref_lse = ref_merge_attention_states(torch.nan_to_num(o1), lse1, o2, lse2)
+    _close(out, ref, olse, ref_lse)
+    assert torch.all(out[2, 0] == 0) and torch.isneginf(olse[2, 0])
+    torch.testing.assert_close(out[1], o1[1], **TOL)
+
+
+def _zigzag_positions(n: int, shards: int, rank: int) -> torch.Tensor:
+    """Zig-zag ring-attention shard `rank`: chunks rank and 2*shards-1-rank of 2*shards equal chunks."""
+    c = n // (2 * shards)
+    a, b = rank * c, (2 * shards - 1 - rank) * c
+    return torch.cat([torch.arange(a, a + c), torch.arange(b, b + c)]).int()
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_varlen_with_positions_ring_merge(group):
+    """Zig-zag shards: attention of local queries over each remote shard, merged, equals full causal attention."""
+    gen, dev = _gen(5 + group), device()
+    n, shards, D = 48, 2, 64
+    q_full = torch.randn(n, HKV * group, D, generator=gen).to(dev)
+    k_full, v_full = (torch.randn(n, HKV, D, generator=gen).to(dev) for _ in range(2))
+    for rank in range(shards):
+        qp = _zigzag_positions(n, shards, rank).to(dev)
+        q = q_full[qp.long()]
+        acc = acc_lse = None
+        cu = torch.tensor([0, qp.numel()], dtype=torch.int32, device=dev)
+        for src in range(shards):
+            kp = _zigzag_positions(n, shards, src).to(dev)
+            k, v = k_full[kp.long()], v_full[kp.long()]
+            out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+            varlen_attention_with_positions(q, k, v, qp, kp, cu, cu, scale=0.125, max_seqlen_q=qp.numel(),
+                                            max_seqlen_k=kp.numel(), out=out, lse=lse)
+            ref, ref_lse = ref_varlen_attention_with_positions(q, k, v, qp, kp, cu, cu, scale=0.125)
+            _close(out, ref, lse, ref_lse)
+            acc, acc_lse = (out, lse) if acc is None else merge_attention_states(acc, acc_lse, out, lse)
+        all_pos = torch.arange(n, dtype=torch.int32, device=dev)
+        cu_full = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        full, full_lse = ref_varlen_attention_with_positions(q_full, k_full, v_full, all_pos, all_pos, cu_full,
+                                                             cu_full, scale=0.125)
+        _close(acc, full[qp.long()], acc_lse, full_lse[qp.long()])
+
+
+def test_varlen_multi_sequence_and_rows_without_keys():
+    gen, dev = _gen(6), device()
+    q_lens, k_lens = [5, 20, 3], [12, 30, 0]
+    q = torch.randn(sum(q_lens), 8, 64, generator=gen).to(dev)
+    k, v = (torch.randn(sum(k_lens), 2, 64, generator=gen).to(dev) for _ in range(2))
+    qp = torch.cat([torch.randint(0, 40, (n,), generator=gen) for n in q_lens]).int().to(dev)
+    kp = torch.cat([torch.randint(5, 40, (n,), generator=gen) for n in k_lens]).int().to(dev)
+    qp[0] = 0  # query before every key -> out 0, lse -inf
+    cq = torch.tensor([0, 5, 25, 28], dtype=torch.int32, device=dev)
+    ck = torch.tensor([0, 12, 42, 42], dtype=torch.int32, device=dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    varlen_attention_with_positions(q, k, v, qp, kp, cq, ck, scale=0.125, max_seqlen_q=20, max_seqlen_k=30,
+                                    out=out, lse=lse)
+    ref, ref_lse = ref_varlen_attention_with_positions(q, k, v, qp, kp, cq, ck, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+    assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0])) and torch.all(out[25:] == 0)
+
+
+@pytest.mark.parametrize("page", [8, 16])
+def test_write_kv_cache(page):
+    gen, dev = _gen(8 + page), device()
+    T, Hkv, D, nb = 11, 2, 64, 6
+    kv = torch.randn(2, nb, page, Hkv, D, generator=gen).to(dev)
+    k, v = (torch.randn(T, Hkv, D, generator=gen).to(dev) for _ in range(2))
+    slots = torch.randperm(nb * page, generator=gen)[:T].long().to(dev)
+    slots[3] = -1
+    ref_kv = kv.clone()
+    write_kv_cache(k, v, kv[0], kv[1], slots)
+    ref_write_kv_cache(k, v, ref_kv[0], ref_kv[1], slots)
+    torch.testing.assert_close(kv, ref_kv, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("group,num_splits", [(4, None), (8, 2), (1, 1)])
+def test_pod_equals_separate_kernels(group, num_splits):
+    gen, dev = _gen(9 + group), device()
+    Hq, D, page = HKV * group, 64, 16
+    p_q_lens, p_seq = [20, 1, 33], [52, 40, 33]
+    d_seq = [17, 64, 0, 90]
+    kv, table, sl = make_paged_kv(p_seq + d_seq, HKV, D, page, F32, dev, gen)
+    p_table, p_sl, d_table, d_sl = table[:3], sl[:3], table[3:], sl[3:]
+    pq, cu = make_prefill_batch(p_q_lens, p_seq, Hq, D, F32, dev, gen)
+    dq = torch.randn(len(d_seq), Hq, D, generator=gen).to(dev)
+    outs = [poisoned(pq.shape, F32, dev), poisoned(pq.shape[:2], F32, dev),
+            poisoned(dq.shape, F32, dev), poisoned(dq.shape[:2], F32, dev)]
+    pod_attention(
+        kv[0], kv[1],
+        PrefillArgs(pq, p_table, cu, p_sl, max(p_q_lens), out=outs[0], lse=outs[1]),
+        DecodeArgs(dq, d_table, d_sl, out=outs[2], lse=outs[3], num_splits=num_splits),
+        scale=0.125,
+    )
+    po, plse = paged_prefill_attention(pq, kv[0], kv[1], p_table, cu, p_sl, scale=0.125, max_seqlen_q=33)
+    do, dlse = paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=0.125, num_splits=num_splits)
+    for got, want in zip(outs, (po, plse, do, dlse)):
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ref, ref_lse = ref_paged_prefill_attention(pq, kv[0], kv[1], p_table, cu, p_sl, scale=0.125)
+    _close(outs[0], ref, outs[1], ref_lse)
+    ref, ref_lse = ref_paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=0.125)
+    _close(outs[2], ref, outs[3], ref_lse)
+
+
+def test_input_validation():
+    dev = device()
+    gen = _gen(10)
+    kv, table, sl = make_paged_kv([5], 2, 64, 16, F32, dev, gen)
+    q = torch.randn(1, 6, 64, generator=gen).to(dev)  # 6 % 4 != 0 is fine; 6 % 2 == 0
+    with pytest.raises(ValueError, match="dtype"):
+        paged_decode_attention(q.half(), kv[0], kv[1], table, sl, scale=1.0)
+    with pytest.raises(ValueError, match="int32"):
+        paged_decode_attention(q, kv[0], kv[1], table.long(), sl, scale=1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode_attention(torch.randn(1, 3, 64).to(dev), kv[0], kv[1], table, sl, scale=1.0)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        paged_prefill_attention(q, kv[0], kv[1], table, torch.tensor([0, 1], dtype=torch.int32, device=dev), sl,
+                                scale=1.0, max_seqlen_q=torch.tensor(1))
+    with pytest.raises(ValueError, match="int64"):
+        write_kv_cache(q[:, :2], q[:, :2], kv[0], kv[1], torch.zeros(1, dtype=torch.int32, device=dev))
