@@ -83,14 +83,16 @@ class DecodeGraphs:
         w = inp.block_table.shape[1]
         pad = bs - b
 
-        def put(dst: torch.Tensor, src: np.ndarray, fill) -> None:
-            host = torch.from_numpy(np.concatenate([src, np.full(pad, fill, dtype=src.dtype)]) if pad else src)
-            dst[:bs].copy_(host.pin_memory(), non_blocking=True)
+        def padded(src: np.ndarray, fill: int) -> np.ndarray:
+            return np.concatenate([src, np.full(pad, fill, dtype=src.dtype)]) if pad else src
 
-        put(self.input_ids, inp.input_ids, 0)
-        put(self.positions, inp.positions, 0)
-        put(self.slots, inp.slot_mapping, -1)
-        put(self.seq_lens, inp.seq_lens, 0)
-        self.block_table[:b, :w].copy_(torch.from_numpy(inp.block_table).pin_memory(), non_blocking=True)
+        ids, pos, slots, lens, table = self.runner.stager.stage([
+            padded(inp.input_ids, 0), padded(inp.positions, 0), padded(inp.slot_mapping, -1),
+            padded(inp.seq_lens, 0), inp.block_table])
+        self.input_ids[:bs].copy_(ids)
+        self.positions[:bs].copy_(pos)
+        self.slots[:bs].copy_(slots)
+        self.seq_lens[:bs].copy_(lens)
+        self.block_table[:b, :w].copy_(table)
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from accordion.cluster.plan import StepPlan
 from accordion.cluster.request import SamplingParams
@@ -80,11 +81,16 @@ class InputBatch:
         for chunk in plan.chunks:
             st = self.states[chunk.request_id]
             start, end = chunk.start, chunk.start + chunk.num_tokens
-            p = np.arange(start, end, dtype=np.int64)
-            blocks = np.asarray(st.block_ids, dtype=np.int64)
-            ids.append(np.asarray(st.tokens(start, end), dtype=np.int64))
-            pos.append(p)
-            slots.append(blocks[p // bs] * bs + p % bs)
+            if chunk.num_tokens == 1:  # decode rows: plain ints, no per-row numpy work
+                ids.append([st.token(start)])
+                pos.append([start])
+                slots.append([st.block_ids[start // bs] * bs + start % bs])
+            else:
+                p = np.arange(start, end, dtype=np.int64)
+                blocks = np.asarray(st.block_ids, dtype=np.int64)
+                ids.append(np.asarray(st.tokens(start, end), dtype=np.int64))
+                pos.append(p)
+                slots.append(blocks[p // bs] * bs + p % bs)
             rows_blocks.append(st.block_ids)
             seq_lens.append(end)
             qsl.append(qsl[-1] + chunk.num_tokens)
@@ -97,7 +103,39 @@ class InputBatch:
         table = np.zeros((len(rows_blocks), width), dtype=np.int32)
         for i, b in enumerate(rows_blocks):
             table[i, :len(b)] = b
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
+        cat = (lambda xs: np.concatenate(xs).astype(np.int64, copy=False) if xs else np.zeros(0, dtype=np.int64))
         return StepInputs(cat(ids), cat(pos), cat(slots), table, np.asarray(seq_lens, dtype=np.int32),
                           np.asarray(qsl, dtype=np.int32), np.asarray(logits_idx, dtype=np.int64), sampled_ids,
                           sample_rows, plan.num_decodes)
+
+
+class HostStager:
+    """Moves a step's integer arrays to the device in ONE copy through a reused pinned buffer.
+
+    The buffer is overwritten at the next step; by then the step's sampled tokens have been read back, which
+    orders the previous copy before the overwrite.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._host = torch.empty(0, dtype=torch.int64)
+
+    def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Each array (any int dtype, any shape) -> an int64 device tensor of the same shape."""
+        sizes = [a.size for a in arrays]
+        total = sum(sizes)
+        if self.device.type != "cuda":
+            return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays]
+        if self._host.numel() < total:
+            self._host = torch.empty(max(total, 2 * self._host.numel(), 4096), dtype=torch.int64).pin_memory()
+        host = self._host[:total].numpy()
+        off = 0
+        for a, n in zip(arrays, sizes):
+            host[off:off + n] = a.reshape(-1)
+            off += n
+        dev = self._host[:total].to(self.device, non_blocking=True)
+        out, off = [], 0
+        for a, n in zip(arrays, sizes):
+            out.append(dev[off:off + n].view(a.shape))
+            off += n
+        return out

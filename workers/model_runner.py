@@ -16,7 +16,7 @@ from accordion.cluster.config import EngineConfig
 from accordion.cluster.plan import StepPlan, StepResult
 from accordion.workers.arch import ArchConfig
 from accordion.workers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from accordion.workers.input_batch import InputBatch, StepInputs
+from accordion.workers.input_batch import HostStager, InputBatch, StepInputs
 from accordion.workers.loader import load_model
 from accordion.workers.sampler import Sampler
 
@@ -42,6 +42,11 @@ def make_backend(kind: str, device: torch.device, arch: ArchConfig) -> Attention
     return TorchAttentionBackend(*args)
 
 
+def _bucket(n: int) -> int:
+    """Round a length up to a power of two (>= 256): kernels choose compile-time tiling from it."""
+    return max(256, 1 << max(0, n - 1).bit_length())
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -55,6 +60,7 @@ class ModelRunner:
         self.backend = make_backend(config.device.attention_backend, self.device, self.arch)
         self.batch = InputBatch(self.block_size)
         self.sampler = Sampler(self.device, config.model.seed)
+        self.stager = HostStager(self.device)
         self.model = None
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None
@@ -127,31 +133,30 @@ class ModelRunner:
             self.graphs.capture()
 
     # ------------------------------------------------------------------ steps
-    def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
-
-    def build_metadata(self, inp: StepInputs) -> AttentionMetadata:
+    def build_metadata(self, inp: StepInputs) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention metadata plus (input_ids, positions, logits_indices), moved in one host-to-device copy."""
         seq_lens = inp.seq_lens.tolist()
         q_lens = np.diff(inp.query_start_loc).tolist()
         nd = inp.num_decodes
-        prefill_qsl = None
-        if len(seq_lens) > nd:
-            prefill_qsl = self._to_device(inp.query_start_loc[nd:] - inp.query_start_loc[nd])
-        return AttentionMetadata(
-            num_decodes=inp.num_decodes,
-            slot_mapping=self._to_device(inp.slot_mapping),
-            block_table=self._to_device(inp.block_table),
-            seq_lens=self._to_device(inp.seq_lens),
-            query_start_loc=self._to_device(inp.query_start_loc),
+        arrays = [inp.input_ids, inp.positions, inp.logits_indices, inp.slot_mapping, inp.block_table,
+                  inp.seq_lens, inp.query_start_loc]
+        has_prefill = len(seq_lens) > nd
+        if has_prefill:
+            arrays.append(inp.query_start_loc[nd:] - inp.query_start_loc[nd])
+        ids, pos, logits_idx, slots, table, lens, qsl, *rest = self.stager.stage(arrays)
+        meta = AttentionMetadata(
+            num_decodes=nd,
+            slot_mapping=slots,
+            block_table=table.to(torch.int32),
+            seq_lens=lens.to(torch.int32),
+            query_start_loc=qsl.to(torch.int32),
             max_query_len=max(q_lens[nd:], default=0),
-            max_seq_len=max(seq_lens, default=0),
+            max_seq_len=_bucket(max(seq_lens, default=0)),
             seq_lens_cpu=seq_lens,
             query_lens_cpu=q_lens,
-            prefill_query_start_loc=prefill_qsl,
+            prefill_query_start_loc=rest[0].to(torch.int32) if has_prefill else None,
         )
+        return meta, ids, pos, logits_idx
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -162,10 +167,9 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(plan, inp):
             hidden = self.graphs.run(inp)
         else:
-            meta = self.build_metadata(inp)
-            hidden = self.model(self._to_device(inp.input_ids), self._to_device(inp.positions), self.kv_caches,
-                                self.backend, meta)
-            hidden = hidden[self._to_device(inp.logits_indices)]
+            meta, ids, pos, logits_idx = self.build_metadata(inp)
+            hidden = self.model(ids, pos, self.kv_caches, self.backend, meta)
+            hidden = hidden[logits_idx]
         if not inp.sampled_ids:
             return StepResult(plan.step_id, {})
         logits = self.model.compute_logits(hidden)

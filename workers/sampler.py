@@ -41,6 +41,8 @@ class Sampler:
         """logits: [S, V] float32 -> (token per row, logprobs per row or None)."""
         S, V = logits.shape
         params = [r.params for r in rows]
+        if all(p.greedy and p.logprobs is None and not p.needs_penalties and p.min_tokens == 0 for p in params):
+            return logits.argmax(dim=-1).tolist(), [None] * S  # the common greedy case: one kernel, one sync
         want_lp = [p.logprobs for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_lp) else None
 

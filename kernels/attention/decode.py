@@ -37,14 +37,16 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     slots = 2 * num_sms(device)
     if work >= slots or cap == 1:
         return 1
-    best, best_eff = 1, 0.0
-    for s in range(1, cap + 1):
+    # Powers of two only: NUM_SPLITS is a compile-time constant, so few distinct values mean few compilations.
+    best, best_eff, s = 1, 0.0, 1
+    while s <= cap:
         progs = work * s
         eff = progs / (math.ceil(progs / slots) * slots)
         if progs >= slots and eff >= 0.85:
             return s
         if eff > best_eff + 1e-9:
             best, best_eff = s, eff
+        s *= 2
     return best
 
 

@@ -24,7 +24,8 @@ def _smid():
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@triton.jit
+# Tile counts change with every hybrid batch: keep them out of the specialization key (no recompiles).
+@triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "num_m_tiles", "num_prefill_seqs"])
 def pod_attention_kernel(
     pq_ptr,  # prefill q [Tq, Hq, D]
     dq_ptr,  # decode q [Bd, Hq, D]

@@ -33,8 +33,9 @@ def test_cuda_graph_decode_equals_eager(tiny_ckpt):
     path = tiny_ckpt("tiny-llama")
     prompts = random_prompts(5, [3, 17, 40, 9, 100], 500, seed=2)
     params = SamplingParams(max_tokens=16, min_tokens=16, temperature=0)
-    eager = LLM(path, device="cuda", dtype="float32", cuda_graphs=False, max_model_len=256)
-    graphs = LLM(path, device="cuda", dtype="float32", cuda_graphs=True, max_model_len=256, max_num_seqs=8)
+    eager = LLM(path, device="cuda", dtype="float32", cuda_graphs=False, max_model_len=256, num_blocks=256)
+    graphs = LLM(path, device="cuda", dtype="float32", cuda_graphs=True, max_model_len=256, max_num_seqs=8,
+                 num_blocks=256)
     a = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     b = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
     assert a == b == hf_greedy(path, prompts, 16)
