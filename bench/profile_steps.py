@@ -75,7 +75,7 @@ def main() -> None:
 
     rows, results = [], {}
     for fuse in (True, False):
-        llm = LLM(str(path), max_model_len=2048, max_num_seqs=args.num_prompts,
+        llm = LLM(str(path), max_model_len=2048, max_num_seqs=args.num_prompts, gpu_memory_utilization=0.4,
                   max_num_batched_tokens=args.max_num_batched_tokens)
         llm.instance.worker.backend.fuse_hybrid = fuse
         run(llm, prompts(), args.output_len, "warm")
@@ -85,8 +85,12 @@ def main() -> None:
             rows.append([f"fuse={fuse}", kind, st["count"], f"{st['execute_s']:.3f}", f"{st['ms_per_step']:.2f}"])
         rows.append([f"fuse={fuse}", "TOTAL", "-", f"{r['wall_s']:.3f}", f"{r['tok_s']:.0f} tok/s; sched "
                      f"{r['schedule_s']:.3f}s update {r['update_s']:.3f}s"])
+        llm.instance.worker.graphs = None
         del llm
         if cuda:
+            import gc
+
+            gc.collect()
             torch.cuda.empty_cache()
     write_result("profile-steps", {"settings": vars(args), "results": results})
     print_table(rows, ["variant", "step kind", "count", "execute s", "ms/step"])
