@@ -20,6 +20,7 @@ for step in $steps; do
     offline) python3 bench/offline.py 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -12 ;;
     profile) python3 bench/profile_steps.py --shape 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log" | tail -12 ;;
     *) echo "unknown step $step" ;;
   esac

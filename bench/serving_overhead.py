@@ -1,0 +1,150 @@
+"""What does the serving path (gRPC front end + Ray instance actor) cost over the offline API? Same GPU, same run.
+
+1. Offline ``LLM``: 64 prompts x 512 in / 128 out (greedy, ignore_eos) -> output tok/s; low-load TTFT = latency of
+   one ``max_tokens=1`` request, p50 over sequential requests.
+2. ``accordion serve`` (a subprocess: Ray, global manager, one instance actor, gRPC on loopback), driven through
+   ``accordion.client.AsyncClient``: the same 64 requests as concurrent streams -> output tok/s; low-load TTFT =
+   time from sending a stream to its first chunk, p50 over sequential requests.
+
+    python bench/serving_overhead.py [--shape 1b] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from accordion import LLM, SamplingParams  # noqa: E402
+from accordion.checkpoints import make_checkpoint  # noqa: E402
+from bench.common import print_table, write_result  # noqa: E402
+
+PRESETS = {"1b": "llama-3.2-1b", "tiny": "tiny-llama"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline(path: str, prompts, ttft_prompts, args) -> dict:
+    llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.concurrency,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[: max(1, len(prompts) // 4)], params)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttfts = []
+    for p in ttft_prompts:
+        t = time.perf_counter()
+        llm.generate([p], SamplingParams(max_tokens=1, temperature=0))
+        ttfts.append(time.perf_counter() - t)
+    llm.instance.worker.graphs = None
+    del llm, outs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttfts)}
+
+
+async def served(target: str, prompts, ttft_prompts, args) -> dict:
+    from accordion.client import AsyncClient
+
+    async with AsyncClient(target, timeout=600, max_retries=0) as client:
+        async def one(p, max_tokens):
+            first, n, t = None, 0, time.perf_counter()
+            async for chunk in client.stream(token_ids=p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
+                if first is None and chunk.token_ids:
+                    first = time.perf_counter() - t
+                n += len(chunk.token_ids)
+            return first, n
+
+        await asyncio.gather(*(one(p, args.output_len) for p in prompts[: max(1, len(prompts) // 4)]))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(p, args.output_len) for p in prompts))
+        wall = time.perf_counter() - t0
+        ttfts = [(await one(p, 1))[0] for p in ttft_prompts]
+    n = sum(r[1] for r in results)
+    return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttfts)}
+
+
+def start_server(path: str, port: int, args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accordion.cli", "serve", "--model", path, "--port", str(port), "--num-instances",
+           "1", "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.concurrency),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if not torch.cuda.is_available():
+        cmd += ["--device", "cpu"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    from accordion.client import Client
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"accordion serve exited with {proc.returncode}")
+        try:
+            with Client(f"127.0.0.1:{port}", timeout=2, max_retries=0) as c:
+                if c.health("accordion.v1.LLMService") == "SERVING":
+                    return proc
+        except Exception:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise TimeoutError("server did not become ready")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1b", choices=list(PRESETS))
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--ttft-requests", type=int, default=20)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.shape, args.concurrency, args.input_len, args.output_len, args.ttft_requests = "tiny", 8, 32, 16, 5
+        args.max_model_len = 256
+    cuda = torch.cuda.is_available()
+    path = str(make_checkpoint(Path(tempfile.mkdtemp()) / args.shape, PRESETS[args.shape],
+                               dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu"))
+    rng = random.Random(0)
+    vocab = 500 if args.shape == "tiny" else 120000
+    mk = (lambda n, ln: [[rng.randrange(10, vocab) for _ in range(ln)] for _ in range(n)])
+    prompts, ttft_prompts = mk(args.concurrency, args.input_len), mk(args.ttft_requests, args.input_len)
+    off = offline(path, prompts, ttft_prompts, args)
+    port = free_port()
+    proc = start_server(path, port, args)
+    try:
+        srv = asyncio.run(served(f"127.0.0.1:{port}", prompts, ttft_prompts, args))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    ratio = srv["output_tok_s"] / off["output_tok_s"]
+    added = srv["ttft_p50_ms"] - off["ttft_p50_ms"]
+    write_result("serving-overhead", {"settings": vars(args), "offline": off, "served": srv,
+                                      "throughput_ratio": ratio, "added_ttft_p50_ms": added})
+    print_table([["offline LLM", f"{off['output_tok_s']:.0f}", f"{off['ttft_p50_ms']:.2f}"],
+                 ["gRPC + Ray", f"{srv['output_tok_s']:.0f}", f"{srv['ttft_p50_ms']:.2f}"]],
+                ["path", "output tok/s", "p50 TTFT ms (low load)"])
+    print(f"served / offline throughput: {ratio:.3f}; added p50 TTFT: {added:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
