@@ -45,6 +45,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     c.add_argument("--no-ray", action="store_true", help="one engine in this process, no Ray")
     c.add_argument("--cpu-threads", type=int, default=1, help="torch threads per CPU instance")
+    sp = p.add_argument_group("elastic sequence parallelism")
+    sp.add_argument("--esp", action="store_true", help="prefill long prompts across several instances")
+    sp.add_argument("--esp-min-tokens", type=int, default=8192, help="shorter prompts stay on one instance")
+    sp.add_argument("--esp-max-degree", type=int, default=8, help="most instances one prefill may span")
+    sp.add_argument("--esp-force-degree", type=int, default=None, help="always use this degree (benchmarks)")
+    sp.add_argument("--esp-cost-model", default=None, help="prefill cost model JSON from `accordion profile`")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -98,12 +104,15 @@ async def _serve_ray(args: argparse.Namespace, ec: EngineConfig, gcfg: GrpcServe
 
     gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
     n = args.num_instances or gpus or 1
-    cc = ClusterConfig(engine=ec, gpus_per_instance=1.0 if gpus else 0.0, cpu_threads_per_instance=args.cpu_threads)
+    esp = ESPConfig(enabled=args.esp, min_prompt_tokens=args.esp_min_tokens, max_degree=args.esp_max_degree,
+                    force_degree=args.esp_force_degree, cost_model_path=args.esp_cost_model)
+    cc = ClusterConfig(engine=ec, esp=esp, gpus_per_instance=1.0 if gpus else 0.0,
+                       cpu_threads_per_instance=args.cpu_threads)
     manager = start_manager(cc)
     engine = None
     try:
         await manager.start.remote(n)
-        engine = await RayEngineClient.create(manager, ec)
+        engine = await RayEngineClient.create(manager, ec, esp=esp)
         await engine.wait_for_instances(n, timeout_s=cc.start_timeout_s)
         await _run_grpc(engine, gcfg, f"{n} instance(s) on Ray")
     finally:

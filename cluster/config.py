@@ -125,11 +125,36 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True)
+class ESPConfig:
+    """Elastic sequence parallelism (LoongServe) across the instances of a cluster."""
+
+    enabled: bool = False
+    """Form the instances' torch.distributed group and prefill long prompts on several instances."""
+    min_prompt_tokens: int = 8192
+    """Prompts shorter than this always run on one instance."""
+    max_degree: int = 8
+    """Most instances one prefill may span."""
+    force_degree: int | None = None
+    """Use exactly this degree for every eligible prompt (tests, benchmarks); else the cost model decides."""
+    cost_model_path: str | None = None
+    """JSON written by ``accordion profile``; default: an analytic model."""
+    backend: str | None = None
+    """torch.distributed backend; default NCCL on GPU instances, gloo on CPU ones."""
+
+    def __post_init__(self) -> None:
+        _positive("min_prompt_tokens", self.min_prompt_tokens)
+        _positive("max_degree", self.max_degree)
+        _positive("force_degree", self.force_degree)
+
+
+@dataclass(kw_only=True)
 class ClusterConfig:
     """The Ray deployment: the global manager actor and the engine instance actors it creates."""
 
     engine: EngineConfig
     """What every instance runs."""
+    esp: ESPConfig = field(default_factory=ESPConfig)
+    """Elastic sequence parallelism."""
     manager_name: str = "accordion-global-manager"
     """Name of the global manager actor (one per namespace)."""
     namespace: str = "accordion"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from accordion.cluster.errors import EngineOverloadedError, EngineUnavailableError
 from accordion.cluster.instance import EngineInstance
@@ -33,6 +34,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._adds: list[Request] = []
         self._aborts: list[str] = []
+        self._calls: list[tuple[Callable, Future]] = []
         self._stopping = False
         self._failed: str | None = None
         self._num_added = 0
@@ -78,6 +80,18 @@ class EngineLoop:
             self._aborts.extend(request_ids)
             self._cond.notify()
 
+    def call(self, fn: Callable[[EngineInstance], list[EngineOutput] | EngineOutput | None]) -> Future:
+        """Run ``fn(instance)`` on the engine thread between steps, in submission order with other calls
+        (group formation, sequence-parallel jobs). Engine outputs it returns are emitted like a step's."""
+        fut: Future = Future()
+        with self._cond:
+            if self._stopping or self._failed:
+                raise EngineUnavailableError(f"instance {self.instance_id} is {self._failed or 'stopping'}")
+            self._calls.append((fn, fut))
+            self._idle.clear()
+            self._cond.notify()
+        return fut
+
     def load(self) -> LoadReport:
         """A snapshot of the scheduler's counters (plain int reads; consistent enough for routing)."""
         s = self.instance.scheduler
@@ -111,14 +125,24 @@ class EngineLoop:
         core = self.instance.core
         while True:
             with self._cond:
-                while not (self._adds or self._aborts or self._stopping or core.has_unfinished()):
+                while not (self._adds or self._aborts or self._calls or self._stopping or core.has_unfinished()):
                     self._idle.set()
                     self._cond.wait()
                 if self._stopping:
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
             outputs: list[EngineOutput] = []
+            for fn, fut in calls:
+                try:
+                    result = fn(self.instance)
+                except Exception as e:  # the caller gets the error; the engine's own state is untouched
+                    logger.exception("instance %s: call failed", self.instance_id)
+                    fut.set_exception(e)
+                    continue
+                outputs.extend(result if isinstance(result, list) else [result] if result is not None else [])
+                fut.set_result(result)
             try:
                 for r in adds:
                     try:

@@ -5,8 +5,10 @@ them at run time (removal drains first), pings every instance's ``load()`` perio
 or times out dead (removed from routing, killed). Front ends (``RayEngineClient``) learn the membership through
 :meth:`GlobalManager.watch`, a long poll that returns when it changes. The manager is not on the token path.
 
-Elastic sequence parallelism (instance groups re-formed each iteration, KV slice placement) will live here, as a
-separate planner the manager consults; it is not implemented yet.
+Elastic sequence parallelism: with ``esp.enabled`` the manager forms the instances' torch.distributed group
+(re-formed whenever membership changes) and dispatches sequence-parallel prefill jobs to instance groups in one
+global order (:meth:`GlobalManager.run_sp_prefill`); front ends choose the groups with
+:mod:`accordion.cluster.esp_planner`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from accordion.cluster.config import ClusterConfig
+from accordion.cluster.errors import EngineUnavailableError
+from accordion.cluster.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ class GlobalManager:
         self._version = 0
         self._changed: asyncio.Condition | None = None
         self._health_task: asyncio.Task | None = None
+        self._ranks: dict[str, int] = {}  # instance id -> rank in the instances' process group
+        self._job_ids = itertools.count()
+        self._group_lock: asyncio.Lock | None = None
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:
@@ -80,10 +87,17 @@ class GlobalManager:
     async def start(self, num_instances: int) -> list[InstanceRecord]:
         """Create ``num_instances`` instances concurrently; returns the registry."""
         self._cond()
-        await asyncio.gather(*(self.add_instance() for _ in range(num_instances)))
+        await asyncio.gather(*(self._create_instance() for _ in range(num_instances)))
+        await self._form_group()
         return await self.list_instances()
 
     async def add_instance(self) -> InstanceRecord:
+        """Add an instance at run time; with elastic SP the instances' group is re-formed to include it."""
+        rec = await self._create_instance()
+        await self._form_group()
+        return rec
+
+    async def _create_instance(self) -> InstanceRecord:
         """Create one instance actor with the configured resources, load its model, make it routable."""
         from accordion.cluster.instance import DEFAULT_WORKER
         from accordion.cluster.instance_actor import instance_actor_class
@@ -137,7 +151,50 @@ class GlobalManager:
         self._instances.pop(instance_id, None)
         await self._bump()
         logger.info("instance %s removed (drained cleanly: %s)", instance_id, clean)
+        if self._ranks.pop(instance_id, None) is not None:
+            await self._form_group()
         return clean
+
+    # ---- elastic sequence parallelism --------------------------------------------------------------------------
+
+    def _lock(self) -> asyncio.Lock:
+        if self._group_lock is None:
+            self._group_lock = asyncio.Lock()
+        return self._group_lock
+
+    async def _form_group(self) -> None:
+        """(Re-)create the instances' torch.distributed group over the serving instances. Each instance joins
+        on its engine thread after the jobs already queued there, so no job straddles two groups."""
+        if not self.config.esp.enabled:
+            return
+        async with self._lock():
+            members = [r for r in self._instances.values() if r.state == InstanceState.SERVING]
+            self._ranks = {r.instance_id: i for i, r in enumerate(members)}
+            if not members:
+                return
+            init = await members[0].handle.rendezvous_address.remote()
+            await asyncio.gather(*(r.handle.join_group.remote(init, len(members), i) for i, r in enumerate(members)))
+            logger.info("instance group formed: %s via %s", list(self._ranks), init)
+
+    async def ranks(self) -> dict[str, int]:
+        return dict(self._ranks)
+
+    async def run_sp_prefill(self, request: Request, group: list[str]) -> None:
+        """Prefill ``request`` across the instances ``group`` (``group[0]`` decodes it afterwards and keeps the
+        whole KV: proactive scale-down to one instance). Jobs reach every instance in one global order."""
+        from accordion.cluster.plan import KVSlice, SPPrefillJob
+
+        async with self._lock():
+            missing = [i for i in group if i not in self._ranks]
+            if missing:
+                raise EngineUnavailableError(f"instances {missing} are not in the instance group")
+            ranks = [self._ranks[i] for i in group]
+            job = SPPrefillJob(next(self._job_ids), request.request_id, list(request.prompt_token_ids),
+                               request.sampling_params, tuple(request.eos_token_ids), ranks,
+                               [KVSlice(ranks[0], 0, request.num_prompt_tokens, [])])
+            for iid in group:  # sequential sends keep the per-instance order equal to the job order
+                await self._instances[iid].handle.submit_sp_job.remote(job, request if iid == group[0] else None)
+        logger.info("request %s: sequence-parallel prefill (job %d) on %s", request.request_id, job.job_id, group)
 
     async def list_instances(self) -> list[InstanceRecord]:
         return list(self._instances.values())

@@ -13,7 +13,7 @@ from accordion.cluster.config import EngineConfig
 from accordion.cluster.engine import EngineCore
 from accordion.cluster.outputs import EngineOutput
 from accordion.cluster.plan import SPPrefillJob
-from accordion.cluster.request import Request
+from accordion.cluster.request import FinishReason, Request
 from accordion.cluster.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -51,21 +51,34 @@ class EngineInstance:
         init_instance_group(init_method, world_size, rank, backend=backend)
         self.rank = rank
 
-    def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
-        return self.scheduler.reserve_slice(request_id, num_tokens)
-
     def run_sp_prefill(self, job: SPPrefillJob, request: Request | None = None) -> EngineOutput | None:
-        """Run this instance's share of a sequence-parallel prefill. The master (``job.group[0]``), given the
-        ``request``, adopts it for decoding when it holds the whole prompt's KV, and returns its first output."""
-        from accordion.workers.sequence_parallel import SequenceParallelPrefill
-        from accordion.workers.input_batch import CachedRequestState
+        """Run this instance's share of a sequence-parallel prefill.
 
+        A slice of the placement whose ``block_ids`` are empty is allocated here, from this instance's pool. The
+        master (``job.group[0]``), given the ``request``, adopts it for decoding (it holds the whole prompt's
+        KV) and returns its first output; an instance that cannot store its slice still serves the ring (the
+        others would wait for it) and the master then fails the request.
+        """
+        from accordion.workers.input_batch import CachedRequestState
+        from accordion.workers.sequence_parallel import SequenceParallelPrefill
+
+        mine = job.slice_of(self.rank)
+        stored = True
+        if mine is not None and not mine.block_ids:
+            blocks = self.scheduler.reserve_slice(job.request_id, mine.end - mine.start)
+            if blocks is None:
+                stored = False
+                job.placement = [s for s in job.placement if s.rank != self.rank]
+            else:
+                mine.block_ids = blocks
         token = SequenceParallelPrefill(self.worker, self.rank).run(job)
         if self.rank != job.group[0]:
             return None
-        mine = job.slice_of(self.rank)
-        if mine is None or mine.start != 0 or mine.end != len(job.prompt_token_ids):
-            raise NotImplementedError("decoding over KV spread across instances")
+        prompt_len = len(job.prompt_token_ids)
+        if not stored or mine is None or (mine.start, mine.end) != (0, prompt_len):
+            self.scheduler.release_slice(job.request_id)
+            return EngineOutput(job.request_id, [], finish_reason=FinishReason.ERROR, num_prompt_tokens=prompt_len,
+                                error="no room for the prompt's KV on the decoding instance; retry")
         self.worker.batch.states[job.request_id] = CachedRequestState(
             job.request_id, list(job.prompt_token_ids), [token], job.sampling_params, list(mine.block_ids),
             tuple(job.eos_token_ids))

@@ -88,6 +88,30 @@ class InstanceActor:
         if self._engine_loop is not None:
             self._engine_loop.abort(request_ids)
 
+    # ---- elastic sequence parallelism ---------------------------------------------------------------------------
+
+    async def rendezvous_address(self) -> str:
+        """A ``tcp://ip:port`` on this node for the instances' process group (rank 0 hosts the store)."""
+        import socket
+
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind((ip, 0))
+            port = sock.getsockname()[1]
+        return f"tcp://{ip}:{port}"
+
+    async def join_group(self, init_method: str, world_size: int, rank: int) -> None:
+        """(Re-)join the instances' torch.distributed group, on the engine thread after any queued jobs."""
+        fut = self._require().call(lambda inst: inst.join_group(init_method, world_size, rank))
+        await asyncio.wrap_future(fut)
+
+    async def submit_sp_job(self, job, request: Request | None) -> None:
+        """Queue this instance's share of a sequence-parallel prefill (run in the manager's job order). The
+        master, given the ``request``, emits its outputs on the normal output stream."""
+        self._require().call(lambda inst: inst.run_sp_prefill(job, request))
+
     # ---- results -----------------------------------------------------------------------------------------------
 
     def _from_thread(self, outputs: list[EngineOutput], load: LoadReport) -> None:

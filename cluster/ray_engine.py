@@ -13,10 +13,11 @@ import asyncio
 import logging
 
 import accordion
-from accordion.cluster.config import EngineConfig
+from accordion.cluster.config import EngineConfig, ESPConfig
 from accordion.cluster.engine_client import InstanceInfo, ServerInfo
 from accordion.cluster.engine_frontend import EngineFrontend, RetryElsewhere, model_info_for
 from accordion.cluster.errors import EngineUnavailableError
+from accordion.cluster.esp_planner import PrefillCostModel, choose_degree
 from accordion.cluster.global_manager import InstanceRecord
 from accordion.cluster.instance_actor import unwrap_ray_error
 from accordion.cluster.load import LoadReport
@@ -36,8 +37,16 @@ class RayEngineClient(EngineFrontend):
     """Front end over the instances of one global manager. Build with :meth:`create` on the serving loop."""
 
     def __init__(self, manager, config: EngineConfig, tokenizer: Tokenizer, *, router: Router | None = None,
-                 watch_timeout_s: float = 30.0):
+                 watch_timeout_s: float = 30.0, esp: ESPConfig | None = None):
         super().__init__(tokenizer, model_info_for(config, tokenizer))
+        self.esp = esp if esp is not None and esp.enabled else None
+        self._cost: PrefillCostModel | None = None
+        if self.esp is not None:
+            self._cost = (PrefillCostModel.load(self.esp.cost_model_path) if self.esp.cost_model_path
+                          else PrefillCostModel.analytic(self.esp.max_degree))
+        self._sp_groups: dict[str, list[str]] = {}
+        self.sp_prefills: list[list[str]] = []
+        """Instance groups of the sequence-parallel prefills sent from here (for tests and debugging)."""
         self.manager = manager
         self.config = config
         self.router: Router = router or LeastLoaded()
@@ -55,10 +64,11 @@ class RayEngineClient(EngineFrontend):
         self._watch_task: asyncio.Task | None = None
 
     @classmethod
-    async def create(cls, manager, config: EngineConfig, *, router: Router | None = None) -> RayEngineClient:
+    async def create(cls, manager, config: EngineConfig, *, router: Router | None = None,
+                     esp: ESPConfig | None = None) -> RayEngineClient:
         """Load the tokenizer, take the manager's current membership and start following it."""
         tokenizer = await asyncio.to_thread(Tokenizer, config.model.model)
-        self = cls(manager, config, tokenizer, router=router)
+        self = cls(manager, config, tokenizer, router=router, esp=esp)
         version, records = await manager.watch.remote(-1, 0.0)
         self._apply(version, records)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
@@ -134,6 +144,10 @@ class RayEngineClient(EngineFrontend):
     # ---- EngineFrontend hooks ----------------------------------------------------------------------------------
 
     def _choose_route(self, requests: list[Request], exclude: set[str]) -> str:
+        group = self._sp_group(requests, exclude)
+        if group is not None:
+            self._sp_groups[requests[0].request_id] = group
+            return group[0]
         cands = [InstanceLoad(i, self._loads.get(i), self._outstanding(i))
                  for i in self._routable() if i not in exclude]
         if not cands:
@@ -144,7 +158,52 @@ class RayEngineClient(EngineFrontend):
         ld = self._loads.get(iid)
         return max(0, self._sent.get(iid, 0) - (ld.num_added if ld else 0))
 
+    def _sp_group(self, requests: list[Request], exclude: set[str]) -> list[str] | None:
+        """Instances to prefill a long prompt together (master first), or None for a one-instance request.
+
+        The degree comes from the cost model over the routable instances; the master is the least busy one with
+        room for the whole request's KV (decoding continues there alone: proactive scale-down).
+        """
+        esp = self.esp
+        if esp is None or len(requests) != 1 or requests[0].num_prompt_tokens < esp.min_prompt_tokens:
+            return None
+        req = requests[0]
+        cands = [i for i in self._routable() if i not in exclude]
+        limit = min(len(cands), esp.max_degree)
+        degree = min(esp.force_degree, limit) if esp.force_degree else choose_degree(self._cost, req.num_prompt_tokens,
+                                                                                      limit)
+        if degree < 2:
+            return None
+
+        def busy(i: str) -> int:
+            ld = self._loads.get(i)
+            return (ld.num_running + ld.num_waiting if ld else 0) + self._outstanding(i)
+
+        block = self.config.cache.block_size
+        need = -(-(req.num_prompt_tokens + min(req.max_tokens, self._model_info.max_model_len)) // block)
+        masters = [i for i in cands if (ld := self._loads.get(i)) is not None and ld.num_free_blocks >= need]
+        if not masters:
+            return None
+        master = min(masters, key=busy)
+        return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1]
+
+    async def _send_sp(self, group: list[str], request: Request) -> None:
+        try:
+            await self.manager.run_sp_prefill.remote(request, group)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            cause = unwrap_ray_error(e)
+            if isinstance(cause, EngineUnavailableError):  # the group is re-forming: run it on one instance
+                raise RetryElsewhere(str(cause)) from None
+            raise cause from None
+        self.sp_prefills.append(group)
+        self.routed[group[0]] = self.routed.get(group[0], 0) + 1
+
     async def _send(self, route: str, requests: list[Request]) -> None:
+        group = self._sp_groups.pop(requests[0].request_id, None)
+        if group is not None:
+            return await self._send_sp(group, requests[0])
         rec = self._records.get(route)
         if rec is None:
             raise RetryElsewhere("no longer a member")

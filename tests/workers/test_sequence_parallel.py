@@ -48,8 +48,8 @@ def _run(rank: int, world: int, port: int, ckpt: str, prompt: list[int], split: 
     inst.join_group(f"tcp://127.0.0.1:{port}", world, rank)
     spans = split_slices(len(prompt), world) if split else [(0, 0, len(prompt))]
     placement = []
-    for r, a, b in spans:  # every rank only needs its own slice's block ids
-        blocks = inst.reserve_slice("req", b - a) if r == rank else []
+    for r, a, b in spans:  # every rank only needs its own slice's block ids (empty: allocated by the job)
+        blocks = inst.scheduler.reserve_slice("req", b - a) if (split and r == rank) else []
         placement.append(KVSlice(r, a, b, blocks))
     job = SPPrefillJob(0, "req", prompt, PARAMS, (), list(range(world)), placement)
     request = Request(request_id="req", prompt_token_ids=prompt, sampling_params=PARAMS) if rank == 0 else None
