@@ -46,7 +46,7 @@ class RingAttentionBackend(AttentionBackend):
     name = "ring"
 
     def __init__(self, base: AttentionBackend, comm: RingComm, positions: torch.Tensor, pad_to: int,
-                 keep: KVSlice | None, block_size: int):
+                 keep: KVSlice | None, block_size: int, use_triton: bool):
         super().__init__(base.num_heads, base.num_kv_heads, base.head_dim, base.scale)
         self.comm = comm
         self.positions = positions.to(torch.int32)  # [T]
@@ -55,7 +55,7 @@ class RingAttentionBackend(AttentionBackend):
         self.block_size = block_size
         dev = positions.device
         self.keep_blocks = torch.tensor(keep.block_ids if keep else [0], dtype=torch.long, device=dev)
-        self.use_triton = dev.type == "cuda"
+        self.use_triton = use_triton
 
     def _slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Cache slots of the positions this instance keeps; -1 elsewhere. pos: [N] int32."""
@@ -138,7 +138,8 @@ class SequenceParallelPrefill:
         positions = torch.from_numpy(pos_np).to(r.device)
         ids = torch.tensor(job.prompt_token_ids, dtype=torch.long)[torch.from_numpy(pos_np)].to(r.device)
         backend = RingAttentionBackend(r.backend, RingComm(job.group, self.rank), positions,
-                                       max_local_tokens(length, k), job.slice_of(self.rank), r.block_size)
+                                       max_local_tokens(length, k), job.slice_of(self.rank), r.block_size,
+                                       use_triton=r.backend.name == "triton")
         hidden = r.model(ids, positions, r.kv_caches, backend, None)
         if j != 0:
             return None

@@ -29,9 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_config(ckpt: str) -> EngineConfig:
-    return EngineConfig(model=ModelConfig(model=ckpt, max_model_len=256),
-                        cache=CacheConfig(block_size=BLOCK, num_blocks=200), device=DeviceConfig(device="cpu"))
+def engine_config(ckpt: str, backend: str = "torch") -> EngineConfig:
+    return EngineConfig(model=ModelConfig(model=ckpt, max_model_len=256), cache=CacheConfig(block_size=BLOCK, num_blocks=200),
+                        device=DeviceConfig(device="cpu", attention_backend=backend))
 
 
 def split_slices(length: int, world: int) -> list[tuple[int, int, int]]:
@@ -40,11 +40,11 @@ def split_slices(length: int, world: int) -> list[tuple[int, int, int]]:
     return [(r, r * per, min(length, (r + 1) * per)) for r in range(world) if r * per < length]
 
 
-def _run(rank: int, world: int, port: int, ckpt: str, prompt: list[int], split: bool, results):
+def _run(rank: int, world: int, port: int, ckpt: str, prompt: list[int], split: bool, results, backend="torch"):
     torch.set_num_threads(1)
     from accordion.cluster.instance import EngineInstance
 
-    inst = EngineInstance(engine_config(ckpt))
+    inst = EngineInstance(engine_config(ckpt, backend))
     inst.join_group(f"tcp://127.0.0.1:{port}", world, rank)
     spans = split_slices(len(prompt), world) if split else [(0, 0, len(prompt))]
     placement = []
@@ -73,11 +73,12 @@ def _run(rank: int, world: int, port: int, ckpt: str, prompt: list[int], split: 
         results.put((rank, tokens, None))
 
 
-def run_group(world: int, ckpt: str, prompt: list[int], split: bool) -> list:
+def run_group(world: int, ckpt: str, prompt: list[int], split: bool, backend: str = "torch") -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, ckpt, prompt, split, results)) for r in range(world)]
+    procs = [ctx.Process(target=_run, args=(r, world, port, ckpt, prompt, split, results, backend))
+             for r in range(world)]
     for p in procs:
         p.start()
     n_expected = world if split else 1
@@ -88,14 +89,15 @@ def run_group(world: int, ckpt: str, prompt: list[int], split: bool) -> list:
     return got
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_ring_prefill_then_local_decode_equals_single_instance(tiny_ckpt, world):
+@pytest.mark.parametrize("world,backend", [(1, "torch"), (2, "torch"), (4, "torch"), (2, "triton")])
+def test_ring_prefill_then_local_decode_equals_single_instance(tiny_ckpt, world, backend):
+    """``triton``: the ring's attention, merge and KV writes through the Triton kernels (the GPU path)."""
     from accordion import LLM
 
     ckpt = tiny_ckpt("tiny-llama")
     prompt = random_prompts(1, [37], 500, seed=21)[0]
     expected = LLM(ckpt, device="cpu", max_model_len=256, block_size=BLOCK).generate([prompt], PARAMS)
-    [(rank, tokens, _)] = run_group(world, ckpt, prompt, split=False)
+    [(rank, tokens, _)] = run_group(world, ckpt, prompt, split=False, backend=backend)
     assert tokens == expected[0].outputs[0].token_ids
 
 
