@@ -2,6 +2,10 @@
 
 Numerics follow HF transformers (norm statistics in fp32, rotation in the activation dtype) so greedy output is
 token-for-token equal to the reference.
+
+CUDA tensors go through the fused Triton kernels of :mod:`accordion.kernels.layers` (same numerics order, one launch
+per op instead of a chain of elementwise ones); everything else runs the plain torch code. :func:`use_triton` is the
+one place that decides.
 """
 
 from __future__ import annotations
@@ -12,6 +16,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from accordion.kernels import layers as kernels
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the layers below run their Triton kernel on ``x`` (CUDA tensors) or the torch code (CPU: HF-exact)."""
+    return x.is_cuda
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -19,8 +30,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> [..., dim]"""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x: [..., dim] -> normed [..., dim].
+
+        With ``residual`` (the decoder's residual stream), the residual add before the norm is fused into it:
+        ``s = residual + x`` (in x.dtype, as HF) -> ``(norm(s), s)``.
+        """
+        if use_triton(x):
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is None:
+            return self._norm(x)
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -54,7 +79,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D] -> rotated (q, k)."""
+        """positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D] (strided views are fine) -> rotated (q, k), new tensors."""
+        if use_triton(q):
+            return kernels.rotary_embedding(q, k, self.cos, self.sin, positions)
         cos = self.cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -75,5 +102,8 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up(x)
+        if use_triton(gate_up):
+            return self.down(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down(F.silu(gate) * up)

@@ -50,8 +50,10 @@ class Stack:
 
         from accordion.cluster.global_manager import start_manager
 
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=80 << 20, _node_ip_address="127.0.0.1",
-                 namespace="accordion-test", log_to_driver=False, configure_logging=False)
+        if not ray.is_initialized():  # another module (elastic SP) may have started it with the same settings
+            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=80 << 20,
+                     _node_ip_address="127.0.0.1", namespace="accordion-test", log_to_driver=False,
+                     configure_logging=False)
         self.manager = start_manager(self.cluster_config)
         ray.get(self.manager.start.remote(2), timeout=120)
         self.thread.start()

@@ -54,9 +54,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
 
-    def forward(self, h, positions, rotary, backend, kv_cache, meta):
-        h = h + self.self_attn(self.input_layernorm(h), positions, rotary, backend, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, positions, rotary, backend, kv_cache, meta):
+        """h: the previous layer's MLP output (layer 0: the embeddings, residual None); residual: the residual
+        stream before it. Returns (this layer's MLP output, residual stream before it).
+
+        Each residual add is fused into the norm that follows it (``norm(h, residual)`` -> (normed, residual + h));
+        the sums are the ones HF computes, ``h = residual + h``, in the same order and dtype.
+        """
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, positions, rotary, backend, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -80,10 +91,12 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, positions, self.rotary, backend, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, self.rotary, backend, kv_cache, meta)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] -> logits [S, vocab] in float32."""
