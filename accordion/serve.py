@@ -18,6 +18,7 @@ from accordion.cluster.config import (
     ClusterConfig,
     DeviceConfig,
     EngineConfig,
+    ESPConfig,
     ModelConfig,
     SchedulerConfig,
 )

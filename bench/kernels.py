@@ -60,7 +60,6 @@ def copy_bandwidth(dev, nbytes: int) -> float:
     a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     b = torch.empty_like(a)
     ms = bench(lambda: b.copy_(a), dev)
-    del a, b
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -113,7 +112,7 @@ def run_decode(dev, dtype, batches, contexts, copy_bw):
                              sdpa_ms=ms_sdpa, speedup_vs_sdpa=ms_sdpa / ms))
             print(f"decode B={B:4d} ctx={ctx:6d}: {ms:8.3f} ms {gbs:7.0f} GB/s ({100 * gbs / copy_bw:5.1f}% copy) "
                   f"sdpa {ms_sdpa:8.3f} ms -> x{ms_sdpa / ms:.2f}", flush=True)
-            del kv, k4, v4
+            kv = k4 = v4 = None  # free the GPU memory before the next shape
     return rows
 
 
@@ -145,7 +144,7 @@ def run_prefill(dev, dtype, lengths):
                          sdpa_flash_tflop_s=flops / (ms_sdpa * 1e-3) / 1e12, ratio_vs_sdpa=ms_sdpa / ms))
         print(f"prefill n={n:6d}: {ms:8.3f} ms {tf:6.1f} TFLOP/s; sdpa flash {ms_sdpa:8.3f} ms -> x{ms_sdpa / ms:.2f}",
               flush=True)
-        del kv
+        kv = None  # free the GPU memory before the next shape
     return rows
 
 
@@ -185,7 +184,7 @@ def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
                 print(f"hybrid chunk={chunk:5d}@{p_ctx:6d} decodes={bd:4d}@{d_ctx:6d}: seq {ms_seq:7.3f} ms, "
                       f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f}), pod-static {ms_pod_static:7.3f} ms "
                       f"(x{ms_seq / ms_pod_static:.2f})", flush=True)
-                del kv
+                kv = None  # free the GPU memory before the next shape
     return rows
 
 

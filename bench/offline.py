@@ -139,7 +139,7 @@ def accordion_throughput(path: Path, prompts, warm_prompts, args) -> dict:
                 "first_output": toks[0]}
     finally:
         close_llm(llm)
-        del llm
+        llm = None  # free the GPU memory before the next phase
         free_memory()
 
 
@@ -165,7 +165,7 @@ def accordion_decode(path: Path, prompt, ttft_prompts, warm_prompt, args) -> dic
                 "first_output": toks}
     finally:
         close_llm(llm)
-        del llm
+        llm = None  # free the GPU memory before the next phase
         free_memory()
 
 
@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
                 r["hf_generate"] = guarded("hf generate", hf_baseline.hf_generate_throughput, model, prompts,
                                            args.output_len, pad_token_id=model.config.pad_token_id or 0)
                 hf_baseline.free_model(model)
-                del model
+                model = None  # free the GPU memory before the next phase
                 free_memory()
             acc = r.get("accordion", {})
             for hf_name in ("hf_generate_batch", "hf_generate"):
@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
                 if model is not None:
                     r["hf_generate"] = guarded(f"hf decode {shape}", hf_baseline.hf_decode_tok_s, model, p,
                                                args.decode_output_len, pad_token_id=model.config.pad_token_id or 0)
-                    del model
+                    model = None  # free the GPU memory before the next phase
                     free_memory()
                 if r.get("accordion") and r.get("hf_generate"):
                     r["greedy_common_prefix"] = common_prefix(r["accordion"].get("first_output"),

@@ -41,7 +41,7 @@ def _safe_deserializer(cls):
     def deserialize(data: bytes):
         try:
             return cls.FromString(data)
-        except Exception as e:  # DecodeError: malformed bytes or invalid UTF-8 in a string field
+        except Exception:  # DecodeError: malformed bytes or invalid UTF-8 in a string field
             msg = f"request is not a valid {name} (malformed, or invalid UTF-8 in a string field)"
             return _BadMessage(ValueError(msg))
 

@@ -65,16 +65,18 @@ def test_local_engine_client(tiny_path, offline):
     assert asyncio.run(run()) == expect
 
 
-def test_serve_no_ray_sigterm_drains_and_exits_0(tiny_path):
+@pytest.mark.parametrize("mode", [["--no-ray"], ["--esp", "--num-instances", "1"]], ids=["no-ray", "ray-esp"])
+def test_serve_sigterm_drains_and_exits_0(tiny_path, mode):
+    """``accordion serve`` as a real process (in-process engine, or its own local Ray cluster)."""
     from accordion.client import Client
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "accordion.cli", "serve", "--no-ray", "--model", tiny_path, "--port", "0",
+    cmd = [sys.executable, "-m", "accordion.cli", "serve", *mode, "--model", tiny_path, "--port", "0",
            "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-blocks", "64", "--drain-grace", "10"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = ""
-        end = time.monotonic() + 60
+        end = time.monotonic() + 120
         while "serving" not in line:
             assert time.monotonic() < end and proc.poll() is None, line
             line = proc.stdout.readline()
@@ -85,7 +87,7 @@ def test_serve_no_ray_sigterm_drains_and_exits_0(tiny_path):
             proc.send_signal(signal.SIGTERM)
             rest = list(it)
         assert sum(len(ch.token_ids) for ch in [first, *rest]) == 200
-        assert proc.wait(15) == 0
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
