@@ -23,6 +23,7 @@ for step in $steps; do
     serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -12 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;
+    ring) python3 bench/ring_attention.py 2>&1 | tee "$OUT/ring.log" | tail -20 ;;
     profile) python3 bench/profile_steps.py --shape 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log" | tail -12 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
             warm = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + 2)
             r = results["throughput"]
             if not args.skip_accordion:
-                r["accordion"] = guarded("accordion throughput", accordion_throughput, path, prompts, warm[:4], args)
+                r["accordion"] = guarded("accordion throughput", accordion_throughput, path, prompts, warm, args)
             model = None if args.skip_hf else load_hf(path, args, r)
             if model is not None:
                 r["hf_generate_batch"] = guarded("hf generate_batch", hf_baseline.hf_generate_batch_throughput,

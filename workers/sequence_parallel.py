@@ -56,6 +56,9 @@ class RingAttentionBackend(AttentionBackend):
         dev = positions.device
         self.keep_blocks = torch.tensor(keep.block_ids if keep else [0], dtype=torch.long, device=dev)
         self.use_triton = use_triton
+        # built once: a host list -> device tensor copy per call would synchronise the host every layer
+        self.cu_q = torch.tensor([0, self.positions.shape[0]], dtype=torch.int32, device=dev)
+        self.cu_k = torch.tensor([0, pad_to], dtype=torch.int32, device=dev)
 
     def _slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Cache slots of the positions this instance keeps; -1 elsewhere. pos: [N] int32."""
@@ -79,45 +82,54 @@ class RingAttentionBackend(AttentionBackend):
         if bool(sel.any()):
             write_kv_torch(k[sel], v[sel], kv_cache, slots[sel])
 
-    def _attend(self, q, k, v, k_pos):
+    def _attend_triton(self, q, k, v, k_pos, out, lse, prev):
+        """Triton: attention of q over one hop's chunk written into (out, lse), merged in-kernel with prev."""
+        from accordion.kernels.attention import varlen_attention_with_positions
+
+        prev_out, prev_lse = prev if prev is not None else (None, None)
+        return varlen_attention_with_positions(q, k, v, self.positions, k_pos, self.cu_q, self.cu_k, scale=self.scale,
+                                               max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], out=out, lse=lse,
+                                               prev_out=prev_out, prev_lse=prev_lse)
+
+    def _attend_torch(self, q, k, v, k_pos, prev):
         tq, tk = q.shape[0], k.shape[0]
         cu_q = torch.tensor([0, tq], dtype=torch.int32, device=q.device)
         cu_k = torch.tensor([0, tk], dtype=torch.int32, device=q.device)
-        if self.use_triton:
-            from accordion.kernels.attention import varlen_attention_with_positions
-
-            o, lse = varlen_attention_with_positions(q, k, v, self.positions, k_pos, cu_q, cu_k, scale=self.scale,
-                                                     max_seqlen_q=tq, max_seqlen_k=tk)
-            return o.float(), lse
-        return ref_varlen_attention_with_positions(q, k, v, self.positions, k_pos, cu_q, cu_k, scale=self.scale)
-
-    def _merge(self, o1, lse1, o2, lse2):
-        if self.use_triton:
-            from accordion.kernels.attention import merge_attention_states
-
-            return merge_attention_states(o1, lse1, o2, lse2)
-        return ref_merge_attention_states(o1, lse1, o2, lse2)
+        o, s = ref_varlen_attention_with_positions(q, k, v, self.positions, k_pos, cu_q, cu_k, scale=self.scale)
+        return (o, s) if prev is None else ref_merge_attention_states(prev[0], prev[1], o, s)
 
     def forward(self, q, k, v, kv_cache, meta):
-        """q [T, Hq, D]; k, v [T, Hkv, D] of this instance's tokens -> (out [T, Hq, D], lse [T, Hq])."""
+        """q [T, Hq, D]; k, v [T, Hkv, D] of this instance's tokens -> (out [T, Hq, D], lse [T, Hq]).
+
+        Triton: every hop's kernel merges its chunk into the running (out, lse) state itself (fp32 state between
+        hops, the last hop writes q.dtype), so there is no separate merge launch or dtype conversion."""
         t = k.shape[0]
         cur_k = k.new_zeros(self.pad_to, *k.shape[1:])
         cur_v = v.new_zeros(self.pad_to, *v.shape[1:])
         cur_pos = torch.full((self.pad_to,), PAD_POS, dtype=torch.int32, device=k.device)
         cur_k[:t], cur_v[:t], cur_pos[:t] = k, v, self.positions
         self._store(k, v, self.positions, kv_cache)
-        out, lse = None, None
-        for hop in range(self.comm.size):
+        hops = self.comm.size
+        state = None  # (out, lse) over the chunks seen so far
+        if self.use_triton:
+            lse_buf = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+            state_buf = torch.empty(q.shape, dtype=torch.float32, device=q.device) if hops > 1 else None
+        for hop in range(hops):
             reqs, nxt = None, None
-            if hop + 1 < self.comm.size:  # post the next hop before computing on this chunk
+            if hop + 1 < hops:  # post the next hop before computing on this chunk
                 nxt = [torch.empty_like(cur_k), torch.empty_like(cur_v), torch.empty_like(cur_pos)]
                 reqs = self.comm.start([cur_k, cur_v, cur_pos], nxt)
-            o, s = self._attend(q, cur_k, cur_v, cur_pos)
-            out, lse = (o, s) if out is None else self._merge(out, lse, o, s)
+            if self.use_triton:
+                last = hop + 1 == hops
+                out_buf = torch.empty_like(q) if last else state_buf  # fp32 in between, q.dtype at the end
+                state = self._attend_triton(q, cur_k, cur_v, cur_pos, out_buf, lse_buf, state)
+            else:
+                state = self._attend_torch(q, cur_k, cur_v, cur_pos, state)
             if reqs is not None:
                 self.comm.wait(reqs)
                 cur_k, cur_v, cur_pos = nxt
                 self._store(cur_k, cur_v, cur_pos, kv_cache)
+        out, lse = state
         return out.to(q.dtype), lse
 
 

@@ -187,6 +187,157 @@ def test_varlen_multi_sequence_and_rows_without_keys():
     assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0])) and torch.all(out[25:] == 0)
 
 
+PAD = 2**31 - 1
+
+
+def _zigzag(n: int, shards: int, rank: int) -> torch.Tensor:
+    """Zig-zag shard of n tokens (near-equal chunks, as workers.sequence_parallel.zigzag_positions)."""
+    bounds = [round(i * n / (2 * shards)) for i in range(2 * shards + 1)]
+    a, b = rank, 2 * shards - 1 - rank
+    return torch.cat([torch.arange(bounds[a], bounds[a + 1]), torch.arange(bounds[b], bounds[b + 1])]).int()
+
+
+def _padded(pos: torch.Tensor, pad_to: int) -> torch.Tensor:
+    return torch.cat([pos, torch.full((pad_to - pos.numel(),), PAD, dtype=torch.int32)])
+
+
+def _brute_bounds(qp, kp, block_m, block_n):
+    """Expected (full_end, kv_end) of every query tile of one sequence (tight for any positions)."""
+    out = []
+    n_tiles = -(-kp.numel() // block_n)
+    for m0 in range(0, qp.numel(), block_m):
+        rows = qp[m0:m0 + block_m].long()
+        tiles = [kp[t * block_n:(t + 1) * block_n].long() for t in range(n_tiles)]
+        full = 0
+        while full < n_tiles and tiles[full].numel() == block_n and int(tiles[full].max()) <= int(rows.min()):
+            full += 1
+        vis = [t for t in range(n_tiles) if int(tiles[t].min()) <= int(rows.max())]
+        end = max(full, vis[-1] + 1) if vis else full
+        out.append((full * block_n, end * block_n))
+    return out
+
+
+@pytest.mark.parametrize("shards,rank,src", [(1, 0, 0), (2, 0, 0), (2, 1, 0), (2, 0, 1), (4, 1, 1), (4, 2, 0),
+                                             (4, 1, 3), (3, 2, 1)])
+def test_varlen_tile_bounds_zigzag(shards, rank, src):
+    """The pre-pass finds the largest unmasked key prefix and the last visible key tile of every query tile; for
+    zig-zag shards only the key tiles straddling the diagonal are masked."""
+    from accordion.kernels.attention.varlen import varlen_tile_bounds
+
+    dev = device()
+    n, bm, bn = 203, 16, 16
+    pad_to = max(_zigzag(n, shards, r).numel() for r in range(shards)) + 5
+    qp = _zigzag(n, shards, rank)
+    kp = _padded(_zigzag(n, shards, src), pad_to)
+    cu_q = torch.tensor([0, qp.numel()], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, kp.numel()], dtype=torch.int32, device=dev)
+    got = varlen_tile_bounds(qp.to(dev), kp.to(dev), cu_q, cu_k, qp.numel(), bm, bn)[0].cpu()
+    want = _brute_bounds(qp, kp, bm, bn)
+    assert [tuple(r) for r in got.tolist()] == want
+    for (full, end), m0 in zip(want, range(0, qp.numel(), bm)):
+        rows = qp[m0:m0 + bm]
+        straddles = int(rows.max()) - int(rows.min()) >= bm  # a tile spanning both query ranges
+        if not straddles:
+            assert end - full <= 3 * bn  # at most the diagonal tiles (+ the partial last one) are masked
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("shards", [2, 4])
+def test_varlen_zigzag_hops_padded(group, shards):
+    """Every ring hop of a zig-zag split (own shard, earlier rank, later rank) with PAD keys, against the reference;
+    then the in-kernel merge (prev_out / prev_lse, in place) across hops equals full causal attention."""
+    gen, dev = _gen(40 + group + shards), device()
+    n, D = 150, 32
+    q_full = torch.randn(n, HKV * group, D, generator=gen).to(dev)
+    k_full, v_full = (torch.randn(n, HKV, D, generator=gen).to(dev) for _ in range(2))
+    pad_to = max(_zigzag(n, shards, r).numel() for r in range(shards)) + 3
+    all_pos = torch.arange(n, dtype=torch.int32, device=dev)
+    cu_full = torch.tensor([0, n], dtype=torch.int32, device=dev)
+    full, full_lse = ref_varlen_attention_with_positions(q_full, k_full, v_full, all_pos, all_pos, cu_full, cu_full,
+                                                         scale=0.2)
+    for rank in range(shards):
+        qp = _zigzag(n, shards, rank).to(dev)
+        q = q_full[qp.long()]
+        cu_q = torch.tensor([0, qp.numel()], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, pad_to], dtype=torch.int32, device=dev)
+        acc, acc_lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+        for hop in range(shards):
+            src = (rank - hop) % shards
+            real = _zigzag(n, shards, src).to(dev)
+            kp = _padded(real.cpu(), pad_to).to(dev)
+            k = torch.zeros(pad_to, HKV, D, device=dev)
+            v = torch.zeros(pad_to, HKV, D, device=dev)
+            k[:real.numel()], v[:real.numel()] = k_full[real.long()], v_full[real.long()]
+            out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+            varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=0.2, max_seqlen_q=qp.numel(),
+                                            max_seqlen_k=pad_to, out=out, lse=lse)
+            ref, ref_lse = ref_varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=0.2)
+            _close(out, ref, lse, ref_lse)
+            merge = {} if hop == 0 else {"prev_out": acc, "prev_lse": acc_lse}
+            varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=0.2, max_seqlen_q=qp.numel(),
+                                            max_seqlen_k=pad_to, out=acc, lse=acc_lse, **merge)
+        _close(acc, full[qp.long()], acc_lse, full_lse[qp.long()])
+
+
+@pytest.mark.parametrize("case", ["full", "masked", "mixed", "descending", "gappy", "pad_query"])
+def test_varlen_tile_classes(case):
+    """Key tiles fully visible / fully hidden / mixed for whole query tiles, unsorted keys, gaps, GQA 4."""
+    gen, dev = _gen(60 + len(case)), device()
+    tq, tk, D = 37, 53, 64
+    qp = torch.arange(100, 100 + tq)
+    if case == "full":
+        kp = torch.arange(0, tk)  # every key before every query
+    elif case == "masked":
+        kp = torch.arange(200, 200 + tk)  # every key after every query: out 0, lse -inf
+    elif case == "mixed":
+        kp = torch.arange(80, 80 + tk)  # the diagonal crosses the tiles
+    elif case == "descending":
+        kp = torch.arange(150, 150 - tk, -1)
+    elif case == "gappy":
+        kp = torch.cat([torch.arange(0, 20), torch.arange(130, 140), torch.arange(105, 128)])
+        qp = torch.cat([torch.arange(100, 120), torch.arange(300, 317)])
+    else:  # queries at PAD see the PAD keys too (k_pos <= q_pos)
+        kp = torch.cat([torch.arange(0, tk - 5), torch.full((5,), PAD)])
+        qp = torch.cat([torch.arange(100, 100 + tq - 3), torch.full((3,), PAD)])
+    qp, kp = qp.int().to(dev), kp.int().to(dev)
+    q = torch.randn(tq, 8, D, generator=gen).to(dev)
+    k, v = (torch.randn(tk, 2, D, generator=gen).to(dev) for _ in range(2))
+    cq = torch.tensor([0, tq], dtype=torch.int32, device=dev)
+    ck = torch.tensor([0, tk], dtype=torch.int32, device=dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    varlen_attention_with_positions(q, k, v, qp, kp, cq, ck, scale=0.125, max_seqlen_q=tq, max_seqlen_k=tk,
+                                    out=out, lse=lse)
+    ref, ref_lse = ref_varlen_attention_with_positions(q, k, v, qp, kp, cq, ck, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+    if case == "masked":
+        assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+def test_varlen_merge_into_state_skips_empty_sides():
+    """prev_lse -inf rows ignore a NaN prev_out; rows with no visible key keep the previous state exactly."""
+    gen, dev = _gen(70), device()
+    tq, tk, D = 30, 40, 64
+    q = torch.randn(tq, 4, D, generator=gen).to(dev)
+    k, v = (torch.randn(tk, 2, D, generator=gen).to(dev) for _ in range(2))
+    qp = torch.arange(10, 10 + tq).int().to(dev)
+    kp = torch.arange(25, 25 + tk).int().to(dev)  # rows 0..14 see no key
+
+    def c(n):
+        return torch.tensor([0, n], dtype=torch.int32, device=dev)
+
+    prev = torch.randn(tq, 4, D, generator=gen).to(dev)
+    prev_lse = torch.randn(tq, 4, generator=gen).to(dev)
+    prev_lse[20:] = float("-inf")
+    prev[20:] = float("nan")
+    state, state_lse = prev.clone(), prev_lse.clone()
+    varlen_attention_with_positions(q, k, v, qp, kp, c(tq), c(tk), scale=0.125, max_seqlen_q=tq, max_seqlen_k=tk,
+                                    out=state, lse=state_lse, prev_out=state, prev_lse=state_lse)
+    part, part_lse = ref_varlen_attention_with_positions(q, k, v, qp, kp, c(tq), c(tk), scale=0.125)
+    ref, ref_lse = ref_merge_attention_states(torch.nan_to_num(prev), prev_lse, part, part_lse)
+    _close(state, ref, state_lse, ref_lse)
+    torch.testing.assert_close(state[:15], prev[:15], **TOL)
+
+
 @pytest.mark.parametrize("page", [8, 16])
 def test_write_kv_cache(page):
     gen, dev = _gen(8 + page), device()

@@ -96,6 +96,58 @@ def test_varlen_and_merge_gpu():
     assert rel_err(o, ro) < 1e-2 and torch.allclose(ol, rl, atol=1e-3)
 
 
+def _ref_varlen_by_head(q, k, v, qp, kp, cu_q, cu_k, scale):
+    """The fp32 reference one kv head (its GQA group of q heads) at a time: the full score tensor would not fit."""
+    group = q.shape[1] // k.shape[1]
+    parts = [ref_varlen_attention_with_positions(q[:, h * group:(h + 1) * group], k[:, h:h + 1], v[:, h:h + 1],
+                                                 qp, kp, cu_q, cu_k, scale=scale) for h in range(k.shape[1])]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
+def _zigzag_gpu(n, shards, rank):
+    c = n // (2 * shards)
+    a, b = rank * c, (2 * shards - 1 - rank) * c
+    return torch.cat([torch.arange(a, a + c), torch.arange(b, b + c)]).int().to(DEV)
+
+
+@pytest.mark.parametrize("pattern", ["causal", "own", "earlier", "later", "random_keys"])
+def test_varlen_real_sizes_gpu(pattern):
+    """bf16, Llama-3.1-8B heads (32 q / 8 kv, D 128): 8k queries vs 16k keys (causal, zig-zag hops with PAD
+    keys, unsorted keys), against the fp32 reference; then the in-kernel merge into an fp32 state."""
+    gen = torch.Generator().manual_seed(len(pattern) * 31 + ord(pattern[0]))
+    if pattern == "causal":
+        qp = torch.arange(8192, 8192 + 8192, dtype=torch.int32, device=DEV)
+        kp = torch.arange(16384, dtype=torch.int32, device=DEV)
+    elif pattern == "random_keys":
+        qp = torch.randint(0, 16384, (8192,), generator=gen).int().to(DEV)
+        kp = torch.randperm(16384, generator=gen).int().to(DEV)
+    else:  # degree 4 over 32k tokens: 8k local queries (two ranges) vs a 16k chunk of 8k real keys + PAD keys
+        rank, src = {"own": (1, 1), "earlier": (2, 0), "later": (1, 3)}[pattern]
+        qp = _zigzag_gpu(32768, 4, rank)
+        real = _zigzag_gpu(32768, 4, src)
+        kp = torch.full((16384,), 2**31 - 1, dtype=torch.int32, device=DEV)
+        kp[:real.numel()] = real
+    tq, tk = qp.numel(), kp.numel()
+    q = torch.randn(tq, 32, 128, generator=gen).to(BF16).to(DEV)
+    k, v = (torch.randn(tk, 8, 128, generator=gen).to(BF16).to(DEV) for _ in range(2))
+    cu_q = torch.tensor([0, tq], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, tk], dtype=torch.int32, device=DEV)
+    out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
+    varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=128**-0.5, max_seqlen_q=tq, max_seqlen_k=tk,
+                                    out=out, lse=lse)
+    ref, ref_lse = _ref_varlen_by_head(q, k, v, qp, kp, cu_q, cu_k, 128**-0.5)
+    _check(out, lse, ref, ref_lse)
+    if pattern == "later":  # the first query range sees nothing
+        assert torch.isneginf(lse[:4096]).all() and torch.all(out[:4096] == 0)
+    prev = torch.randn(tq, 32, 128, generator=gen).to(DEV)
+    prev_lse = torch.randn(tq, 32, generator=gen).to(DEV)
+    state, state_lse = prev.clone(), prev_lse.clone()
+    varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=128**-0.5, max_seqlen_q=tq, max_seqlen_k=tk,
+                                    out=state, lse=state_lse, prev_out=state, prev_lse=state_lse)
+    want, want_lse = ref_merge_attention_states(prev, prev_lse, ref, ref_lse)
+    _check(state, state_lse, want, want_lse)
+
+
 def test_write_kv_cache_gpu():
     kv = torch.zeros(2, 64, 16, 8, 128, dtype=BF16, device=DEV)
     k, v = (torch.randn(100, 8, 128, device=DEV).to(BF16) for _ in range(2))

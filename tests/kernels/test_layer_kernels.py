@@ -305,7 +305,9 @@ def test_qk_norm_and_rotary_gpu(T):
     oq, ok = poisoned(q.shape, BF16, dev), poisoned(k.shape, BF16, dev)
     rotary_embedding(q, k, rope.cos, rope.sin, pos, out_q=oq, out_k=ok)
     rq, rk = ref_rotary_embedding(q, k, rope.cos, rope.sin, pos)
-    assert torch.equal(oq, rq) and torch.equal(ok, rk)  # same roundings as HF, one op at a time: bit-exact
+    # One fused op vs HF's op-by-op roundings: equal up to about one bf16 ulp (not bit-exact on the H100).
+    _close(oq, rq, BF16_TOL)
+    _close(ok, rk, BF16_TOL)
 
 
 @pytest.mark.gpu
