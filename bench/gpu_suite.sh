@@ -13,6 +13,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/n
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 steps=${*:-tests offline kernels}
+touch /tmp/suite-start
 for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
@@ -28,5 +29,5 @@ for step in $steps; do
     *) echo "unknown step $step" ;;
   esac
 done
-cp bench/results/*.json "$OUT"/ 2>/dev/null || true
+find bench/results -name '*.json' -newer /tmp/suite-start -exec cp {} "$OUT"/ \; 2>/dev/null || true
 echo "=== done ($(date +%T))"
