@@ -92,6 +92,7 @@ def _worker(rank: int, world: int, port: int, path: str, args, results) -> None:
     dist.barrier()
     if rank == 0:
         results.put(None)
+    dist.destroy_process_group()
 
 
 def main() -> None:
