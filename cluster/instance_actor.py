@@ -133,7 +133,16 @@ class InstanceActor:
                 batch = await q.get()
                 if batch is None:
                     return
-                yield batch
+                # Under load the consumer lags: send every step that has piled up as one stream item (one Ray
+                # object per round trip, not per step), with the newest load report.
+                outputs, load = batch
+                while not q.empty():
+                    nxt = q.get_nowait()
+                    if nxt is None:
+                        yield outputs, load
+                        return
+                    outputs, load = outputs + nxt[0], nxt[1]
+                yield outputs, load
         finally:
             self._subscribers.remove(q)
 
