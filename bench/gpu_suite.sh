@@ -18,7 +18,7 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/workers 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
-    offline) python3 bench/offline.py 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
+    offline) python3 bench/offline.py --compare-torch-backend 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -12 ;;

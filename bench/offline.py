@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", choices=["throughput", "decode", "all"], default="all")
     p.add_argument("--shapes", default="1b,8b", help="comma list of 1b,8b (decode phase; throughput uses 1b)")
     p.add_argument("--skip-hf", action="store_true", help="accordion only")
+    p.add_argument("--compare-torch-backend", action="store_true",
+                   help="also run the throughput phase on the torch attention backend")
     p.add_argument("--skip-accordion", action="store_true", help="HF only")
     p.add_argument("--quick", action="store_true", help="tiny-llama, tiny sizes: a smoke run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,11 +103,12 @@ def traffic_per_step(cfg: dict, total_weight_bytes: int, ctx_len: float, itemsiz
 
 
 # --------------------------------------------------------------------------------------------------- accordion
-def make_llm(path: Path, args):
+def make_llm(path: Path, args, **overrides):
     from accordion import LLM
 
-    return LLM(model=str(path), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    kw = dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    return LLM(model=str(path), **{**kw, **overrides})
 
 
 def close_llm(llm) -> None:
@@ -120,10 +123,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def accordion_throughput(path: Path, prompts, warm_prompts, args) -> dict:
+def accordion_throughput(path: Path, prompts, warm_prompts, args, **overrides) -> dict:
     from accordion import SamplingParams
 
-    llm = make_llm(path, args)
+    llm = make_llm(path, args, **overrides)
     try:
         sp = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
         llm.generate(warm_prompts, sp)  # warm-up (other tokens than the timed prompts: no prefix-cache hits)
@@ -232,6 +235,11 @@ def main(argv=None) -> dict:
             r = results["throughput"]
             if not args.skip_accordion:
                 r["accordion"] = guarded("accordion throughput", accordion_throughput, path, prompts, warm, args)
+                if args.compare_torch_backend and args.device.startswith("cuda"):
+                    # The torch attention backend (gather + matmul, not graph-capturable): issue 4's comparison.
+                    r["accordion_torch_backend"] = guarded(
+                        "accordion throughput (torch attention backend)", accordion_throughput, path, prompts, warm,
+                        args, attention_backend="torch", cuda_graphs=False)
             model = None if args.skip_hf else load_hf(path, args, r)
             if model is not None:
                 r["hf_generate_batch"] = guarded("hf generate_batch", hf_baseline.hf_generate_batch_throughput,
