@@ -4,7 +4,7 @@
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 # The device copy has no .git: the caller passes the commit (ACCORDION_COMMIT=$(git rev-parse HEAD) bash ...).
-export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
