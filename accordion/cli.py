@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser("serve", help="serve the gRPC API on a Ray cluster")
         add_serve_args(s)
         s.set_defaults(func=_serve)
+    from accordion.ops import add_profile_args, add_scale_args, profile_main, scale_main
+
+    sc = sub.add_parser("scale", help="add or remove instances of a running cluster (drains removed ones)")
+    add_scale_args(sc)
+    sc.set_defaults(func=scale_main)
+    pr = sub.add_parser("profile", help="measure the sequence-parallel prefill cost model (JSON for --esp-cost-model)")
+    add_profile_args(pr)
+    pr.set_defaults(func=profile_main)
     sub.add_parser("generate", help="stream a completion from a running server (see --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: accordion bench serve --help", add_help=False)
     return p

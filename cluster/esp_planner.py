@@ -44,9 +44,7 @@ class PrefillCostModel:
         coeffs = {}
         for degree, rows in by_degree.items():
             x = np.array([[1.0, sum(ls), sum(v * v for v in ls)] for ls, _ in rows])
-            y = np.array([s for _, s in rows])
-            sol, *_ = np.linalg.lstsq(x, y, rcond=None)
-            coeffs[degree] = tuple(float(v) for v in np.maximum(sol, 0.0))
+            coeffs[degree] = _nonnegative_lstsq(x, np.array([s for _, s in rows]))
         return cls(coeffs)
 
     def save(self, path: str | Path) -> None:
@@ -62,6 +60,23 @@ class PrefillCostModel:
                  a_per_instance: float = 2e-2) -> PrefillCostModel:
         """Ideal 1/sp scaling plus a fixed cost per extra instance, for use before ``accordion profile``."""
         return cls({d: (a + a_per_instance * (d - 1), b / d, c / d) for d in range(1, max_degree + 1)})
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least squares with every coefficient >= 0: with three terms, the best fit over the subsets of terms."""
+    best, best_err = (0.0, 0.0, 0.0), float("inf")
+    for mask in range(1, 8):
+        cols = [i for i in range(3) if mask >> i & 1]
+        sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+        if (sol < 0).any():
+            continue
+        err = float(np.sum((x[:, cols] @ sol - y) ** 2))
+        if err < best_err:
+            full = [0.0, 0.0, 0.0]
+            for i, v in zip(cols, sol):
+                full[i] = float(v)
+            best, best_err = tuple(full), err
+    return best
 
 
 def choose_degree(cost: PrefillCostModel, length: int, available: int, *, min_gain: float = 1.25) -> int:

@@ -139,3 +139,28 @@ def test_degree_8_equals_single_instance(expected_and_prompts):
         cluster.check_idle()
     finally:
         cluster.close()
+
+
+def test_profile_fits_cost_model_and_scale_resizes(expected_and_prompts, tmp_path):
+    """`accordion profile`'s measurement on a live ESP cluster, then `accordion scale` down and up."""
+    from accordion.cluster.esp_planner import PrefillCostModel
+    from accordion.ops import profile_prefill, scale
+
+    path, prompts, expected = expected_and_prompts
+    cluster = ESPCluster(path, 2, cpus_per_instance=0.5)
+    try:
+        samples = cluster.run(profile_prefill(cluster.engine, [32, 96, 160], [1, 2], reps=1, vocab=500))
+        assert {d for d, _, _ in samples} == {1, 2} and all(t > 0 for _, _, t in samples)
+        model = PrefillCostModel.fit(samples)
+        model.save(tmp_path / "cost.json")
+        assert set(PrefillCostModel.load(tmp_path / "cost.json").coeffs) == {1, 2}
+        cluster.check_idle()
+
+        assert scale(cluster.manager, 1, timeout_s=30) == (2, 1)
+        assert len(cluster.run(cluster.manager.ranks.remote())) == 1
+        assert scale(cluster.manager, 2, timeout_s=30) == (1, 2)
+        cluster.run(cluster.engine.wait_for_instances(2, timeout_s=60))
+        cluster.esp.force_degree, cluster.esp.min_prompt_tokens = 2, 16
+        assert cluster.generate(prompts) == expected
+    finally:
+        cluster.close()
