@@ -100,6 +100,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[int]] = {}
         self._req_hashes: dict[str, list[BlockHash]] = {}
+        self._published: dict[str, int] = {}  # how many leading blocks of each request are already published
 
     @property
     def num_blocks(self) -> int:
@@ -169,17 +170,24 @@ class KVCacheManager:
         """Publish hashes of the request's full blocks whose KV has been computed."""
         if not self.pool.enable_prefix_caching:
             return
-        blocks = self.req_blocks.get(request.request_id)
+        rid = request.request_id
+        blocks = self.req_blocks.get(rid)
         if not blocks:
             return
         n_full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        done = self._published.get(rid, 0)
+        if n_full <= done:  # the common decode step: no block filled up
+            return
         hashes = self._hashes(request)
-        for i in range(min(n_full, len(hashes))):
+        n = min(n_full, len(hashes))
+        for i in range(done, n):
             self.pool.publish(blocks[i], hashes[i])
+        self._published[rid] = n
 
     def free(self, request_id: str) -> None:
         blocks = self.req_blocks.pop(request_id, None)
         self._req_hashes.pop(request_id, None)
+        self._published.pop(request_id, None)
         if blocks:
             self.pool.release(blocks)
 
