@@ -45,6 +45,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="engine instances (default: one per GPU, else 1 CPU instance)")
     c.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     c.add_argument("--no-ray", action="store_true", help="one engine in this process, no Ray")
+    c.add_argument("--auto-grow", action="store_true",
+                   help="add an instance whenever a GPU frees up or a GPU node joins (Ray autoscaler, KubeRay)")
     c.add_argument("--cpu-threads", type=int, default=1, help="torch threads per CPU instance")
     sp = p.add_argument_group("elastic sequence parallelism")
     sp.add_argument("--esp", action="store_true", help="prefill long prompts across several instances")
@@ -108,7 +110,7 @@ async def _serve_ray(args: argparse.Namespace, ec: EngineConfig, gcfg: GrpcServe
     esp = ESPConfig(enabled=args.esp, min_prompt_tokens=args.esp_min_tokens, max_degree=args.esp_max_degree,
                     force_degree=args.esp_force_degree, cost_model_path=args.esp_cost_model)
     cc = ClusterConfig(engine=ec, esp=esp, gpus_per_instance=1.0 if gpus else 0.0,
-                       cpu_threads_per_instance=args.cpu_threads)
+                       cpu_threads_per_instance=args.cpu_threads, auto_grow=args.auto_grow)
     manager = start_manager(cc)
     engine = None
     try:

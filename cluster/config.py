@@ -167,6 +167,9 @@ class ClusterConfig:
     """``torch.set_num_threads`` inside a CPU instance."""
     health_check_interval_s: float = 5.0
     """How often the manager pings every instance's ``load()``."""
+    auto_grow: bool = False
+    """Add an instance whenever the Ray cluster has free resources for one (GPU instances only): the pool grows
+    as the Ray autoscaler (or KubeRay) adds GPU nodes."""
     health_check_timeout_s: float = 10.0
     """A ping slower than this marks the instance dead."""
     drain_timeout_s: float = 30.0

@@ -245,6 +245,22 @@ class GlobalManager:
             await asyncio.sleep(self.config.health_check_interval_s)
             live = [r for r in self._instances.values() if r.state in (InstanceState.SERVING,)]
             await asyncio.gather(*(self._ping(r) for r in live))
+            if self.config.auto_grow:
+                await self._grow()
+
+    async def _grow(self) -> None:
+        """Turn free cluster capacity (new GPU nodes) into instances, one at a time."""
+        import ray
+
+        need = self.config.gpus_per_instance
+        if need <= 0 or any(r.state == InstanceState.STARTING for r in self._instances.values()):
+            return
+        if ray.available_resources().get("GPU", 0.0) + 1e-9 >= need:
+            logger.info("free GPU capacity found: adding an instance")
+            try:
+                await self.add_instance()
+            except Exception as e:  # a failed start is logged and retried at the next check
+                logger.warning("auto-grow failed: %s", e)
 
 
 def start_manager(config: ClusterConfig, worker_cls: str | None = None):
