@@ -91,13 +91,16 @@ class LLM:
         results: list[RequestOutput] = []
         by_engine_id: dict[str, tuple[RequestOutput, int]] = {}
         eos = tuple(self.tokenizer.eos_token_ids)
-        for i, (prompt, sp) in enumerate(items):
-            text = prompt if isinstance(prompt, str) else None
+        prepared = []
+        for prompt, sp in items:  # validate everything before queueing anything: all or nothing
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             if not ids:
                 raise RequestValidationError("prompt", "prompt is empty")
             if sp.max_tokens is None:
                 sp = SamplingParams(**{**sp.__dict__, "max_tokens": max(1, self.instance.max_model_len - len(ids))})
+            self.scheduler.check_fits(len(ids), sp.max_tokens)
+            prepared.append((prompt if isinstance(prompt, str) else None, ids, sp))
+        for i, (text, ids, sp) in enumerate(prepared):
             rid = str(next(self._ids))
             ro = RequestOutput(rid, text, ids, [CompletionOutput(j, "", []) for j in range(sp.n)])
             results.append(ro)

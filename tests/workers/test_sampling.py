@@ -123,4 +123,6 @@ def test_request_that_can_never_fit_is_rejected(tiny_ckpt):
         llm.generate([list(range(5, 40))], SamplingParams(max_tokens=10))
     with pytest.raises(RequestTooLargeError):
         llm.generate([list(range(5, 5 + 300))], SamplingParams(max_tokens=1))
+    with pytest.raises(RequestTooLargeError):  # all or nothing: the good prompt is not left queued
+        llm.generate([[5, 6, 7], list(range(5, 40))], SamplingParams(max_tokens=10))
     assert_idle_blocks_free(llm)
