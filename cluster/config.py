@@ -82,6 +82,8 @@ class SchedulerConfig:
     """Most requests queued; beyond it new requests are refused (RESOURCE_EXHAUSTED)."""
     policy: Literal["fcfs", "priority"] = "fcfs"
     """Admission order: arrival, or (priority, arrival)."""
+    async_scheduling: bool = True
+    """In steady-state greedy decoding, launch the next step before reading back the current step's tokens."""
 
     def __post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)

@@ -1,8 +1,13 @@
 """The engine loop: schedule, execute, update.
 
-``EngineCore`` runs one instance's steps synchronously; the executor (a model runner in this process, or a
-remote worker) is injected, so tests can plug in a fake. Thread-safety is the caller's job: the async wrappers
-(``local_engine``, the instance actor) feed requests and aborts through a queue drained between steps.
+``EngineCore`` runs one instance's steps; the executor (a model runner in this process, or a remote worker) is
+injected, so tests can plug in a fake. Thread-safety is the caller's job: the async wrappers (``local_engine``,
+the instance actor) feed requests and aborts through a queue drained between steps.
+
+Async scheduling (executors with ``launch``/``wait``): in steady-state decoding the next step is scheduled and
+launched before the current step's tokens are read back, so the host's bookkeeping overlaps the device's work::
+
+    step k:   launch(k+1 from k's device tokens) | wait(k) | update(k) -> outputs of k
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ class Executor(Protocol):
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, executor: Executor):
+    def __init__(self, scheduler: Scheduler, executor: Executor, *, async_scheduling: bool = True):
         self.scheduler = scheduler
         self.executor = executor
+        self.async_scheduling = async_scheduling and hasattr(executor, "launch")
+        self._inflight: tuple[StepPlan, object] | None = None  # launched, tokens not read back yet
+        self.num_lookahead_steps = 0
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -31,10 +39,12 @@ class EngineCore:
         return self.scheduler.abort(request_ids)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._inflight is not None or self.scheduler.has_unfinished()
 
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, and make output."""
+        if self.async_scheduling:
+            return self._step_async()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if plan.finished_request_ids:  # let the worker forget aborted requests even when idle
@@ -42,3 +52,21 @@ class EngineCore:
             return []
         result = self.executor.execute(plan)
         return self.scheduler.update(plan, result)
+
+    def _step_async(self) -> list[EngineOutput]:
+        ex = self.executor
+        if self._inflight is None:
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                if plan.finished_request_ids:
+                    ex.execute(plan)
+                return []
+            self._inflight = (plan, ex.launch(plan))
+        plan, pending = self._inflight
+        self._inflight = None
+        if ex.can_lookahead(pending):
+            nxt = self.scheduler.schedule_lookahead(plan)
+            if nxt is not None:
+                self._inflight = (nxt, ex.launch(nxt, prev=pending))
+                self.num_lookahead_steps += 1
+        return self.scheduler.update(plan, ex.wait(pending))

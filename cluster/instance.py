@@ -38,7 +38,7 @@ class EngineInstance:
         self.max_model_len = config.model.resolved_max_model_len()
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks=self.num_blocks,
                                    max_model_len=self.max_model_len)
-        self.core = EngineCore(self.scheduler, self.worker)
+        self.core = EngineCore(self.scheduler, self.worker, async_scheduling=config.scheduler.async_scheduling)
         self.rank: int | None = None
         logger.info("engine instance ready: %d KV blocks, max_model_len %d", self.num_blocks, self.max_model_len)
 

@@ -235,6 +235,38 @@ class Scheduler:
             out.timings = RequestTimings(start - req.arrival_time, first - start, req.finish_time - first)
         return out
 
+    def schedule_lookahead(self, inflight: StepPlan) -> StepPlan | None:
+        """The next decode step of the requests of ``inflight`` (a decode-only step whose sampled tokens are not
+        known yet), assuming each continues; None when that is not the whole next step.
+
+        Async scheduling: the runner launches this step from the in-flight step's tokens on the device, before
+        they are read back. A request that then turns out finished has its row computed in vain (and ignored).
+        Only the steady state qualifies: nothing waiting, every running request in ``inflight``, no request near
+        its length limit, and blocks for every row without preempting anyone.
+        """
+        if self.waiting or inflight.num_decodes != len(inflight.chunks) or not inflight.chunks:
+            return None
+        rows = [self.requests.get(c.request_id) for c in inflight.chunks]
+        if any(r is None or r.status != RequestStatus.RUNNING for r in rows) or len(rows) != len(self.running):
+            return None
+        if any(len(r.output_token_ids) + 2 > r.max_tokens or r.num_tokens + 2 > self.max_model_len for r in rows):
+            return None
+        bs = self.kv.block_size
+        held = self.kv.req_blocks
+        need = sum(1 for r in rows if r.num_computed_tokens + 1 > len(held.get(r.request_id, ())) * bs)
+        if need > self.kv.num_free_blocks:  # all or nothing: a block taken here must reach the worker in a plan
+            return None
+        chunks = []
+        for req in rows:
+            new_blocks = self.kv.allocate(req, req.num_computed_tokens + 1)
+            assert new_blocks is not None
+            chunks.append(ScheduledChunk(req.request_id, req.num_computed_tokens, 1, True, new_blocks))
+        for req in rows:
+            req.num_computed_tokens += 1
+        self._step_id += 1
+        forget, self._forget = self._forget, []
+        return StepPlan(self._step_id, [], chunks, forget, len(chunks))
+
     # ------------------------------------------------------------------ sequence parallelism
     def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Blocks for ``num_tokens`` of a request prefilled across instances; None if they do not fit."""

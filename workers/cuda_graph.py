@@ -16,7 +16,7 @@ import torch
 
 from accordion.cluster.plan import StepPlan
 from accordion.workers.attention import AttentionMetadata
-from accordion.workers.input_batch import StepInputs
+from accordion.workers.input_batch import StepInputs, inject_prev_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,11 @@ class DecodeGraphs:
         return (plan.num_decodes == n and 0 < n <= self.sizes[-1] and inp.block_table.shape[1] <= self.max_blocks
                 and len(inp.sampled_ids) == n)
 
-    def run(self, inp: StepInputs) -> torch.Tensor:
-        """Replay the graph for a decode step of B rows; returns hidden states [B, hidden]."""
+    def run(self, inp: StepInputs, inject=None) -> torch.Tensor:
+        """Replay the graph for a decode step of B rows; returns hidden states [B, hidden].
+
+        ``inject`` = (prev_rows [B] host int64, prev_tokens device tensor): input tokens taken on the device from
+        the previous step's samples (async scheduling)."""
         b = len(inp.input_ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, b)]
         w = inp.block_table.shape[1]
@@ -86,9 +89,13 @@ class DecodeGraphs:
         def padded(src: np.ndarray, fill: int) -> np.ndarray:
             return np.concatenate([src, np.full(pad, fill, dtype=src.dtype)]) if pad else src
 
-        ids, pos, slots, lens, table = self.runner.stager.stage([
-            padded(inp.input_ids, 0), padded(inp.positions, 0), padded(inp.slot_mapping, -1),
-            padded(inp.seq_lens, 0), inp.block_table])
+        arrays = [padded(inp.input_ids, 0), padded(inp.positions, 0), padded(inp.slot_mapping, -1),
+                  padded(inp.seq_lens, 0), inp.block_table]
+        if inject is not None:
+            arrays.append(padded(inject[0], -1))
+        ids, pos, slots, lens, table, *rows = self.runner.stager.stage(arrays)
+        if inject is not None:  # input tokens sampled by the previous step, still on the device
+            ids = inject_prev_tokens(ids, rows[0], inject[1])
         self.input_ids[:bs].copy_(ids)
         self.positions[:bs].copy_(pos)
         self.slots[:bs].copy_(slots)

@@ -51,6 +51,9 @@ class StepInputs:
     sampled_ids: list[str]  # [S] request ids
     sample_rows: list[SampleRow]
     num_decodes: int
+    prev_rows: np.ndarray | None = None
+    """[T] int64 (async scheduling): for each token, the row of the previous step's sampled tokens that is its
+    input (the token is not on the host yet), or -1 when ``input_ids`` holds it."""
 
 
 class InputBatch:
@@ -73,22 +76,34 @@ class InputBatch:
         for rid, tok in sampled.items():
             self.states[rid].output_token_ids.append(tok)
 
-    def prepare(self, plan: StepPlan) -> StepInputs:
+    def prepare(self, plan: StepPlan, pending: dict[str, int] | None = None) -> StepInputs:
+        """Lay the step out flat. ``pending`` maps request id -> row of the previous step's sampled tokens that
+        are not recorded yet (async scheduling); their positions take the token from the device."""
         bs = self.block_size
         ids, pos, slots, rows_blocks = [], [], [], []
+        prev_rows: list[int] | None = [] if pending else None
         seq_lens, qsl = [], [0]
         logits_idx, sampled_ids, sample_rows = [], [], []
         for chunk in plan.chunks:
             st = self.states[chunk.request_id]
             start, end = chunk.start, chunk.start + chunk.num_tokens
             if chunk.num_tokens == 1:  # decode rows: plain ints, no per-row numpy work
-                ids.append([st.token(start)])
+                known = len(st.prompt_token_ids) + len(st.output_token_ids)
+                unknown = start == known
+                if start > known or (unknown and (pending is None or chunk.request_id not in pending)):
+                    raise RuntimeError(f"request {chunk.request_id}: input token at {start} is not known "
+                                       f"({known} known, pending={pending is not None and chunk.request_id in pending})")
+                ids.append([0 if unknown else st.token(start)])
+                if prev_rows is not None:
+                    prev_rows.append(pending[chunk.request_id] if unknown else -1)
                 pos.append([start])
                 slots.append([st.block_ids[start // bs] * bs + start % bs])
             else:
                 p = np.arange(start, end, dtype=np.int64)
                 blocks = np.asarray(st.block_ids, dtype=np.int64)
                 ids.append(np.asarray(st.tokens(start, end), dtype=np.int64))
+                if prev_rows is not None:
+                    prev_rows.extend([-1] * chunk.num_tokens)
                 pos.append(p)
                 slots.append(blocks[p // bs] * bs + p % bs)
             rows_blocks.append(st.block_ids)
@@ -106,19 +121,21 @@ class InputBatch:
         cat = (lambda xs: np.concatenate(xs).astype(np.int64, copy=False) if xs else np.zeros(0, dtype=np.int64))
         return StepInputs(cat(ids), cat(pos), cat(slots), table, np.asarray(seq_lens, dtype=np.int32),
                           np.asarray(qsl, dtype=np.int32), np.asarray(logits_idx, dtype=np.int64), sampled_ids,
-                          sample_rows, plan.num_decodes)
+                          sample_rows, plan.num_decodes,
+                          None if prev_rows is None else np.asarray(prev_rows, dtype=np.int64))
 
 
 class HostStager:
-    """Moves a step's integer arrays to the device in ONE copy through a reused pinned buffer.
+    """Moves a step's integer arrays to the device in ONE copy through reused pinned buffers.
 
-    The buffer is overwritten at the next step; by then the step's sampled tokens have been read back, which
-    orders the previous copy before the overwrite.
+    Two buffers alternate: with async scheduling one launched step may still be waiting for its copy while the
+    next step is staged; the step before that has been read back, so its buffer is free again.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._host = torch.empty(0, dtype=torch.int64)
+        self._hosts = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self._turn = 0
 
     def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Each array (any int dtype, any shape) -> an int64 device tensor of the same shape."""
@@ -126,16 +143,25 @@ class HostStager:
         total = sum(sizes)
         if self.device.type != "cuda":
             return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays]
-        if self._host.numel() < total:
-            self._host = torch.empty(max(total, 2 * self._host.numel(), 4096), dtype=torch.int64).pin_memory()
-        host = self._host[:total].numpy()
+        self._turn ^= 1
+        if self._hosts[self._turn].numel() < total:
+            n = max(total, 2 * self._hosts[self._turn].numel(), 4096)
+            self._hosts[self._turn] = torch.empty(n, dtype=torch.int64).pin_memory()
+        buf = self._hosts[self._turn]
+        host = buf[:total].numpy()
         off = 0
         for a, n in zip(arrays, sizes):
             host[off:off + n] = a.reshape(-1)
             off += n
-        dev = self._host[:total].to(self.device, non_blocking=True)
+        dev = buf[:total].to(self.device, non_blocking=True)
         out, off = [], 0
         for a, n in zip(arrays, sizes):
             out.append(dev[off:off + n].view(a.shape))
             off += n
         return out
+
+
+def inject_prev_tokens(ids: torch.Tensor, prev_rows: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+    """ids [T] with the positions marked in prev_rows [T] (-1: keep) taken from prev_tokens [S], on the device."""
+    take = prev_rows >= 0
+    return torch.where(take, prev_tokens[prev_rows.clamp(min=0)], ids)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from accordion.cluster.config import EngineConfig
 from accordion.cluster.plan import StepPlan, StepResult
 from accordion.workers.arch import ArchConfig
 from accordion.workers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from accordion.workers.input_batch import HostStager, InputBatch, StepInputs
+from accordion.workers.input_batch import HostStager, InputBatch, StepInputs, inject_prev_tokens
 from accordion.workers.loader import load_model
 from accordion.workers.sampler import Sampler
 
@@ -133,8 +134,10 @@ class ModelRunner:
             self.graphs.capture()
 
     # ------------------------------------------------------------------ steps
-    def build_metadata(self, inp: StepInputs) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention metadata plus (input_ids, positions, logits_indices), moved in one host-to-device copy."""
+    def build_metadata(self, inp: StepInputs, prev_tokens: torch.Tensor | None = None
+                       ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention metadata plus (input_ids, positions, logits_indices), moved in one host-to-device copy.
+        With ``prev_tokens`` (async scheduling), input ids marked in ``inp.prev_rows`` are taken from it."""
         seq_lens = inp.seq_lens.tolist()
         q_lens = np.diff(inp.query_start_loc).tolist()
         nd = inp.num_decodes
@@ -143,7 +146,11 @@ class ModelRunner:
         has_prefill = len(seq_lens) > nd
         if has_prefill:
             arrays.append(inp.query_start_loc[nd:] - inp.query_start_loc[nd])
+        if prev_tokens is not None:
+            arrays.append(inp.prev_rows)
         ids, pos, logits_idx, slots, table, lens, qsl, *rest = self.stager.stage(arrays)
+        if prev_tokens is not None:
+            ids = inject_prev_tokens(ids, rest.pop(), prev_tokens)
         meta = AttentionMetadata(
             num_decodes=nd,
             slot_mapping=slots,
@@ -158,23 +165,58 @@ class ModelRunner:
         )
         return meta, ids, pos, logits_idx
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.wait(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, prev: PendingStep | None = None) -> PendingStep:
+        """Run the step. Plain greedy steps return with their tokens still on the device (``wait`` reads them);
+        with ``prev``, inputs not yet known on the host are taken from ``prev``'s device tokens."""
         self.batch.apply(plan)
         if plan.is_empty:
-            return StepResult(plan.step_id, {})
-        inp = self.batch.prepare(plan)
+            return PendingStep(plan.step_id, [], result=StepResult(plan.step_id, {}))
+        pending = None
+        if prev is not None and prev.tokens is not None:
+            pending = {rid: i for i, rid in enumerate(prev.sampled_ids)}
+        inp = self.batch.prepare(plan, pending)
+        inject = None if inp.prev_rows is None else (inp.prev_rows, prev.tokens)
         if self.graphs is not None and self.graphs.can_run(plan, inp):
-            hidden = self.graphs.run(inp)
+            hidden = self.graphs.run(inp, inject)
         else:
-            meta, ids, pos, logits_idx = self.build_metadata(inp)
+            meta, ids, pos, logits_idx = self.build_metadata(inp, None if inject is None else inject[1])
             hidden = self.model(ids, pos, self.kv_caches, self.backend, meta)
             hidden = hidden[logits_idx]
         if not inp.sampled_ids:
-            return StepResult(plan.step_id, {})
+            return PendingStep(plan.step_id, [], result=StepResult(plan.step_id, {}))
         logits = self.model.compute_logits(hidden)
+        if Sampler.plain_greedy(inp.sample_rows):
+            return PendingStep(plan.step_id, inp.sampled_ids, tokens=logits.argmax(dim=-1))
         tokens, logprobs = self.sampler(logits, inp.sample_rows)
         sampled = dict(zip(inp.sampled_ids, tokens))
         self.batch.record_sampled(sampled)
         lps = {rid: lp for rid, lp in zip(inp.sampled_ids, logprobs) if lp is not None}
-        return StepResult(plan.step_id, sampled, lps)
+        return PendingStep(plan.step_id, inp.sampled_ids, result=StepResult(plan.step_id, sampled, lps))
+
+    def wait(self, step: PendingStep) -> StepResult:
+        """The step's result; reads device tokens back (the only host sync of a plain greedy step)."""
+        if step.result is None:
+            sampled = dict(zip(step.sampled_ids, step.tokens.tolist()))
+            self.batch.record_sampled(sampled)
+            step.result = StepResult(step.step_id, sampled)
+        return step.result
+
+    @staticmethod
+    def can_lookahead(step: PendingStep) -> bool:
+        """Whether the next step may be launched from this one's device tokens."""
+        return step.tokens is not None and step.result is None
+
+
+@dataclass
+class PendingStep:
+    """A launched step: its result, or (plain greedy) its sampled tokens still on the device."""
+
+    step_id: int
+    sampled_ids: list[str]
+    tokens: torch.Tensor | None = None
+    """[S] int64 on the device, row i for ``sampled_ids[i]``."""
+    result: StepResult | None = None

@@ -37,11 +37,18 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    @staticmethod
+    def plain_greedy(rows: list[SampleRow]) -> bool:
+        """Every row is greedy with no penalties, logprobs or min_tokens: the token is argmax(logits), on the
+        device, and needs nothing from the host (what async scheduling relies on)."""
+        return all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
+                   and r.params.min_tokens == 0 for r in rows)
+
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits: [S, V] float32 -> (token per row, logprobs per row or None)."""
         S, V = logits.shape
         params = [r.params for r in rows]
-        if all(p.greedy and p.logprobs is None and not p.needs_penalties and p.min_tokens == 0 for p in params):
+        if self.plain_greedy(rows):
             return logits.argmax(dim=-1).tolist(), [None] * S  # the common greedy case: one kernel, one sync
         want_lp = [p.logprobs for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_lp) else None

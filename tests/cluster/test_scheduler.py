@@ -147,3 +147,22 @@ def test_resumed_request_keeps_its_outputs():
     assert per == {"a": [7] * 8, "b": [7] * 8}
     assert s.num_preemptions > 0
     assert RequestStatus.FINISHED_LENGTH.finished
+
+
+def test_lookahead_is_all_or_nothing_when_blocks_run_out():
+    """A lookahead step that cannot get a block for every row takes none (its blocks would never reach the worker)."""
+    s = make_scheduler(budget=64, num_blocks=5, block_size=4)
+    s.add_request(make_request("a", 4, max_tokens=16, t=0))
+    s.add_request(make_request("b", 4, max_tokens=16, t=1, first=100))
+    plan = s.schedule()  # both prompts: one block each, full
+    s.update(plan, StepResult(plan.step_id, {"a": 7, "b": 7}))
+    plan = s.schedule()  # decodes at position 4: a second block each (4 of 5 used)
+    s.update(plan, StepResult(plan.step_id, {"a": 7, "b": 7}))
+    for _ in range(3):  # positions 5..7 fit in the second blocks
+        plan = s.schedule_lookahead(plan)
+        assert plan is not None
+        s.update(plan, StepResult(plan.step_id, {"a": 7, "b": 7}))
+    free = s.kv.num_free_blocks
+    assert s.schedule_lookahead(plan) is None  # position 8 needs 2 blocks, 1 is free
+    assert s.kv.num_free_blocks == free
+    s.check_invariants()

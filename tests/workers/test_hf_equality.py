@@ -67,6 +67,27 @@ def test_chunked_prefill_preemption_and_prefix_cache_equal_hf(tiny_ckpt, preset)
     assert_idle_blocks_free(llm)
 
 
+def test_async_scheduling_changes_nothing_but_overlaps(tiny_ckpt):
+    """Lookahead steps (launched from the previous step's device tokens) give the same tokens, including when
+    requests stop on EOS or stop ids mid-flight (the speculative row is dropped) and when one is aborted."""
+    path = tiny_ckpt("tiny-llama")
+    prompts = random_prompts(6, [3, 17, 40, 9, 64, 1], 500, seed=5)
+    params = [SamplingParams(max_tokens=20, temperature=0.0), SamplingParams(max_tokens=7, temperature=0.0),
+              SamplingParams(max_tokens=12, temperature=0.0)] * 2
+    sync = LLM(path, device="cpu", block_size=4, max_model_len=256)
+    sync.config.scheduler.async_scheduling = False
+    sync.instance.core.async_scheduling = False
+    lookahead = LLM(path, device="cpu", block_size=4, max_model_len=256)
+    a = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in sync.generate(prompts, params)]
+    b = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in lookahead.generate(prompts, params)]
+    assert a == b
+    assert sync.instance.core.num_lookahead_steps == 0 and lookahead.instance.core.num_lookahead_steps > 0
+    stop_at = a[0][0][5]
+    c = lookahead.generate(prompts[:1], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_at]))
+    assert c[0].outputs[0].token_ids == a[0][0][: a[0][0].index(stop_at) + 1]
+    assert_idle_blocks_free(lookahead)
+
+
 def test_repetition_penalty_equals_hf(tiny_ckpt):
     from transformers import AutoModelForCausalLM
 
