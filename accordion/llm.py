@@ -37,6 +37,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
+        async_scheduling: bool = False,
         seed: int = 0,
     ):
         path = resolve_model(model)
@@ -45,7 +46,7 @@ class LLM:
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
                               gpu_memory_utilization=gpu_memory_utilization, cpu_kv_bytes=cpu_kv_bytes),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      policy=scheduling_policy),
+                                      policy=scheduling_policy, async_scheduling=async_scheduling),
             device=DeviceConfig(device=device, attention_backend=attention_backend, cuda_graphs=cuda_graphs),
         )
         self.tokenizer = Tokenizer(path)

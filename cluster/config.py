@@ -82,8 +82,10 @@ class SchedulerConfig:
     """Most requests queued; beyond it new requests are refused (RESOURCE_EXHAUSTED)."""
     policy: Literal["fcfs", "priority"] = "fcfs"
     """Admission order: arrival, or (priority, arrival)."""
-    async_scheduling: bool = True
-    """In steady-state greedy decoding, launch the next step before reading back the current step's tokens."""
+    async_scheduling: bool = False
+    """In steady-state greedy decoding, launch the next step before reading back the current step's tokens.
+    Off by default: on an H100 it has not beaten the synchronous loop yet and slowed the Ray serving path
+    (bench/results/experiments/)."""
 
     def __post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)

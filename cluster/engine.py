@@ -25,7 +25,7 @@ class Executor(Protocol):
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, executor: Executor, *, async_scheduling: bool = True):
+    def __init__(self, scheduler: Scheduler, executor: Executor, *, async_scheduling: bool = False):
         self.scheduler = scheduler
         self.executor = executor
         self.async_scheduling = async_scheduling and hasattr(executor, "launch")
