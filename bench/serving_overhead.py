@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
     llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.concurrency,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, async_scheduling=args.async_scheduling)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     llm.generate(warm, params)  # warm-up at full size (Triton compiles), other prompts (no prefix-cache hits)
     t0 = time.perf_counter()
@@ -96,6 +96,8 @@ def start_server(path: str, port: int, args) -> subprocess.Popen:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if not torch.cuda.is_available():
         cmd += ["--device", "cpu"]
+    if args.async_scheduling:
+        cmd += ["--async-scheduling"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     from accordion.client import Client
 
@@ -124,6 +126,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--ttft-requests", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--async-scheduling", action="store_true", help="both paths with async scheduling")
     args = ap.parse_args()
     if args.quick:
         args.shape, args.concurrency, args.input_len, args.output_len, args.ttft_requests = "tiny", 8, 32, 16, 5
