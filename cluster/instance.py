@@ -71,10 +71,19 @@ class EngineInstance:
                 job.placement = [s for s in job.placement if s.rank != self.rank]
             else:
                 mine.block_ids = blocks
-        token = SequenceParallelPrefill(self.worker, self.rank).run(job)
-        if self.rank != job.group[0]:
-            return None
+        master = self.rank == job.group[0]
         prompt_len = len(job.prompt_token_ids)
+        try:
+            token = SequenceParallelPrefill(self.worker, self.rank).run(job)
+        except Exception as e:  # a failed collective: end the request with a clear error, never leave it hanging
+            logger.exception("sequence-parallel prefill of %s failed on rank %s", job.request_id, self.rank)
+            self.scheduler.release_slice(job.request_id)
+            if not master:
+                return None
+            return EngineOutput(job.request_id, [], finish_reason=FinishReason.ERROR, num_prompt_tokens=prompt_len,
+                                error=f"sequence-parallel prefill failed: {type(e).__name__}: {e}")
+        if not master:
+            return None
         if not stored or mine is None or (mine.start, mine.end) != (0, prompt_len):
             self.scheduler.release_slice(job.request_id)
             return EngineOutput(job.request_id, [], finish_reason=FinishReason.ERROR, num_prompt_tokens=prompt_len,

@@ -118,3 +118,23 @@ def test_proactive_scale_down_stores_each_slice(tiny_ckpt):
         want = ref_blocks[a // BLOCK:b // BLOCK]
         for layer, got in enumerate(kv):
             torch.testing.assert_close(torch.from_numpy(got), ref_caches[layer][:, want], rtol=1e-5, atol=1e-5)
+
+
+def test_failed_ring_prefill_ends_the_request_with_an_error(tiny_ckpt, monkeypatch):
+    """A collective that raises must not leave the request hanging: the master reports ERROR and frees its slice."""
+    from accordion.cluster.instance import EngineInstance
+    from accordion.workers import sequence_parallel
+
+    inst = EngineInstance(engine_config(tiny_ckpt("tiny-llama")))
+    inst.rank = 0
+
+    def broken(self, job):
+        raise RuntimeError("peer went away")
+
+    monkeypatch.setattr(sequence_parallel.SequenceParallelPrefill, "run", broken)
+    prompt = random_prompts(1, [20], 500, seed=23)[0]
+    job = SPPrefillJob(0, "req", prompt, PARAMS, (), [0, 1], [KVSlice(0, 0, len(prompt), [])])
+    out = inst.run_sp_prefill(job, Request(request_id="req", prompt_token_ids=prompt, sampling_params=PARAMS))
+    assert str(out.finish_reason) == "error" and "peer went away" in out.error
+    inst.scheduler.check_invariants()
+    assert inst.scheduler.kv.num_free_blocks == inst.scheduler.kv.num_blocks
