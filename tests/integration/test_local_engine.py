@@ -92,3 +92,44 @@ def test_serve_sigterm_drains_and_exits_0(tiny_path, mode):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_full_queue_is_resource_exhausted_with_retry_hint_then_recovers(tiny_path):
+    """A real engine whose waiting queue holds one request: extra requests get RESOURCE_EXHAUSTED with a
+    retry-after-ms trailer at once; admitted ones complete, and the server stays healthy."""
+    import dataclasses
+
+    import grpc
+
+    from accordion.client import AsyncClient, ClientError
+    from accordion.cluster.config import SchedulerConfig
+    from accordion.cluster.grpc_server import GrpcServeConfig, build_server
+    from accordion.cluster.local_engine import LocalEngineClient
+
+    ec = dataclasses.replace(engine_config(tiny_path), scheduler=SchedulerConfig(max_num_seqs=1, max_waiting=1))
+
+    async def run():
+        eng = await LocalEngineClient.create(ec)
+        server = build_server(eng, GrpcServeConfig(host="127.0.0.1", port=0, readiness_poll_s=0.05))
+        await server.start()
+        try:
+            async with AsyncClient(f"127.0.0.1:{server.port}", timeout=60, max_retries=0) as c:
+                async def one(i):
+                    try:
+                        r = await c.generate(token_ids=[5, 6, 7], max_tokens=60, temperature=0, ignore_eos=True)
+                        return len(r.token_ids)
+                    except ClientError as e:
+                        return e
+
+                results = await asyncio.gather(*(one(i) for i in range(8)))
+                assert await c.health("accordion.v1.LLMService") == "SERVING"
+            return results
+        finally:
+            await server.stop(0)
+            await eng.close()
+
+    results = asyncio.run(run())
+    refused = [r for r in results if isinstance(r, ClientError)]
+    assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert all(r.retry_after_s is not None and r.retry_after_s > 0 for r in refused)
+    assert [r for r in results if r == 60], "admitted requests complete"
