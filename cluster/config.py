@@ -82,6 +82,9 @@ class SchedulerConfig:
     """Most requests queued; beyond it new requests are refused (RESOURCE_EXHAUSTED)."""
     policy: Literal["fcfs", "priority"] = "fcfs"
     """Admission order: arrival, or (priority, arrival)."""
+    max_out_of_order: int = 0
+    """When the head of the queue cannot get its blocks, admit up to this many later requests that fit past it
+    (LoongServe's bounded out-of-order admission; it uses 10). 0 is strict FCFS."""
     async_scheduling: bool = False
     """In steady-state greedy decoding, launch the next step before reading back the current step's tokens.
     Off by default: on an H100 it has not beaten the synchronous loop yet and slowed the Ray serving path
@@ -91,6 +94,8 @@ class SchedulerConfig:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_waiting", self.max_waiting)
+        if not isinstance(self.max_out_of_order, int) or self.max_out_of_order < 0:
+            raise ValueError(f"max_out_of_order must be a non-negative int, got {self.max_out_of_order!r}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 

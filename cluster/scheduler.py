@@ -6,7 +6,7 @@ Each step spends a token budget (``max_num_batched_tokens``) in this order:
    the lowest-priority running request is preempted (its blocks freed, recomputed later);
 2. running requests whose prefill is only partly done (the next chunk of their prompt);
 3. new requests in admission order (FCFS, or priority then FCFS), while blocks for their whole prompt can be
-   allocated up front and ``max_num_seqs`` allows.
+   allocated up front and ``max_num_seqs`` allows; optionally a bounded number may pass a head that does not fit.
 
 There is no prefill phase or decode phase: a step is whatever the budget buys. The scheduler imports no torch;
 it is tested by constructing it (tests/cluster/test_scheduler.py).
@@ -123,14 +123,20 @@ class Scheduler:
             chunks.append(self._prefill_chunk(req, n, []))
             budget -= n
 
-        # 3. New admissions in key order; head-of-line blocking keeps FCFS fair.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            _, req = self.waiting[0]
+        # 3. New admissions in key order. A request that cannot get its blocks blocks the queue (FCFS), except that
+        #    up to max_out_of_order later requests that fit may pass it (bounded out-of-order admission).
+        i, passed = 0, 0  # passed: requests admitted ahead of a blocked one
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if i > 0 and passed >= self.config.max_out_of_order:
+                break
+            _, req = self.waiting[i]
             cached = self.kv.find_cached_prefix(req)
             blocks = self.kv.allocate(req, req.num_tokens, cached)
             if blocks is None:
-                break
-            self.waiting.pop(0)
+                i += 1
+                continue
+            passed += i > 0
+            self.waiting.pop(i)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = len(cached) * self.kv.block_size
             if req.first_scheduled_time is None:

@@ -166,3 +166,21 @@ def test_lookahead_is_all_or_nothing_when_blocks_run_out():
     assert s.schedule_lookahead(plan) is None  # position 8 needs 2 blocks, 1 is free
     assert s.kv.num_free_blocks == free
     s.check_invariants()
+
+
+def test_bounded_out_of_order_admission():
+    """A big request that does not fit blocks the queue under FCFS; with max_out_of_order=1 exactly one later
+    request that fits passes it, and the big one is admitted first once blocks free up."""
+    for ooo, admitted in [(0, []), (1, ["small1"]), (5, ["small1", "small2"])]:
+        s = make_scheduler(budget=256, num_blocks=10, block_size=4, max_out_of_order=ooo)
+        s.add_request(make_request("hog", 20, max_tokens=4, t=0))           # 5 blocks, running
+        plan = s.schedule()
+        s.update(plan, StepResult(plan.step_id, {"hog": 7}))
+        s.add_request(make_request("big", 24, max_tokens=4, t=1, first=300))   # 6 blocks: does not fit now
+        s.add_request(make_request("small1", 4, max_tokens=4, t=2, first=500))
+        s.add_request(make_request("small2", 4, max_tokens=4, t=3, first=600))
+        plan = s.schedule()
+        new = [n.request_id for n in plan.new_requests]
+        assert new == admitted, (ooo, new)
+        assert s.waiting[0][1].request_id == "big"  # it keeps its place at the head
+        s.check_invariants()
