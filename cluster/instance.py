@@ -51,6 +51,14 @@ class EngineInstance:
         init_instance_group(init_method, world_size, rank, backend=backend)
         self.rank = rank
 
+    def leave_group(self) -> None:
+        """Leave the instances' process group (on shutdown)."""
+        from accordion.workers.parallel import leave_instance_group
+
+        if self.rank is not None:
+            leave_instance_group()
+            self.rank = None
+
     def run_sp_prefill(self, job: SPPrefillJob, request: Request | None = None) -> EngineOutput | None:
         """Run this instance's share of a sequence-parallel prefill.
 

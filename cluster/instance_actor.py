@@ -178,6 +178,10 @@ class InstanceActor:
         self._accepting = False
         if self._engine_loop is not None:
             await asyncio.to_thread(self._engine_loop.stop)
+            try:  # leave the instances' group; a peer that is gone must not keep us here
+                await asyncio.wait_for(asyncio.to_thread(self._instance.leave_group), 10.0)
+            except Exception as e:
+                logger.warning("instance %s: leaving the instance group failed: %s", self.instance_id, e)
         self._publish(None)
         logger.info("instance %s shut down", self.instance_id)
 
