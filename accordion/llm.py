@@ -37,7 +37,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
-        async_scheduling: bool = False,
+        async_scheduling: bool | None = None,
         seed: int = 0,
     ):
         path = resolve_model(model)
@@ -46,7 +46,8 @@ class LLM:
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
                               gpu_memory_utilization=gpu_memory_utilization, cpu_kv_bytes=cpu_kv_bytes),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      policy=scheduling_policy, async_scheduling=async_scheduling),
+                                      policy=scheduling_policy,
+                                      **({} if async_scheduling is None else {"async_scheduling": async_scheduling})),
             device=DeviceConfig(device=device, attention_backend=attention_backend, cuda_graphs=cuda_graphs),
         )
         self.tokenizer = Tokenizer(path)

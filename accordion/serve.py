@@ -65,8 +65,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     e.add_argument("--max-out-of-order", type=int, default=0,
                    help="requests that may be admitted past a queue head that does not fit (0: strict FCFS)")
-    e.add_argument("--async-scheduling", action="store_true",
-                   help="launch the next greedy decode step before reading back the current one (experimental)")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch the next greedy decode step before reading back the current one "
+                        f"(default: {'on' if SchedulerConfig.async_scheduling else 'off'})")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -77,7 +78,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                                  async_scheduling=getattr(args, "async_scheduling", False),
+                                  async_scheduling=(SchedulerConfig.async_scheduling
+                                                    if getattr(args, "async_scheduling", None) is None
+                                                    else args.async_scheduling),
                                   max_out_of_order=getattr(args, "max_out_of_order", 0)),
         device=DeviceConfig(device=args.device),
     )

@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:-$(git r
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "editable install failed"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -19,13 +19,15 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/workers 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
-    offline) python3 bench/offline.py --compare-torch-backend 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
+    offline) python3 bench/offline.py --compare-torch-backend --compare-async 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
-    serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -12 ;;
+    serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -6 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;
     ring) python3 bench/ring_attention.py 2>&1 | tee "$OUT/ring.log" | tail -20 ;;
+    decode-profile) for shape in 8b 1b; do python3 bench/profile_decode.py --shape $shape 2>&1 | grep -v "Loading weights" | tail -4; done ;;
+    serving-sync) python3 bench/serving_overhead.py --no-async-scheduling 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-sync.log" | tail -6 ;;
     profile) python3 bench/profile_steps.py --shape 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log" | tail -12 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-torch-backend", action="store_true",
                    help="also run the throughput phase on the torch attention backend")
     p.add_argument("--skip-accordion", action="store_true", help="HF only")
+    p.add_argument("--compare-async", action="store_true",
+                   help="throughput phase: also run accordion with async scheduling switched the other way")
     p.add_argument("--quick", action="store_true", help="tiny-llama, tiny sizes: a smoke run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
@@ -240,6 +242,13 @@ def main(argv=None) -> dict:
                     r["accordion_torch_backend"] = guarded(
                         "accordion throughput (torch attention backend)", accordion_throughput, path, prompts, warm,
                         args, attention_backend="torch", cuda_graphs=False)
+                if args.compare_async:
+                    from accordion.cluster.config import SchedulerConfig
+
+                    other = not SchedulerConfig().async_scheduling
+                    r[f"accordion_async_{'on' if other else 'off'}"] = guarded(
+                        "accordion throughput (other loop)", accordion_throughput, path, prompts, warm, args,
+                        async_scheduling=other)
             model = None if args.skip_hf else load_hf(path, args, r)
             if model is not None:
                 r["hf_generate_batch"] = guarded("hf generate_batch", hf_baseline.hf_generate_batch_throughput,

@@ -190,7 +190,7 @@ class ModelRunner:
             return PendingStep(plan.step_id, [], result=StepResult(plan.step_id, {}))
         logits = self.model.compute_logits(hidden)
         if Sampler.plain_greedy(inp.sample_rows):
-            return PendingStep(plan.step_id, inp.sampled_ids, tokens=logits.argmax(dim=-1))
+            return PendingStep.enqueue_readback(plan.step_id, inp.sampled_ids, logits.argmax(dim=-1))
         tokens, logprobs = self.sampler(logits, inp.sample_rows)
         sampled = dict(zip(inp.sampled_ids, tokens))
         self.batch.record_sampled(sampled)
@@ -200,7 +200,7 @@ class ModelRunner:
     def wait(self, step: PendingStep) -> StepResult:
         """The step's result; reads device tokens back (the only host sync of a plain greedy step)."""
         if step.result is None:
-            sampled = dict(zip(step.sampled_ids, step.tokens.tolist()))
+            sampled = dict(zip(step.sampled_ids, step.host_tokens()))
             self.batch.record_sampled(sampled)
             step.result = StepResult(step.step_id, sampled)
         return step.result
@@ -220,3 +220,24 @@ class PendingStep:
     tokens: torch.Tensor | None = None
     """[S] int64 on the device, row i for ``sampled_ids[i]``."""
     result: StepResult | None = None
+    _pinned: torch.Tensor | None = None
+    _copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def enqueue_readback(cls, step_id: int, sampled_ids: list[str], tokens: torch.Tensor) -> PendingStep:
+        """A step whose tokens are copied to pinned host memory in stream order, right behind the sampling: a
+        later step launched before :meth:`host_tokens` does not delay the read-back."""
+        step = cls(step_id, sampled_ids, tokens=tokens)
+        if tokens.is_cuda:
+            step._pinned = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            step._pinned.copy_(tokens, non_blocking=True)
+            step._copied = torch.cuda.Event()
+            step._copied.record()
+        return step
+
+    def host_tokens(self) -> list[int]:
+        """The sampled tokens on the host; waits for the copy alone (the GIL is released while waiting)."""
+        if self._copied is None:
+            return self.tokens.tolist()
+        self._copied.synchronize()
+        return self._pinned.tolist()

@@ -74,7 +74,7 @@ def test_async_scheduling_changes_nothing_but_overlaps(tiny_ckpt):
     prompts = random_prompts(6, [3, 17, 40, 9, 64, 1], 500, seed=5)
     params = [SamplingParams(max_tokens=20, temperature=0.0), SamplingParams(max_tokens=7, temperature=0.0),
               SamplingParams(max_tokens=12, temperature=0.0)] * 2
-    sync = LLM(path, device="cpu", block_size=4, max_model_len=256)
+    sync = LLM(path, device="cpu", block_size=4, max_model_len=256, async_scheduling=False)
     lookahead = LLM(path, device="cpu", block_size=4, max_model_len=256, async_scheduling=True)
     a = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in sync.generate(prompts, params)]
     b = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in lookahead.generate(prompts, params)]
