@@ -62,7 +62,38 @@ def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
     return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttfts)}
 
 
-async def served(target: str, warm, prompts, ttft_prompts, args) -> dict:
+def start_py_spy(pid: int, out_path: str):
+    """Sample the server process and its children (Ray workers) for a few seconds, every thread, raw stacks."""
+    cmd = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--threads", "--rate", "250",
+           "--format", "raw", "--duration", "4", "-o", out_path]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    return proc
+
+
+def summarize_py_spy(path: str, top: int = 30) -> list[tuple[str, int]]:
+    """Sample counts per (process, thread, deepest accordion frame or else the leaf), most first.
+
+    Raw format: one ``frame;frame;... count`` line per distinct stack; the first frames name processes (``process
+    PID:"cmd"``) and the thread."""
+    counts: dict[str, int] = {}
+    for line in Path(path).read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        procs = [f for f in frames if f.startswith("process ")]
+        code = [f for f in frames if not f.startswith(("process ", "thread "))]
+        thread = next((f for f in frames if f.startswith("thread ")), "thread ?")
+        cmd = procs[-1].split(":", 1)[-1].strip('"').split() if procs else ["?"]
+        proc = " ".join(c.rsplit("/", 1)[-1] for c in cmd[:3])[:50]
+        ours = [f for f in code if "accordion" in f or "/cluster/" in f or "/workers/" in f]
+        leaf = code[-1] if code else "?"
+        where = f"{ours[-1]} > {leaf}" if ours and ours[-1] != leaf else leaf
+        key = f"[{proc} {thread[:22]}] {where}"
+        counts[key] = counts.get(key, 0) + int(n)
+    return sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+
+
+async def served(target: str, warm, prompts, ttft_prompts, args, server_pid: int = 0) -> dict:
     from accordion.client import AsyncClient
 
     async with AsyncClient(target, timeout=600, max_retries=0) as client:
@@ -76,16 +107,21 @@ async def served(target: str, warm, prompts, ttft_prompts, args) -> dict:
             return first, n, timings
 
         await asyncio.gather(*(one(p, args.output_len) for p in warm))
+        spy = start_py_spy(server_pid, args.py_spy) if args.py_spy else None
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(p, args.output_len) for p in prompts))
         wall = time.perf_counter() - t0
+        if spy is not None:
+            spy.wait(timeout=60)
         low = [await one(p, 1) for p in ttft_prompts]
     n = sum(r[1] for r in results)
+    loaded_ttft = sorted(r[0] for r in results)
     # Server-side split of the low-load TTFT: queue = front end accepted -> first scheduled on the instance
     # (includes the hop to the actor); prefill = first scheduled -> first token sampled.
     queue = [r[2].queue_ms for r in low if r[2] is not None]
     prefill = [r[2].prefill_ms for r in low if r[2] is not None]
     return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(r[0] for r in low),
+            "loaded_ttft_p50_ms": 1e3 * statistics.median(loaded_ttft), "loaded_ttft_max_ms": 1e3 * loaded_ttft[-1],
             "server_queue_p50_ms": statistics.median(queue) if queue else None,
             "server_prefill_p50_ms": statistics.median(prefill) if prefill else None}
 
@@ -96,8 +132,8 @@ def start_server(path: str, port: int, args) -> subprocess.Popen:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if not torch.cuda.is_available():
         cmd += ["--device", "cpu"]
-    if args.async_scheduling:
-        cmd += ["--async-scheduling"]
+    if args.async_scheduling is not None:
+        cmd += ["--async-scheduling" if args.async_scheduling else "--no-async-scheduling"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     from accordion.client import Client
 
@@ -126,7 +162,10 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--ttft-requests", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--async-scheduling", action="store_true", help="both paths with async scheduling")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="both paths with async scheduling on (off); default: the engine's default")
+    ap.add_argument("--py-spy", default=None, metavar="FILE",
+                    help="sample the server (all processes and threads) during the timed run; raw stacks to FILE")
     args = ap.parse_args()
     if args.quick:
         args.shape, args.concurrency, args.input_len, args.output_len, args.ttft_requests = "tiny", 8, 32, 16, 5
@@ -143,10 +182,13 @@ def main() -> None:
     port = free_port()
     proc = start_server(path, port, args)
     try:
-        srv = asyncio.run(served(f"127.0.0.1:{port}", warm, prompts, ttft_prompts, args))
+        srv = asyncio.run(served(f"127.0.0.1:{port}", warm, prompts, ttft_prompts, args, proc.pid))
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+    if args.py_spy and Path(args.py_spy).exists():
+        for frame, n in summarize_py_spy(args.py_spy):
+            print(f"{n:6d}  {frame}")
     ratio = srv["output_tok_s"] / off["output_tok_s"]
     added = srv["ttft_p50_ms"] - off["ttft_p50_ms"]
     write_result("serving-overhead", {"settings": vars(args), "offline": off, "served": srv,
@@ -154,6 +196,8 @@ def main() -> None:
     print_table([["offline LLM", f"{off['output_tok_s']:.0f}", f"{off['ttft_p50_ms']:.2f}"],
                  ["gRPC + Ray", f"{srv['output_tok_s']:.0f}", f"{srv['ttft_p50_ms']:.2f}"]],
                 ["path", "output tok/s", "p50 TTFT ms (low load)"])
+    print(f"loaded TTFT (64 at once): offline -, served p50 {srv['loaded_ttft_p50_ms']:.1f} ms, "
+          f"max {srv['loaded_ttft_max_ms']:.1f} ms")
     print(f"served / offline throughput: {ratio:.3f}; added p50 TTFT: {added:.2f} ms "
           f"(server queue p50 {srv['server_queue_p50_ms']} ms, prefill p50 {srv['server_prefill_p50_ms']} ms)")
 

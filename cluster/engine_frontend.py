@@ -56,6 +56,22 @@ def child_request_id(request_id: str, index: int) -> str:
     return f"{request_id}-{index}"
 
 
+def _coalesce(first: StreamDelta, queue: asyncio.Queue) -> list[StreamDelta]:
+    """``first`` plus whatever else is already queued, consecutive deltas of one completion merged into one.
+
+    Under load the consumer (a gRPC stream) falls behind the engine; merging then sends one message per completion
+    instead of one per engine step, which keeps the front end's per-message cost from capping throughput."""
+    out = [first]
+    while not queue.empty():
+        d = queue.get_nowait()
+        last = next((x for x in reversed(out) if x.index == d.index), None)
+        if last is not None and not last.finished:
+            last.absorb(d)
+        else:
+            out.append(d)
+    return out
+
+
 class RetryElsewhere(Exception):
     """Raised by ``_send``: this route refused the request without running it (draining, gone); try another."""
 
@@ -163,10 +179,10 @@ class EngineFrontend:
             await self._place(stream, requests)
             logger.debug("request %s (n=%d) placed on %s", request_id, len(requests), stream.route)
             while stream.unfinished:
-                delta: StreamDelta = await stream.queue.get()
-                if delta.finished:
-                    stream.unfinished.discard(child_request_id(request_id, delta.index))
-                yield delta
+                for delta in _coalesce(await stream.queue.get(), stream.queue):
+                    if delta.finished:
+                        stream.unfinished.discard(child_request_id(request_id, delta.index))
+                    yield delta
         finally:
             self._close(stream)
 

@@ -84,6 +84,18 @@ class InstanceActor:
     async def add_request(self, request: Request) -> None:
         await self.add_requests([request])
 
+    async def add_request_groups(self, groups: list[list[Request]]) -> list[Exception | None]:
+        """Enqueue several independent submissions in one call (each all or none, like ``add_requests``); the
+        result says, per group, None (accepted) or the typed error that refused it."""
+        results: list[Exception | None] = []
+        for requests in groups:
+            try:
+                await self.add_requests(requests)
+                results.append(None)
+            except Exception as e:
+                results.append(e)
+        return results
+
     async def abort(self, request_ids: list[str]) -> None:
         if self._engine_loop is not None:
             self._engine_loop.abort(request_ids)

@@ -90,6 +90,17 @@ class StreamDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def absorb(self, later: StreamDelta) -> None:
+        """Append ``later`` (the next delta of the same completion) to this one, so a consumer that fell behind
+        gets one message instead of many. Usage and timings are cumulative: the later values win."""
+        self.token_ids.extend(later.token_ids)
+        self.text += later.text
+        if later.logprobs:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.finish_reason, self.matched_stop = later.finish_reason, later.matched_stop
+        self.usage, self.timings = later.usage, later.timings or self.timings
+        self.error = later.error or self.error
+
 
 @dataclass
 class CompletionOutput:

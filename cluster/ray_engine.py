@@ -3,20 +3,23 @@
 The request path is :class:`EngineFrontend`'s. This class adds where requests go: it follows the global manager's
 membership (:meth:`GlobalManager.watch`, a long poll), keeps one pump task per instance that consumes the
 instance's output stream (one ``(outputs, LoadReport)`` batch per engine step) and dispatches it, and routes each
-new request with a :class:`Router` over the latest load reports. No RPC beyond ``add_requests`` (and ``abort``)
-is made per request. An instance whose stream breaks (it died) fails its requests with an ERROR delta.
+new request with a :class:`Router` over the latest load reports. Submissions to one instance are batched: one
+``add_request_groups`` call is in flight per instance and whatever arrives meanwhile rides the next one, so a burst
+of N requests costs a few actor calls, not N. An instance whose stream breaks (it died) fails its requests with an
+ERROR delta.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import accordion
 from accordion.cluster.config import EngineConfig, ESPConfig
 from accordion.cluster.engine_client import InstanceInfo, ServerInfo
 from accordion.cluster.engine_frontend import EngineFrontend, RetryElsewhere, model_info_for
-from accordion.cluster.errors import EngineUnavailableError
+from accordion.cluster.errors import EngineOverloadedError, EngineUnavailableError, RequestValidationError
 from accordion.cluster.esp_planner import PrefillCostModel, choose_degree
 from accordion.cluster.global_manager import InstanceRecord
 from accordion.cluster.instance_actor import unwrap_ray_error
@@ -27,10 +30,49 @@ from accordion.cluster.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+_TYPED_ERRORS = (RequestValidationError, EngineOverloadedError, EngineUnavailableError)
+
 
 def _short(e: BaseException, limit: int = 300) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
     return text[:limit]
+
+
+class SubmitBatcher:
+    """Submissions to one instance: one call in flight; submissions that arrive meanwhile go in the next call.
+
+    ``send(groups)`` returns one ``None`` or exception per group, or raises (then every group of the call fails).
+    """
+
+    def __init__(self, send: Callable[[list[list[Request]]], Awaitable[list[Exception | None]]]):
+        self._send = send
+        self._pending: list[tuple[list[Request], asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, requests: list[Request]) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((requests, fut))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._send([r for r, _ in batch])
+                except Exception as e:
+                    results = [e] * len(batch)
+                for (_, fut), res in zip(batch, results):
+                    if fut.done():  # the submitter was cancelled; its request is aborted by the front end
+                        continue
+                    if res is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(res)
+        finally:
+            self._task = None
 
 
 class RayEngineClient(EngineFrontend):
@@ -57,6 +99,7 @@ class RayEngineClient(EngineFrontend):
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
+        self._batchers: dict[str, SubmitBatcher] = {}
         self.routed: dict[str, int] = {}
         """Requests (not children) routed to each instance since start; for tests and debugging."""
         self._changed = asyncio.Event()
@@ -122,7 +165,10 @@ class RayEngineClient(EngineFrontend):
         iid = rec.instance_id
         reason = "its output stream ended"
         try:
-            gen = rec.handle.outputs.options(num_returns="streaming").remote()
+            # Backpressure of one item: while this loop is busy (the front end lags), the instance merges the steps
+            # that pile up into its next item, and the per-stream deltas merge too (one message per stream per
+            # round, not per step), so the front end's per-message cost never caps the engine.
+            gen = rec.handle.outputs.options(num_returns="streaming", _generator_backpressure_num_objects=1).remote()
             async for ref in gen:
                 outputs, load = await ref
                 self._loads[iid] = load
@@ -208,9 +254,12 @@ class RayEngineClient(EngineFrontend):
         if rec is None:
             raise RetryElsewhere("no longer a member")
         self._sent[route] = self._sent.get(route, 0) + len(requests)
+        batcher = self._batchers.get(route)
+        if batcher is None:
+            batcher = self._batchers[route] = SubmitBatcher(rec.handle.add_request_groups.remote)
         ok = False
         try:
-            await rec.handle.add_requests.remote(requests)
+            await batcher.submit(requests)
             ok = True
         except asyncio.CancelledError:
             raise
@@ -219,7 +268,7 @@ class RayEngineClient(EngineFrontend):
             if isinstance(cause, EngineUnavailableError):
                 self._refused.add(route)  # draining: stop routing there until membership says otherwise
                 raise RetryElsewhere(str(cause)) from None
-            if cause is e:  # not an error the instance raised: the actor is gone
+            if cause is e and not isinstance(e, _TYPED_ERRORS):  # not raised by the instance: the actor is gone
                 raise EngineUnavailableError(f"engine instance {route} is unavailable ({_short(e)})") from None
             raise cause from None
         finally:
