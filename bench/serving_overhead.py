@@ -45,9 +45,13 @@ def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens, async_scheduling=args.async_scheduling)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     llm.generate(warm, params)  # warm-up at full size (Triton compiles), other prompts (no prefix-cache hits)
+    core = llm.instance.core
+    since = core.counters()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t0
+    loop_stats = core.stats(since)
+    print("offline engine loop:", loop_stats)
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = []
     for p in ttft_prompts:
@@ -59,7 +63,8 @@ def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttfts)}
+    return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttfts),
+            "engine_loop": loop_stats}
 
 
 def start_py_spy(pid: int, out_path: str):
@@ -134,7 +139,8 @@ def start_server(path: str, port: int, args) -> subprocess.Popen:
         cmd += ["--device", "cpu"]
     if args.async_scheduling is not None:
         cmd += ["--async-scheduling" if args.async_scheduling else "--no-async-scheduling"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT,
+                            stdout=open(Path(os.environ.get("OUT", tempfile.gettempdir())) / "server.log", "w"))
     from accordion.client import Client
 
     deadline = time.time() + 600
@@ -186,6 +192,11 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+    # The instance's log (Ray worker files; what reaches the driver's console may be cut off by the shutdown).
+    logs = sorted(Path("/tmp/ray/session_latest/logs").glob("worker-*.err"))
+    busy = [ln.split("busy period: ", 1)[1] for f in logs for ln in f.read_text().splitlines() if "busy period: " in ln]
+    srv["engine_loop"] = busy[1] if len(busy) > 1 else None  # warm-up, then the timed run
+    print("served engine loop: ", srv["engine_loop"])
     if args.py_spy and Path(args.py_spy).exists():
         for frame, n in summarize_py_spy(args.py_spy):
             print(f"{n:6d}  {frame}")

@@ -12,6 +12,7 @@ launched before the current step's tokens are read back, so the host's bookkeepi
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from accordion.cluster.outputs import EngineOutput
@@ -31,6 +32,9 @@ class EngineCore:
         self.async_scheduling = async_scheduling and hasattr(executor, "launch")
         self._inflight: tuple[StepPlan, object] | None = None  # launched, tokens not read back yet
         self.num_lookahead_steps = 0
+        self.num_steps = 0
+        self.step_s = 0.0
+        """Steps run and the wall time spent in :meth:`step` (cumulative)."""
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -43,8 +47,25 @@ class EngineCore:
 
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, and make output."""
-        if self.async_scheduling:
-            return self._step_async()
+        t0 = time.perf_counter()
+        try:
+            return self._step_async() if self.async_scheduling else self._step_sync()
+        finally:
+            self.num_steps += 1
+            self.step_s += time.perf_counter() - t0
+
+    def counters(self) -> tuple[int, int, float, float]:
+        """(steps, steps launched ahead, seconds in steps, seconds of it waiting on the device), cumulative."""
+        return (self.num_steps, self.num_lookahead_steps, self.step_s, getattr(self.executor, "device_wait_s", 0.0))
+
+    def stats(self, since: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)) -> str:
+        """One line: steps, time in them, and how much of it the host spent waiting on the device (since an
+        earlier :meth:`counters`)."""
+        steps, ahead, step_s, wait = (a - b for a, b in zip(self.counters(), since))
+        return (f"{steps} steps ({ahead} launched ahead), {step_s:.3f} s in steps "
+                f"({1e3 * step_s / max(steps, 1):.2f} ms each), {wait:.3f} s of it waiting on the device")
+
+    def _step_sync(self) -> list[EngineOutput]:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if plan.finished_request_ids:  # let the worker forget aborted requests even when idle

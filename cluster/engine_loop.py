@@ -27,6 +27,9 @@ StepCallback = Callable[[list[EngineOutput], LoadReport], None]
 class EngineLoop:
     """The engine thread of one instance. ``submit``/``abort``/``load`` may be called from any thread."""
 
+    log_busy_steps = 64
+    """A busy period (work until idle) of at least this many steps is logged with its step timings."""
+
     def __init__(self, instance: EngineInstance, on_step: StepCallback, instance_id: str = "local"):
         self.instance = instance
         self.instance_id = instance_id
@@ -118,14 +121,19 @@ class EngineLoop:
             self._cond.notify()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        logger.info("instance %s engine loop stopped: %s", self.instance_id, self.instance.core.stats())
 
     # ---- the loop thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         core = self.instance.core
+        busy_since = core.counters()
         while True:
             with self._cond:
                 while not (self._adds or self._aborts or self._calls or self._stopping or core.has_unfinished()):
+                    if core.num_steps - busy_since[0] >= self.log_busy_steps:
+                        logger.info("instance %s busy period: %s", self.instance_id, core.stats(busy_since))
+                    busy_since = core.counters()
                     self._idle.set()
                     self._cond.wait()
                 if self._stopping:

@@ -48,6 +48,11 @@ class InstanceActor:
 
         if self._engine_loop is not None:
             return self._info()
+        if not logging.getLogger("accordion").handlers:  # a Ray worker: instance logs go to the driver's console
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logging.getLogger("accordion").addHandler(handler)
+            logging.getLogger("accordion").setLevel(logging.INFO)
         self._aloop = asyncio.get_running_loop()
         if self.cpu_threads:
             import torch

@@ -65,6 +65,8 @@ class ModelRunner:
         self.model = None
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None
+        self.device_wait_s = 0.0
+        """Time the host spent blocked on sampled tokens (cumulative): what is left of a step is host work."""
 
     # ------------------------------------------------------------------ set-up
     def load_model(self) -> None:
@@ -200,7 +202,10 @@ class ModelRunner:
     def wait(self, step: PendingStep) -> StepResult:
         """The step's result; reads device tokens back (the only host sync of a plain greedy step)."""
         if step.result is None:
-            sampled = dict(zip(step.sampled_ids, step.host_tokens()))
+            t0 = time.perf_counter()
+            tokens = step.host_tokens()
+            self.device_wait_s += time.perf_counter() - t0
+            sampled = dict(zip(step.sampled_ids, tokens))
             self.batch.record_sampled(sampled)
             step.result = StepResult(step.step_id, sampled)
         return step.result
