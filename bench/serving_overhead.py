@@ -59,7 +59,7 @@ def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
         llm.generate([p], SamplingParams(max_tokens=1, temperature=0))
         ttfts.append(time.perf_counter() - t)
     llm.instance.worker.graphs = None
-    del llm, outs
+    del llm, outs, core
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
