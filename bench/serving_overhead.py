@@ -137,6 +137,8 @@ def start_server(path: str, port: int, args) -> subprocess.Popen:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if not torch.cuda.is_available():
         cmd += ["--device", "cpu"]
+    if args.no_ray:  # the same front end with the engine thread in its own process: isolates Ray's share
+        cmd = cmd[:3] + ["--verbose"] + cmd[3:] + ["--no-ray"]  # --verbose: the engine loop's timing lines
     if args.async_scheduling is not None:
         cmd += ["--async-scheduling" if args.async_scheduling else "--no-async-scheduling"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT,
@@ -170,6 +172,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="both paths with async scheduling on (off); default: the engine's default")
+    ap.add_argument("--no-ray", action="store_true", help="serve with the engine in the server process")
     ap.add_argument("--py-spy", default=None, metavar="FILE",
                     help="sample the server (all processes and threads) during the timed run; raw stacks to FILE")
     args = ap.parse_args()
@@ -187,13 +190,14 @@ def main() -> None:
     off = offline(path, warm, prompts, ttft_prompts, args)
     port = free_port()
     proc = start_server(path, port, args)
+    log = Path(os.environ.get("OUT", tempfile.gettempdir())) / "server.log"
     try:
         srv = asyncio.run(served(f"127.0.0.1:{port}", warm, prompts, ttft_prompts, args, proc.pid))
     finally:
         proc.terminate()
         proc.wait(timeout=120)
     # The instance's log (Ray worker files; what reaches the driver's console may be cut off by the shutdown).
-    logs = sorted(Path("/tmp/ray/session_latest/logs").glob("worker-*.err"))
+    logs = [log] if args.no_ray else sorted(Path("/tmp/ray/session_latest/logs").glob("worker-*.err"))
     busy = [ln.split("busy period: ", 1)[1] for f in logs for ln in f.read_text().splitlines() if "busy period: " in ln]
     srv["engine_loop"] = busy[1] if len(busy) > 1 else None  # warm-up, then the timed run
     print("served engine loop: ", srv["engine_loop"])

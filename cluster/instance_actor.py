@@ -13,17 +13,95 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.errors import EngineUnavailableError
 from accordion.cluster.instance import DEFAULT_WORKER
 from accordion.cluster.load import LoadReport
-from accordion.cluster.outputs import EngineOutput
+from accordion.cluster.outputs import EngineOutput, to_wire
 from accordion.cluster.request import Request
 
 logger = logging.getLogger(__name__)
 
 Batch = tuple[list[EngineOutput], LoadReport]
+
+
+class Outbox:
+    """Engine steps on their way from the engine thread to the output streams' subscribers.
+
+    The engine thread appends to a buffer and wakes the event loop only when no wake-up is pending, so a busy
+    loop costs the engine one lock per step, not a callback; each wake-up hands everything buffered to every
+    subscriber as one batch. (Plain class, not an actor method: no Ray wrappers on the engine's path.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._outputs: list[EngineOutput] = []
+        self._load: LoadReport | None = None
+        self._wake_pending = False
+        self._subscribers: list[_Subscriber] = []
+
+    def put(self, outputs: list[EngineOutput], load: LoadReport) -> None:
+        """Any thread (the engine's)."""
+        with self._lock:
+            self._outputs.extend(outputs)
+            self._load = load
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            outputs, self._outputs = self._outputs, []
+            load, self._wake_pending = self._load, False
+        for sub in self._subscribers:
+            sub.add(outputs, load)
+
+    def subscribe(self) -> _Subscriber:
+        sub = _Subscriber()
+        self._subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscriber) -> None:
+        self._subscribers.remove(sub)
+
+    def close(self) -> None:
+        """End every subscription (after what is buffered)."""
+        self._flush()
+        for sub in self._subscribers:
+            sub.close()
+
+
+class _Subscriber:
+    """One output stream's pending steps, merged until it takes them."""
+
+    def __init__(self):
+        self._outputs: list[EngineOutput] = []
+        self._load: LoadReport | None = None
+        self._closed = False
+        self._ready = asyncio.Event()
+
+    def add(self, outputs: list[EngineOutput], load: LoadReport) -> None:
+        self._outputs.extend(outputs)
+        self._load = load
+        self._ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    async def get(self) -> tuple[list[EngineOutput], LoadReport] | None:
+        """Everything since the last call, or None once closed and drained."""
+        while self._load is None:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        batch = (self._outputs, self._load)
+        self._outputs, self._load = [], None
+        return batch
 
 
 class InstanceActor:
@@ -37,9 +115,8 @@ class InstanceActor:
         self.cpu_threads = cpu_threads
         self._engine_loop = None  # EngineLoop once started
         self._instance = None
-        self._subscribers: list[asyncio.Queue] = []
+        self._outbox: Outbox | None = None
         self._accepting = False
-        self._aloop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> dict:
         """Load the model, size the KV cache and start the engine thread. Returns what the manager records."""
@@ -53,13 +130,13 @@ class InstanceActor:
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             logging.getLogger("accordion").addHandler(handler)
             logging.getLogger("accordion").setLevel(logging.INFO)
-        self._aloop = asyncio.get_running_loop()
+        self._outbox = Outbox(asyncio.get_running_loop())
         if self.cpu_threads:
             import torch
 
             torch.set_num_threads(self.cpu_threads)
         self._instance = await asyncio.to_thread(EngineInstance, self.config, self.worker_cls)
-        self._engine_loop = EngineLoop(self._instance, self._from_thread, self.instance_id)
+        self._engine_loop = EngineLoop(self._instance, self._outbox.put, self.instance_id)
         self._engine_loop.start()
         self._accepting = True
         logger.info("instance %s started: %s", self.instance_id, self._info())
@@ -131,37 +208,22 @@ class InstanceActor:
 
     # ---- results -----------------------------------------------------------------------------------------------
 
-    def _from_thread(self, outputs: list[EngineOutput], load: LoadReport) -> None:
-        self._aloop.call_soon_threadsafe(self._publish, (outputs, load))
-
-    def _publish(self, batch: Batch | None) -> None:
-        for q in self._subscribers:
-            q.put_nowait(batch)
-
     async def outputs(self):
         """Streaming generator: first the current load (so the caller knows it is subscribed), then one
-        ``(outputs, LoadReport)`` per engine step, until shutdown. Call with ``.options(num_returns="streaming")``."""
+        ``(wire outputs, LoadReport)`` item per round, until shutdown; :func:`~accordion.cluster.outputs.from_wire`
+        decodes the outputs. A consumer that lags gets every step that piled up in one item (one Ray object per
+        round trip, not per step). Call with ``.options(num_returns="streaming")``."""
         loop = self._require()
-        q: asyncio.Queue = asyncio.Queue()
-        self._subscribers.append(q)
+        sub = self._outbox.subscribe()
         try:
             yield [], loop.load()
             while True:
-                batch = await q.get()
+                batch = await sub.get()
                 if batch is None:
                     return
-                # Under load the consumer lags: send every step that has piled up as one stream item (one Ray
-                # object per round trip, not per step), with the newest load report.
-                outputs, load = batch
-                while not q.empty():
-                    nxt = q.get_nowait()
-                    if nxt is None:
-                        yield outputs, load
-                        return
-                    outputs, load = outputs + nxt[0], nxt[1]
-                yield outputs, load
+                yield to_wire(batch[0]), batch[1]
         finally:
-            self._subscribers.remove(q)
+            self._outbox.unsubscribe(sub)
 
     # ---- state -------------------------------------------------------------------------------------------------
 
@@ -199,7 +261,8 @@ class InstanceActor:
                 await asyncio.wait_for(asyncio.to_thread(self._instance.leave_group), 10.0)
             except Exception as e:
                 logger.warning("instance %s: leaving the instance group failed: %s", self.instance_id, e)
-        self._publish(None)
+        if self._outbox is not None:
+            self._outbox.close()
         logger.info("instance %s shut down", self.instance_id)
 
 

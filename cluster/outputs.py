@@ -68,6 +68,19 @@ class Usage:
     cached_tokens: int = 0
 
 
+def to_wire(outputs: list[EngineOutput]) -> list:
+    """Outputs as they cross Ray: a plain token output (no logprobs, not finished) as a tuple of primitives,
+    which pickles ~20x faster than the dataclass; the rest as is. :func:`from_wire` reverses it."""
+    return [(o.request_id, o.new_token_ids, o.num_prompt_tokens, o.num_cached_tokens)
+            if o.finish_reason is None and o.new_logprobs is None and o.error is None and o.timings is None else o
+            for o in outputs]
+
+
+def from_wire(items: list) -> list[EngineOutput]:
+    return [EngineOutput(i[0], i[1], num_prompt_tokens=i[2], num_cached_tokens=i[3]) if type(i) is tuple else i
+            for i in items]
+
+
 @dataclass(slots=True)
 class StreamDelta:
     """What is new for one completion since the last delta, ready to send to a client."""

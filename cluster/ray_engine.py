@@ -24,6 +24,7 @@ from accordion.cluster.esp_planner import PrefillCostModel, choose_degree
 from accordion.cluster.global_manager import InstanceRecord
 from accordion.cluster.instance_actor import unwrap_ray_error
 from accordion.cluster.load import LoadReport
+from accordion.cluster.outputs import from_wire
 from accordion.cluster.request import Request
 from accordion.cluster.router import InstanceLoad, LeastLoaded, Router
 from accordion.cluster.tokenizer import Tokenizer
@@ -170,7 +171,8 @@ class RayEngineClient(EngineFrontend):
             # round, not per step), so the front end's per-message cost never caps the engine.
             gen = rec.handle.outputs.options(num_returns="streaming", _generator_backpressure_num_objects=1).remote()
             async for ref in gen:
-                outputs, load = await ref
+                wire, load = await ref
+                outputs = from_wire(wire)
                 self._loads[iid] = load
                 if iid not in self._subscribed:
                     self._subscribed.add(iid)
