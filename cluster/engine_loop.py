@@ -9,6 +9,7 @@ thread; the owner (instance actor, local engine client) moves it to its event lo
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -49,6 +50,9 @@ class EngineLoop:
     # ---- any thread --------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        us = self.instance.config.scheduler.engine_thread_switch_interval_us
+        if us is not None:  # process-wide: this thread is the process's reason to exist (see the config field)
+            sys.setswitchinterval(us * 1e-6)
         self._thread.start()
 
     @property
