@@ -58,6 +58,10 @@ class AttentionBackend(ABC):
 
     name: str
 
+    stores_kv_with_rotary: bool = False
+    """The model may rotate k and store k, v in the cache in one kernel (``RotaryEmbedding.forward_into_cache``)
+    and then call :meth:`forward` with ``k = v = None``: the backend reads this step's K/V from the cache."""
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -68,7 +72,8 @@ class AttentionBackend(ABC):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new K/V); kv_cache: [2, N, bs, Hkv, D].
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new K/V), or both None when already stored (see
+        ``stores_kv_with_rotary``); kv_cache: [2, N, bs, Hkv, D].
 
         Returns (out [T, Hq, D], lse [T, Hq] float32).
         """

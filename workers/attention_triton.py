@@ -21,6 +21,7 @@ from accordion.workers.attention import AttentionBackend, AttentionMetadata
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    stores_kv_with_rotary = True
 
     def __init__(self, *args, fuse_hybrid: bool = True, **kw):
         super().__init__(*args, **kw)
@@ -28,7 +29,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if k is not None:
+            write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         nd = meta.num_decodes

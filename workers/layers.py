@@ -87,6 +87,17 @@ class RotaryEmbedding(nn.Module):
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+    def forward_into_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor | None:
+        """Rotated q, with the rotated k and v already stored in ``kv_cache`` [2, N, bs, Hkv, D] at
+        ``slot_mapping`` [T] (one Triton launch); None where that fused path does not apply (CPU, dtype
+        mismatch), and the caller rotates and stores separately."""
+        if not use_triton(q) or kv_cache.dtype != k.dtype:
+            return None
+        return kernels.rotary_embedding_with_cache(q, k, v, self.cos, self.sin, positions, kv_cache[0], kv_cache[1],
+                                                   slot_mapping)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -6,6 +6,6 @@ rounds them), never sync with the host (CUDA-graph safe) and accept any token co
 
 from .activation import silu_and_mul
 from .norm import fused_add_rms_norm, rms_norm
-from .rotary import rotary_embedding
+from .rotary import rotary_embedding, rotary_embedding_with_cache
 
-__all__ = ["fused_add_rms_norm", "rms_norm", "rotary_embedding", "silu_and_mul"]
+__all__ = ["fused_add_rms_norm", "rms_norm", "rotary_embedding", "rotary_embedding_with_cache", "silu_and_mul"]

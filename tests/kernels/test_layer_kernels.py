@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accordion.kernels.layers import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from accordion.kernels.attention.reference import ref_write_kv_cache
+from accordion.kernels.layers import (
+    fused_add_rms_norm,
+    rms_norm,
+    rotary_embedding,
+    rotary_embedding_with_cache,
+    silu_and_mul,
+)
 from accordion.kernels.layers import norm as norm_module
 from accordion.kernels.layers.reference import (
     ref_fused_add_rms_norm,
@@ -158,6 +165,41 @@ def test_rotary_in_place_with_real_tables():
     assert oq is q and ok is k
     _close(q, rq)
     _close(k, rk)
+
+
+@pytest.mark.parametrize("T,Hq,Hkv,D,page", [(1, 4, 4, 64, 16), (7, 8, 1, 64, 4), (5, 32, 8, 128, 16)])
+def test_rotary_with_cache_write_equals_rotary_then_write(T, Hq, Hkv, D, page):
+    """The fused launch: q rotated out of place, k rotated and v copied into their paged slots (slots with holes,
+    -1 = not stored, positions not in order), everything else in the cache untouched."""
+    gen = _gen(T * 1000 + Hq * 10 + Hkv + D)
+    qkv = _randn(T, (Hq + 2 * Hkv) * D, gen=gen)
+    q = qkv[:, : Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
+    cos, sin = _tables(64, D, gen)
+    pos = torch.randint(0, 64, (T,), generator=gen, dtype=torch.int64).to(device())
+    num_blocks = 2 * T // page + 3
+    slots = torch.randperm(num_blocks * page, generator=gen)[:T]
+    slots[::3] = -1  # tokens whose K/V this instance does not keep
+    slots = slots.to(device())
+    kc, vc = _randn(num_blocks, page, Hkv, D, gen=gen), _randn(num_blocks, page, Hkv, D, gen=gen)
+    want_k, want_v = kc.clone(), vc.clone()
+    rq, rk = ref_rotary_embedding(q, k, cos, sin, pos)
+    ref_write_kv_cache(rk, v, want_k, want_v, slots)
+    oq = poisoned(q.shape, F32, device())
+    assert rotary_embedding_with_cache(q, k, v, cos, sin, pos, kc, vc, slots, out_q=oq) is oq
+    _close(oq, rq)
+    _close(kc, want_k)
+    assert torch.equal(vc, want_v)
+
+
+def test_rotary_with_cache_refuses_a_cache_of_another_dtype():
+    q, k, v = (torch.zeros(2, 2, 64, device=device()) for _ in range(3))
+    cos, sin = torch.zeros(8, 64, device=device()), torch.zeros(8, 64, device=device())
+    cache = torch.zeros(4, 4, 2, 64, dtype=torch.float16, device=device())
+    with pytest.raises(ValueError, match="one dtype"):
+        rotary_embedding_with_cache(q, k, v, cos, sin, torch.zeros(2, dtype=torch.long, device=device()), cache,
+                                    cache, torch.zeros(2, dtype=torch.long, device=device()))
 
 
 # ----------------------------------------------------------------------------------------------------- silu*mul

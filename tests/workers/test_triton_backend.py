@@ -28,6 +28,29 @@ def test_triton_backend_equals_hf(tiny_ckpt, fuse_hybrid):
     assert_idle_blocks_free(llm)
 
 
+def test_fused_rotary_cache_write_equals_hf(tiny_ckpt, monkeypatch):
+    """Every layer on its Triton kernel, rotary storing k and v into the cache in the same launch (on CPU: the
+    interpreter, by routing the layers to Triton whatever the device)."""
+    from accordion.workers import layers
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(layers, "use_triton", lambda x: True)
+    calls = []
+    fused = layers.RotaryEmbedding.forward_into_cache
+    monkeypatch.setattr(layers.RotaryEmbedding, "forward_into_cache",
+                        lambda self, *a: calls.append(1) or fused(self, *a))
+    path = tiny_ckpt("tiny-llama")
+    prompts = random_prompts(3, [5, 21, 2], 500, seed=3)
+    expected = hf_greedy(path, prompts, 6)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = LLM(path, device=device, dtype="float32", attention_backend="triton", block_size=8, max_model_len=256,
+              max_num_batched_tokens=16, cuda_graphs=False)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, min_tokens=6, temperature=0))
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert calls, "the fused rotary + cache write path did not run"
+    assert_idle_blocks_free(llm)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager(tiny_ckpt):
     path = tiny_ckpt("tiny-llama")

@@ -41,8 +41,13 @@ class Attention(nn.Module):
         v = v.view(-1, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out, _lse = backend.forward(q, k, v, kv_cache, meta)
+        rotated_q = (rotary.forward_into_cache(positions, q, k, v, kv_cache, meta.slot_mapping)
+                     if backend.stores_kv_with_rotary else None)
+        if rotated_q is not None:  # k and v are in the cache already: one launch instead of two
+            out, _lse = backend.forward(rotated_q, None, None, kv_cache, meta)
+        else:
+            q, k = rotary(positions, q, k)
+            out, _lse = backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, a.q_size))
 
 
