@@ -24,14 +24,17 @@ def _version(module: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the repository, else ``$ACCORDION_COMMIT`` (copies without .git), else None."""
+    """``$ACCORDION_COMMIT`` when set (the device machine's copy may carry stale git metadata), else ``git
+    rev-parse HEAD`` of the repository, else None."""
+    if os.environ.get("ACCORDION_COMMIT"):
+        return os.environ["ACCORDION_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("ACCORDION_COMMIT")
+    return None
 
 
 def gpu_name() -> str | None:

@@ -3,8 +3,8 @@
 # Usage: bash bench/gpu_suite.sh [tests] [offline] [kernels] [serve] ...   (default: tests offline kernels)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-# The device copy has no .git: the caller passes the commit (ACCORDION_COMMIT=$(git rev-parse HEAD) bash ...).
-export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
+# The device copy has no (or stale) git metadata: the caller passes the commit (ACCORDION_COMMIT=$(git rev-parse --short HEAD) bash ...).
+export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:?pass ACCORDION_COMMIT=$(git rev-parse --short HEAD): the device copy has stale git metadata}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
