@@ -104,8 +104,8 @@ def _init_ray(address: str | None, namespace: str) -> None:
 
     if address:
         ray.init(address=address, namespace=namespace)
-    else:  # a private local cluster: everything on loopback, no dashboard
-        ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
+    else:  # a private local cluster (never an existing one on this machine), no dashboard
+        ray.init(address="local", namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 async def _serve_ray(args: argparse.Namespace, ec: EngineConfig, gcfg: GrpcServeConfig) -> None:
