@@ -143,3 +143,42 @@ def print_table(rows: list, headers: list[str]) -> str:
 
 def _numeric(s: str) -> bool:
     return bool(re.fullmatch(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?%?x?", s))
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], port: int, log_path: str | Path, timeout_s: float = 900.0):
+    """Start ``accordion serve`` (``cmd``) with its output in ``log_path``; return the process once its gRPC
+    health check says SERVING (raises if it exits or times out first)."""
+    from accordion.client import Client
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"accordion serve exited with {proc.returncode}; see {log_path}")
+        try:
+            with Client(f"127.0.0.1:{port}", timeout=2, max_retries=0) as c:
+                if c.health("accordion.v1.LLMService") == "SERVING":
+                    return proc
+        except Exception:  # not listening yet
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise TimeoutError(f"server did not become ready in {timeout_s:.0f} s; see {log_path}")
+
+
+def stop_server(proc, timeout_s: float = 120.0) -> None:
+    """SIGTERM (drain), then kill if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -16,7 +16,6 @@ import asyncio
 import gc
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from accordion import LLM, SamplingParams  # noqa: E402
 from accordion.checkpoints import make_checkpoint  # noqa: E402
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import free_port, print_table, start_server, stop_server, write_result  # noqa: E402
 
 PRESETS = {"1b": "llama-3.2-1b", "tiny": "tiny-llama"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
@@ -131,7 +124,7 @@ async def served(target: str, warm, prompts, ttft_prompts, args, server_pid: int
             "server_prefill_p50_ms": statistics.median(prefill) if prefill else None}
 
 
-def start_server(path: str, port: int, args) -> subprocess.Popen:
+def server_command(path: str, port: int, args) -> list[str]:
     cmd = [sys.executable, "-m", "accordion.cli", "serve", "--model", path, "--port", str(port), "--num-instances",
            "1", "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.concurrency),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
@@ -141,23 +134,7 @@ def start_server(path: str, port: int, args) -> subprocess.Popen:
         cmd = cmd[:3] + ["--verbose"] + cmd[3:] + ["--no-ray"]  # --verbose: the engine loop's timing lines
     if args.async_scheduling is not None:
         cmd += ["--async-scheduling" if args.async_scheduling else "--no-async-scheduling"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT,
-                            stdout=open(Path(os.environ.get("OUT", tempfile.gettempdir())) / "server.log", "w"))
-    from accordion.client import Client
-
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"accordion serve exited with {proc.returncode}")
-        try:
-            with Client(f"127.0.0.1:{port}", timeout=2, max_retries=0) as c:
-                if c.health("accordion.v1.LLMService") == "SERVING":
-                    return proc
-        except Exception:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise TimeoutError("server did not become ready")
+    return cmd
 
 
 def main() -> None:
@@ -189,13 +166,12 @@ def main() -> None:
     ttft_prompts = mk(args.ttft_requests, args.input_len)
     off = offline(path, warm, prompts, ttft_prompts, args)
     port = free_port()
-    proc = start_server(path, port, args)
     log = Path(os.environ.get("OUT", tempfile.gettempdir())) / "server.log"
+    proc = start_server(server_command(path, port, args), port, log)
     try:
         srv = asyncio.run(served(f"127.0.0.1:{port}", warm, prompts, ttft_prompts, args, proc.pid))
     finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+        stop_server(proc)
     # The instance's log (Ray worker files; what reaches the driver's console may be cut off by the shutdown).
     logs = [log] if args.no_ray else sorted(Path("/tmp/ray/session_latest/logs").glob("worker-*.err"))
     busy = [ln.split("busy period: ", 1)[1] for f in logs for ln in f.read_text().splitlines() if "busy period: " in ln]

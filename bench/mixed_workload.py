@@ -1,0 +1,118 @@
+"""Elastic sequence parallelism versus static instances on a mixed workload (LoongServe's headline comparison).
+
+The same N devices are served twice, one after the other, with the same random-weight checkpoint and the same
+requests (short ShareGPT-like prompts plus a fraction of long ones, Poisson arrivals):
+
+* ``static``: ``accordion serve --num-instances N``: N independent chunked-prefill instances behind the
+  least-loaded router;
+* ``esp``: the same plus ``--esp``: long prompts are prefilled across several instances (ring attention,
+  proactive scale-down), the degree chosen by the cost model.
+
+For each, ``bench/serve.py --find-max-rate`` bisects the highest request rate whose p99 TTFT and p99 TPOT meet
+the SLOs. Prints both capacities and their ratio; writes ``bench/results/mixed-workload-*.json`` with every probe.
+
+    python bench/mixed_workload.py --shape 8b --num-instances 4 --num-prompts 200 \\
+        --long-min-len 16384 --long-max-len 131072 --slo ttft:20000 tpot:150 --find-max-rate 0.05,2
+    python bench/mixed_workload.py --quick      # CPU smoke run: tiny model, 2 CPU instances
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from accordion.checkpoints import make_checkpoint  # noqa: E402
+from bench.common import free_port, print_table, start_server, stop_server, write_result  # noqa: E402
+
+PRESETS = {"tiny": "tiny-llama", "1b": "llama-3.2-1b", "8b": "llama-3.1-8b"}
+MODES = ("static", "esp")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="8b", choices=list(PRESETS))
+    p.add_argument("--num-instances", type=int, default=4)
+    p.add_argument("--max-model-len", type=int, default=131072 + 2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--esp-min-tokens", type=int, default=16384)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--long-fraction", type=float, default=0.1)
+    p.add_argument("--long-min-len", type=int, default=16384)
+    p.add_argument("--long-max-len", type=int, default=131072)
+    p.add_argument("--slo", nargs="*", default=["ttft:20000", "tpot:150"], metavar="NAME:MS")
+    p.add_argument("--find-max-rate", default="0.05,2", metavar="LO,HI")
+    p.add_argument("--search-iters", type=int, default=5)
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of static,esp")
+    p.add_argument("--quick", action="store_true", help="tiny model on CPU instances, small lengths")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shape, args.num_instances, args.max_model_len, args.num_prompts = "tiny", 2, 1024, 12
+        args.long_min_len, args.long_max_len, args.esp_min_tokens, args.long_fraction = 256, 512, 200, 0.25
+        args.slo, args.find_max_rate, args.search_iters = ["ttft:60000", "tpot:5000"], "0.5,4", 2
+    return args
+
+
+def serve_command(path: str, port: int, mode: str, args) -> list[str]:
+    cmd = [sys.executable, "-m", "accordion.cli", "serve", "--model", path, "--port", str(port), "--num-instances",
+           str(args.num_instances), "--max-model-len", str(args.max_model_len), "--max-num-batched-tokens",
+           str(args.max_num_batched_tokens)]
+    if not torch.cuda.is_available():
+        cmd += ["--device", "cpu"]
+    if mode == "esp":
+        cmd += ["--esp", "--esp-min-tokens", str(args.esp_min_tokens), "--esp-max-degree", str(args.num_instances)]
+    return cmd
+
+
+def capacity(target: str, mode: str, out_dir: Path, args) -> dict:
+    """``bench/serve.py --find-max-rate`` against a running server; its result JSON."""
+    cmd = [sys.executable, str(Path(__file__).parent / "serve.py"), "--target", target, "--workload",
+           "long-context-mix", "--num-prompts", str(args.num_prompts), "--long-fraction", str(args.long_fraction),
+           "--long-min-len", str(args.long_min_len), "--long-max-len", str(args.long_max_len),
+           "--find-max-rate", args.find_max_rate, "--search-iters", str(args.search_iters),
+           "--label", f"mixed-{mode}", "--result-dir", str(out_dir), "--slo", *args.slo]
+    subprocess.run(cmd, check=True, env={**os.environ, "OUT": ""})
+    files = sorted(out_dir.glob(f"serve-mixed-{mode}-*.json"))
+    return json.loads(files[-1].read_text())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp(prefix="accordion-mixed-"))
+    ckpt = str(make_checkpoint(work / args.shape, PRESETS[args.shape], dtype="bfloat16" if cuda else "float32",
+                               device="cuda" if cuda else "cpu",
+                               **({"max_position_embeddings": args.max_model_len} if args.quick else {})))
+    results, rows = {}, []
+    for mode in args.modes.split(","):
+        port = free_port()
+        proc = start_server(serve_command(ckpt, port, mode, args), port, work / f"server-{mode}.log")
+        try:
+            res = capacity(f"127.0.0.1:{port}", mode, work, args)
+        finally:
+            stop_server(proc)
+        search = res.get("capacity_search", {})
+        best = max((pt for pt, pr in zip(res["points"], search.get("probes", [])) if pr["ok"]),
+                   key=lambda pt: pt.get("request_rate") or 0.0, default=None)
+        results[mode] = {"max_rate": search.get("max_rate"), "at_max_rate": best, "probes": search.get("probes"),
+                         "points": res["points"], "workload": res.get("workload")}
+        rows.append([mode, search.get("max_rate"), best and best.get("p99_ttft_ms"), best and best.get("p99_tpot_ms"),
+                     best and best.get("output_throughput")])
+    ratio = None
+    if all(results.get(m, {}).get("max_rate") for m in MODES):
+        ratio = results["esp"]["max_rate"] / results["static"]["max_rate"]
+    path = write_result("mixed-workload", {"settings": vars(args), "results": results, "esp_over_static": ratio})
+    print_table(rows, ["mode", "max req/s under SLOs", "p99 TTFT ms", "p99 TPOT ms", "output tok/s"])
+    print(f"elastic SP / static capacity: {ratio if ratio is None else f'{ratio:.2f}x'}  ({path})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
