@@ -1,9 +1,10 @@
 """The Ray actor that owns one engine instance (one device).
 
-``__init__`` is cheap; :meth:`InstanceActor.start` builds the engine after Ray has set ``CUDA_VISIBLE_DEVICES``.
-The engine runs in one :class:`EngineLoop` thread; the actor's event loop only validates and enqueues. Results
-leave through :meth:`InstanceActor.outputs`, a Ray streaming generator yielding one ``(outputs, LoadReport)``
-batch per engine step (never one object per token). Create it with :func:`instance_actor_class`.
+``__init__`` is cheap; :meth:`InstanceActor.start` spawns the engine process (:mod:`.engine_process`: an
+:class:`EngineLoop` with the GIL to itself) after Ray has set ``CUDA_VISIBLE_DEVICES``; the actor relays requests
+to it and its steps to the output streams. Results leave through :meth:`InstanceActor.outputs`, a Ray streaming
+generator yielding ``(outputs, LoadReport)`` batches (never one object per token). Create it with
+:func:`instance_actor_class`.
 
 Typed errors (RequestTooLargeError, EngineOverloadedError, EngineUnavailableError) raised by ``add_requests``
 reach the caller wrapped in ``RayTaskError``; :func:`unwrap_ray_error` gives the original back.
@@ -113,54 +114,43 @@ class InstanceActor:
         self.config = config
         self.worker_cls = worker_cls
         self.cpu_threads = cpu_threads
-        self._engine_loop = None  # EngineLoop once started
-        self._instance = None
+        self._engine = None  # EngineProcess once started
+        self._info: dict = {}
         self._outbox: Outbox | None = None
         self._accepting = False
 
     async def start(self) -> dict:
-        """Load the model, size the KV cache and start the engine thread. Returns what the manager records."""
-        from accordion.cluster.engine_loop import EngineLoop
-        from accordion.cluster.instance import EngineInstance
+        """Spawn the engine process (it loads the model and sizes the KV cache). Returns what the manager records."""
+        from accordion.cluster.engine_process import EngineProcess
 
-        if self._engine_loop is not None:
-            return self._info()
+        if self._engine is not None:
+            return self._info
         if not logging.getLogger("accordion").handlers:  # a Ray worker: instance logs go to the driver's console
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             logging.getLogger("accordion").addHandler(handler)
             logging.getLogger("accordion").setLevel(logging.INFO)
         self._outbox = Outbox(asyncio.get_running_loop())
-        if self.cpu_threads:
-            import torch
-
-            torch.set_num_threads(self.cpu_threads)
-        self._instance = await asyncio.to_thread(EngineInstance, self.config, self.worker_cls)
-        self._engine_loop = EngineLoop(self._instance, self._outbox.put, self.instance_id)
-        self._engine_loop.start()
+        engine = EngineProcess(self.config, self.worker_cls, self.instance_id, self._outbox.put, self.cpu_threads)
+        self._info = await asyncio.to_thread(engine.start)
+        self._engine = engine
         self._accepting = True
-        logger.info("instance %s started: %s", self.instance_id, self._info())
-        return self._info()
-
-    def _info(self) -> dict:
-        w = self._instance.worker
-        return {"device": str(getattr(w, "device", "cpu")),
-                "dtype": str(getattr(w, "dtype", self.config.model.dtype)).removeprefix("torch."),
-                "num_blocks": self._instance.num_blocks, "max_model_len": self._instance.max_model_len}
+        logger.info("instance %s started: %s", self.instance_id, self._info)
+        return self._info
 
     def _require(self):
-        if self._engine_loop is None:
+        if self._engine is None:
             raise EngineUnavailableError(f"instance {self.instance_id} is not started")
-        return self._engine_loop
+        return self._engine
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
     async def add_requests(self, requests: list[Request]) -> None:
         """Enqueue these engine requests (all or none); typed errors are raised at once."""
-        loop = self._require()
+        engine = self._require()
         if not self._accepting:
             raise EngineUnavailableError(f"instance {self.instance_id} is draining")
-        loop.submit(requests)
+        await asyncio.wrap_future(engine.submit(requests))
         logger.debug("instance %s accepted %s", self.instance_id, [r.request_id for r in requests])
 
     async def add_request(self, request: Request) -> None:
@@ -169,18 +159,12 @@ class InstanceActor:
     async def add_request_groups(self, groups: list[list[Request]]) -> list[Exception | None]:
         """Enqueue several independent submissions in one call (each all or none, like ``add_requests``); the
         result says, per group, None (accepted) or the typed error that refused it."""
-        results: list[Exception | None] = []
-        for requests in groups:
-            try:
-                await self.add_requests(requests)
-                results.append(None)
-            except Exception as e:
-                results.append(e)
-        return results
+        results = await asyncio.gather(*(self.add_requests(g) for g in groups), return_exceptions=True)
+        return [r if isinstance(r, Exception) else None for r in results]
 
     async def abort(self, request_ids: list[str]) -> None:
-        if self._engine_loop is not None:
-            self._engine_loop.abort(request_ids)
+        if self._engine is not None:
+            self._engine.abort(request_ids)
 
     # ---- elastic sequence parallelism ---------------------------------------------------------------------------
 
@@ -198,13 +182,12 @@ class InstanceActor:
 
     async def join_group(self, init_method: str, world_size: int, rank: int) -> None:
         """(Re-)join the instances' torch.distributed group, on the engine thread after any queued jobs."""
-        fut = self._require().call(lambda inst: inst.join_group(init_method, world_size, rank))
-        await asyncio.wrap_future(fut)
+        await asyncio.wrap_future(self._require().call("join_group", init_method, world_size, rank))
 
     async def submit_sp_job(self, job, request: Request | None) -> None:
         """Queue this instance's share of a sequence-parallel prefill (run in the manager's job order). The
         master, given the ``request``, emits its outputs on the normal output stream."""
-        self._require().call(lambda inst: inst.run_sp_prefill(job, request))
+        self._require().call("run_sp_prefill", job, request)
 
     # ---- results -----------------------------------------------------------------------------------------------
 
@@ -213,10 +196,10 @@ class InstanceActor:
         ``(wire outputs, LoadReport)`` item per round, until shutdown; :func:`~accordion.cluster.outputs.from_wire`
         decodes the outputs. A consumer that lags gets every step that piled up in one item (one Ray object per
         round trip, not per step). Call with ``.options(num_returns="streaming")``."""
-        loop = self._require()
+        engine = self._require()
         sub = self._outbox.subscribe()
         try:
-            yield [], loop.load()
+            yield [], engine.load()
             while True:
                 batch = await sub.get()
                 if batch is None:
@@ -229,38 +212,27 @@ class InstanceActor:
 
     async def load(self) -> LoadReport:
         """Current load; the manager's health ping."""
-        loop = self._require()
-        if loop.failed:
-            raise RuntimeError(loop.failed)
-        return loop.load()
+        engine = self._require()
+        if engine.failed:
+            raise RuntimeError(engine.failed)
+        return engine.load()
 
     async def check_idle(self) -> LoadReport:
         """Assert that nothing runs and every KV block is free (the leak check tests use)."""
-        loop = self._require()
-        ld = loop.load()
-        sched = self._instance.scheduler
-        assert ld.idle and not sched.has_unfinished(), f"instance {self.instance_id} is busy: {ld}"
-        sched.check_invariants()
-        assert ld.num_free_blocks == ld.num_blocks, (
-            f"instance {self.instance_id} leaked KV blocks: {ld.num_free_blocks} of {ld.num_blocks} free")
-        return ld
+        return await asyncio.wrap_future(self._require().call("check_idle"))
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new requests, then wait until the running ones finish (True) or ``timeout_s`` passes (False)."""
         self._accepting = False
-        if self._engine_loop is None:
+        if self._engine is None:
             return True
-        return await asyncio.to_thread(self._engine_loop.wait_idle, timeout_s)
+        return await asyncio.to_thread(self._engine.wait_idle, timeout_s)
 
     async def shutdown(self) -> None:
-        """Stop the engine thread and end every output stream."""
+        """Stop the engine process (it leaves the instances' group) and end every output stream."""
         self._accepting = False
-        if self._engine_loop is not None:
-            await asyncio.to_thread(self._engine_loop.stop)
-            try:  # leave the instances' group; a peer that is gone must not keep us here
-                await asyncio.wait_for(asyncio.to_thread(self._instance.leave_group), 10.0)
-            except Exception as e:
-                logger.warning("instance %s: leaving the instance group failed: %s", self.instance_id, e)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.stop)
         if self._outbox is not None:
             self._outbox.close()
         logger.info("instance %s shut down", self.instance_id)
