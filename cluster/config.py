@@ -91,10 +91,11 @@ class SchedulerConfig:
     synchronous loop; on an H100 it took the 1B offline benchmark from 14.6k to 19.3k tok/s."""
 
     engine_thread_switch_interval_us: float | None = 20.0
-    """``sys.setswitchinterval`` of a process that runs the engine loop in a thread beside an event loop (an
-    instance actor, ``serve --no-ray``); None leaves Python's 5 ms. With 5 ms, every GIL release of the engine
-    thread (a CUDA sync, a copy) can cost it up to 5 ms behind the event loop's thread (a convoy): on an H100
-    the Ray serving path ran 0.15-0.78x of offline throughput, with 20 us 0.90x (bench/serving_overhead.py)."""
+    """``sys.setswitchinterval`` of a process that runs an engine loop thread (an instance's engine process; the
+    ``serve --no-ray`` server, where it sits beside the gRPC event loop); None leaves Python's 5 ms. With 5 ms,
+    every GIL release of the engine thread (a CUDA sync, a copy) can cost it up to 5 ms behind a busy event-loop
+    thread (a convoy): when the engine still ran inside the instance actor, the Ray serving path ran at 0.15x of
+    offline throughput on an H100, with 20 us at 0.90x (bench/results/experiments/)."""
 
     def __post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)

@@ -27,6 +27,20 @@ def _rotate_heads(
 
 
 @triton.jit
+def _cos_sin(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, dtype: tl.constexpr, HALF: tl.constexpr,
+             BLOCK_D2: tl.constexpr):
+    """Token t's cos/sin table rows, halves [1, BLOCK_D2] each, rounded to the activation dtype as HF does."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D2)
+    dm = d < HALF
+    c1 = tl.load(cos_ptr + pos * stride_cos + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + pos * stride_cos + HALF + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + pos * stride_sin + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + pos * stride_sin + HALF + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def rotary_kernel(
     q_ptr,  # [T, Hq, D]
     k_ptr,  # [T, Hkv, D]
@@ -48,13 +62,7 @@ def rotary_kernel(
     hb = tl.program_id(1)
     num_q_blocks = tl.cdiv(Hq, BLOCK_H)
     dtype = qo_ptr.dtype.element_ty
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_D2)
-    dm = d < HALF
-    c1 = tl.load(cos_ptr + pos * stride_cos + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + pos * stride_cos + HALF + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + pos * stride_sin + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + pos * stride_sin + HALF + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, dtype, HALF, BLOCK_D2)
     if hb < num_q_blocks:
         _rotate_heads(q_ptr, qo_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, t, hb * BLOCK_H, Hq,
                       c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_D2)
@@ -91,13 +99,7 @@ def rotary_cache_kernel(
     nq = tl.cdiv(Hq, BLOCK_H)
     nk = tl.cdiv(Hkv, BLOCK_H)
     dtype = qo_ptr.dtype.element_ty
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_D2)
-    dm = d < HALF
-    c1 = tl.load(cos_ptr + pos * stride_cos + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + pos * stride_cos + HALF + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + pos * stride_sin + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + pos * stride_sin + HALF + d, mask=dm, other=0.0).to(dtype).to(tl.float32)[None, :]
+    c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, dtype, HALF, BLOCK_D2)
     if hb < nq:
         _rotate_heads(q_ptr, qo_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, t, hb * BLOCK_H, Hq,
                       c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_D2)
@@ -111,7 +113,8 @@ def rotary_cache_kernel(
                               stride_kch, t, (hb - nq) * BLOCK_H, Hkv, c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_D2)
             else:
                 heads = (hb - nq - nk) * BLOCK_H + tl.arange(0, BLOCK_H)
-                mask = (heads < Hkv)[:, None] & dm[None, :]
+                d = tl.arange(0, BLOCK_D2)
+                mask = (heads < Hkv)[:, None] & (d < HALF)[None, :]
                 src = v_ptr + t * stride_vt + heads[:, None] * stride_vh + d[None, :]
                 dst = v_cache_ptr + blk * stride_vcb + row * stride_vcp + heads[:, None] * stride_vch + d[None, :]
                 cdt = v_cache_ptr.dtype.element_ty
