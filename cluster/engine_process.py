@@ -105,10 +105,15 @@ class EngineProcess:
     def submit(self, requests: list[Request]) -> Future:
         """Future of the child's verdict: None (accepted) or the typed error (RequestTooLargeError,
         EngineOverloadedError, EngineUnavailableError) that refused all of them."""
-        with self._lock:
-            self._inflight.update(r.request_id for r in requests)
-        fut = self._request(lambda seq: ("submit", seq, requests))
-        fut.add_done_callback(lambda f: f.exception() is None or self._forget([r.request_id for r in requests]))
+        ids = [r.request_id for r in requests]
+        with self._lock:  # before the child can see them: its outputs for them may come back at once
+            self._inflight.update(ids)
+        try:
+            fut = self._request(lambda seq: ("submit", seq, requests))
+        except EngineUnavailableError:
+            self._forget(ids)
+            raise
+        fut.add_done_callback(lambda f: f.exception() is None or self._forget(ids))
         return fut
 
     def abort(self, request_ids: list[str]) -> None:
