@@ -18,7 +18,7 @@ touch /tmp/suite-start
 for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/workers 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/workers tests/integration 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
     offline) python3 bench/offline.py --compare-torch-backend --compare-async 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 
 import pytest
+import torch
 
 from accordion import LLM, SamplingParams
 from accordion.cluster.config import ClusterConfig, ESPConfig
@@ -24,18 +25,23 @@ _names = itertools.count()
 class ESPCluster:
     """A global manager with ``n`` CPU instances and a RayEngineClient routing long prompts to groups."""
 
-    def __init__(self, path: str, n: int, cpus_per_instance: float):
+    def __init__(self, path: str, n: int, cpus_per_instance: float, gpus_per_instance: float = 0.0):
         import ray
 
         from accordion.cluster.global_manager import start_manager
         from accordion.cluster.ray_engine import RayEngineClient
 
         if not ray.is_initialized():
-            ray.init(num_cpus=4, include_dashboard=False, object_store_memory=80 << 20,
+            ray.init(num_cpus=4, num_gpus=torch.cuda.device_count() if gpus_per_instance else 0,
+                     include_dashboard=False, object_store_memory=80 << 20,
                      _node_ip_address="127.0.0.1", namespace="accordion-test", log_to_driver=False,
                      configure_logging=False)
         self.esp = ESPConfig(enabled=True, min_prompt_tokens=16, force_degree=n)
-        self.config = ClusterConfig(engine=engine_config(path), esp=self.esp, namespace="accordion-test",
+        engine = engine_config(path)
+        if gpus_per_instance:
+            engine.device.device, engine.model.dtype = "cuda", "float32"
+        self.config = ClusterConfig(engine=engine, esp=self.esp, namespace="accordion-test",
+                                    gpus_per_instance=gpus_per_instance,
                                     manager_name=f"esp-manager-{next(_names)}", cpus_per_instance=cpus_per_instance,
                                     health_check_interval_s=2.0, health_check_timeout_s=30.0)
         self.manager = start_manager(self.config)
@@ -162,5 +168,23 @@ def test_profile_fits_cost_model_and_scale_resizes(expected_and_prompts, tmp_pat
         cluster.run(cluster.engine.wait_for_instances(2, timeout_s=60))
         cluster.esp.force_degree, cluster.esp.min_prompt_tokens = 2, 16
         assert cluster.generate(prompts) == expected
+    finally:
+        cluster.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_degree_2_on_gpus_equals_single_instance(tiny_ckpt):
+    """The GPU path end to end: engine processes under instance actors, an NCCL group, ring prefill over NVLink."""
+    path = tiny_ckpt("tiny-llama")
+    prompts = random_prompts(3, [40, 57, 33], 500, seed=31) + random_prompts(1, [5], 500, seed=32)
+    llm = LLM(path, device="cuda", dtype="float32", max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS)]
+    del llm
+    cluster = ESPCluster(path, 2, cpus_per_instance=0.5, gpus_per_instance=1.0)
+    try:
+        assert cluster.generate(prompts) == expected
+        assert len(cluster.engine.sp_prefills) == 3
+        cluster.check_idle()
     finally:
         cluster.close()
