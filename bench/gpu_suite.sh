@@ -22,13 +22,14 @@ for step in $steps; do
     offline) python3 bench/offline.py --compare-torch-backend --compare-async 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
-    serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -6 ;;
+    serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -9 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;
     mixed) python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;
     ring) python3 bench/ring_attention.py 2>&1 | tee "$OUT/ring.log" | tail -20 ;;
     decode-profile) for shape in 8b 1b; do python3 bench/profile_decode.py --shape $shape 2>&1 | grep -v "Loading weights" | tail -4; done ;;
     serving-noray) python3 bench/serving_overhead.py --no-ray 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-noray.log" | tail -6 ;;
+    serving-spin) python3 bench/serving_overhead.py --idle-spin-ms 20 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-spin.log" | tail -9 ;;
     serving-sync) python3 bench/serving_overhead.py --no-async-scheduling 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-sync.log" | tail -6 ;;
     profile) python3 bench/profile_steps.py --shape 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log" | tail -12 ;;
     *) echo "unknown step $step" ;;

@@ -57,6 +57,7 @@ def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttfts),
+            "ttft_ms_sorted": sorted(round(1e3 * t, 2) for t in ttfts),
             "engine_loop": loop_stats}
 
 
@@ -119,6 +120,8 @@ async def served(target: str, warm, prompts, ttft_prompts, args, server_pid: int
     queue = [r[2].queue_ms for r in low if r[2] is not None]
     prefill = [r[2].prefill_ms for r in low if r[2] is not None]
     return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(r[0] for r in low),
+            "ttft_ms_sorted": sorted(round(1e3 * r[0], 2) for r in low),
+            "server_prefill_ms_sorted": sorted(round(x, 2) for x in prefill),
             "loaded_ttft_p50_ms": 1e3 * statistics.median(loaded_ttft), "loaded_ttft_max_ms": 1e3 * loaded_ttft[-1],
             "server_queue_p50_ms": statistics.median(queue) if queue else None,
             "server_prefill_p50_ms": statistics.median(prefill) if prefill else None}
@@ -134,6 +137,8 @@ def server_command(path: str, port: int, args) -> list[str]:
         cmd = cmd[:3] + ["--verbose"] + cmd[3:] + ["--no-ray"]  # --verbose: the engine loop's timing lines
     if args.async_scheduling is not None:
         cmd += ["--async-scheduling" if args.async_scheduling else "--no-async-scheduling"]
+    if args.idle_spin_ms is not None:
+        cmd += ["--idle-spin-ms", str(args.idle_spin_ms)]
     return cmd
 
 
@@ -150,6 +155,7 @@ def main() -> None:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="both paths with async scheduling on (off); default: the engine's default")
     ap.add_argument("--no-ray", action="store_true", help="serve with the engine in the server process")
+    ap.add_argument("--idle-spin-ms", type=float, default=None, help="passed to accordion serve")
     ap.add_argument("--py-spy", default=None, metavar="FILE",
                     help="sample the server (all processes and threads) during the timed run; raw stacks to FILE")
     args = ap.parse_args()
@@ -187,6 +193,8 @@ def main() -> None:
     print_table([["offline LLM", f"{off['output_tok_s']:.0f}", f"{off['ttft_p50_ms']:.2f}"],
                  ["gRPC + Ray", f"{srv['output_tok_s']:.0f}", f"{srv['ttft_p50_ms']:.2f}"]],
                 ["path", "output tok/s", "p50 TTFT ms (low load)"])
+    print("low-load TTFT ms, sorted: offline", off["ttft_ms_sorted"], "\n  served", srv["ttft_ms_sorted"],
+          "\n  served, engine prefill", srv["server_prefill_ms_sorted"])
     print(f"loaded TTFT (64 at once): offline -, served p50 {srv['loaded_ttft_p50_ms']:.1f} ms, "
           f"max {srv['loaded_ttft_max_ms']:.1f} ms")
     print(f"served / offline throughput: {ratio:.3f}; added p50 TTFT: {added:.2f} ms "
