@@ -65,9 +65,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     e.add_argument("--max-out-of-order", type=int, default=0,
                    help="requests that may be admitted past a queue head that does not fit (0: strict FCFS)")
-    e.add_argument("--idle-spin-ms", type=float, default=SchedulerConfig.idle_spin_ms,
-                   help="after running out of work, an engine polls this long before sleeping (lower TTFT at low "
-                        "load; one busy core meanwhile)")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch the next greedy decode step before reading back the current one "
                         f"(default: {'on' if SchedulerConfig.async_scheduling else 'off'})")
@@ -84,8 +81,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   async_scheduling=(SchedulerConfig.async_scheduling
                                                     if getattr(args, "async_scheduling", None) is None
                                                     else args.async_scheduling),
-                                  max_out_of_order=getattr(args, "max_out_of_order", 0),
-                                  idle_spin_ms=getattr(args, "idle_spin_ms", SchedulerConfig.idle_spin_ms)),
+                                  max_out_of_order=getattr(args, "max_out_of_order", 0)),
         device=DeviceConfig(device=args.device),
     )
 

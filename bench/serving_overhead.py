@@ -137,8 +137,6 @@ def server_command(path: str, port: int, args) -> list[str]:
         cmd = cmd[:3] + ["--verbose"] + cmd[3:] + ["--no-ray"]  # --verbose: the engine loop's timing lines
     if args.async_scheduling is not None:
         cmd += ["--async-scheduling" if args.async_scheduling else "--no-async-scheduling"]
-    if args.idle_spin_ms is not None:
-        cmd += ["--idle-spin-ms", str(args.idle_spin_ms)]
     return cmd
 
 
@@ -155,7 +153,6 @@ def main() -> None:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="both paths with async scheduling on (off); default: the engine's default")
     ap.add_argument("--no-ray", action="store_true", help="serve with the engine in the server process")
-    ap.add_argument("--idle-spin-ms", type=float, default=None, help="passed to accordion serve")
     ap.add_argument("--py-spy", default=None, metavar="FILE",
                     help="sample the server (all processes and threads) during the timed run; raw stacks to FILE")
     args = ap.parse_args()

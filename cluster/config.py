@@ -97,11 +97,6 @@ class SchedulerConfig:
     thread (a convoy): when the engine still ran inside the instance actor, the Ray serving path ran at 0.15x of
     offline throughput on an H100, with 20 us at 0.90x (bench/results/experiments/)."""
 
-    idle_spin_ms: float = 0.0
-    """After the engine loop runs out of work, poll this long before sleeping, so a request that arrives soon
-    finds the core awake (lower TTFT at low load, one busy core meanwhile). ``accordion serve`` sets it on GPU
-    instances (``--idle-spin-ms``)."""
-
     def __post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.engine_thread_switch_interval_us is not None and not self.engine_thread_switch_interval_us > 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -140,7 +139,7 @@ class EngineLoop:
                         logger.info("instance %s busy period: %s", self.instance_id, core.stats(busy_since))
                     busy_since = core.counters()
                     self._idle.set()
-                    self._wait_for_work()
+                    self._cond.wait()
                 if self._stopping:
                     return
                 adds, self._adds = self._adds, []
@@ -177,25 +176,6 @@ class EngineLoop:
                 self._fail(f"engine step failed on instance {self.instance_id}: {type(e).__name__}: {e}", outputs)
                 return
             self._emit(outputs)
-
-    def _has_work(self) -> bool:
-        return bool(self._adds or self._aborts or self._calls or self._stopping or self.instance.core.has_unfinished())
-
-    def _wait_for_work(self) -> None:
-        """Sleep on the condition until notified (called with it held). First, for up to ``idle_spin_ms``, poll
-        without sleeping: a core that naps runs the next step's host work slower (on a 2-core VM a 32-token
-        prefill took 2.1 ms after 20 ms idle against 0.9 ms back to back), which is what a lone request's TTFT
-        is made of."""
-        spin_ms = self.instance.config.scheduler.idle_spin_ms
-        if spin_ms:
-            deadline = time.monotonic() + spin_ms / 1e3
-            while time.monotonic() < deadline:
-                self._cond.release()
-                time.sleep(0)  # yields the GIL and the lock to a submitter
-                self._cond.acquire()
-                if self._has_work():
-                    return
-        self._cond.wait()
 
     def _fail(self, message: str, outputs: list[EngineOutput]) -> None:
         with self._cond:
