@@ -6,6 +6,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # The device copy has no (or stale) git metadata: the caller passes the commit (ACCORDION_COMMIT=$(git rev-parse --short HEAD) bash ...).
 export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:?pass ACCORDION_COMMIT=$(git rev-parse --short HEAD): the device copy has stale git metadata}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Workload traces (../shared/data does not travel): `mkdir -p .data && cp -r ../shared/data/traces .data/`, carry .data
+[ -d .data/traces ] && export ACCORDION_DATA_DIR=$PWD/.data
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
