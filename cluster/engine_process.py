@@ -78,7 +78,7 @@ class EngineProcess:
         self._load = payload["load"]
         self._reader = threading.Thread(target=self._read, name=f"engine-events-{self.instance_id}", daemon=True)
         self._reader.start()
-        return payload["info"]
+        return {**payload["info"], "engine_pid": self._proc.pid}
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the engine (it leaves the instances' group) and wait for the child to exit."""

@@ -4,6 +4,7 @@ Runs after test_serving.py (it changes which instances exist; it leaves two serv
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -78,6 +79,18 @@ def test_remove_with_drain_then_add(stack):
     stack.check_idle()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) counts as gone
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_instance_death_fails_its_requests_then_replaced(stack):
     recs = stack.instances()
     victim = recs[0]
@@ -87,11 +100,13 @@ def test_instance_death_fails_its_requests_then_replaced(stack):
         streams = asyncio.ensure_future(_streams(stack.target, 6, 200, started))
         await asyncio.wait_for(started.wait(), 30)
         on_victim = stack.engine.routed.get(victim.instance_id, 0)
+        engine_pid = (await victim.handle.start.remote())["engine_pid"]  # started already: returns its info
         ray.kill(victim.handle, no_restart=True)
-        return await asyncio.wait_for(streams, 30), on_victim
+        return await asyncio.wait_for(streams, 30), on_victim, engine_pid
 
-    res, on_victim = asyncio.run(run())
+    res, on_victim, engine_pid = asyncio.run(run())
     assert on_victim > 0
+    _wait(lambda: not _alive(engine_pid), timeout=10)  # the killed actor's engine process exits: no orphan
     errors = [r for r in res if not isinstance(r, BaseException) and r[-1].finish_reason == "error"]
     ok = [r for r in res if not isinstance(r, BaseException) and r[-1].finish_reason == "length"]
     assert not [r for r in res if isinstance(r, BaseException)], res
