@@ -71,7 +71,12 @@ class EngineProcess:
         if not self._events.poll(timeout_s):
             self._proc.kill()
             raise TimeoutError(f"engine process {self.instance_id} did not start in {timeout_s} s")
-        kind, payload = self._events.recv()
+        try:
+            kind, payload = self._events.recv()
+        except EOFError:  # it died without a word (a signal, a native crash)
+            self._proc.join(10)
+            raise RuntimeError(f"engine process {self.instance_id} exited while starting "
+                               f"(exit code {self._proc.exitcode})") from None
         if kind != "ready":
             self._proc.join(10)
             raise RuntimeError(f"engine process {self.instance_id} failed to start: {payload}")
@@ -163,7 +168,7 @@ class EngineProcess:
                 if kind == "step":
                     outputs, self._load = from_wire(msg[1]), msg[2]
                     self._forget([o.request_id for o in outputs if o.finished])
-                    self._on_step(outputs, self._load)
+                    self._deliver(outputs)
                 elif kind == "reply":
                     _, seq, result, error = msg
                     with self._lock:
@@ -192,8 +197,13 @@ class EngineProcess:
         if dead and reason != "stopped":
             logger.error("instance %s: %s; failing %d request(s)", self.instance_id, reason, len(dead))
             message = f"engine instance {self.instance_id} failed ({reason})"
-            self._on_step([EngineOutput(rid, [], finish_reason=FinishReason.ERROR, error=message) for rid in dead],
-                          self._load)
+            self._deliver([EngineOutput(rid, [], finish_reason=FinishReason.ERROR, error=message) for rid in dead])
+
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
+        try:
+            self._on_step(outputs, self._load)
+        except Exception:  # the owner's problem (e.g. its event loop is closing); keep reading
+            logger.exception("instance %s: on_step callback failed", self.instance_id)
 
 
 # --------------------------------------------------------------------------------------------------- the child

@@ -80,3 +80,10 @@ def test_the_child_exits_when_its_parent_goes_away(engine):
     ep._cmd.close()  # what the parent's death looks like from the child: end of file on its command pipe
     ep._proc.join(30)
     assert not ep._proc.is_alive()
+
+
+def test_a_child_that_cannot_build_its_engine_reports_why(tmp_path):
+    ep = EngineProcess(engine_config(str(tmp_path / "no-such-model")), "accordion.workers.model_runner:ModelRunner",
+                       "ep-bad", Collector(), cpu_threads=1)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        ep.start(timeout_s=120)
