@@ -13,10 +13,10 @@ the SLOs. Prints both capacities and their ratio; writes ``bench/results/mixed-w
 
     python bench/mixed_workload.py --shape 8b --num-instances 4 --num-prompts 40 \\
         --long-min-len 16384 --long-max-len 131072 --slo ttft:20000 tpot:150 --find-max-rate 0.5,4
+    python bench/mixed_workload.py --quick      # CPU smoke run: tiny model, 2 CPU instances
 
 Each probe replays the prompts at one rate (40 prompts at 0.5 req/s: 80 s), so the defaults fit one 10-minute
 device call for both modes; raise --num-prompts and --search-iters for a tighter estimate.
-    python bench/mixed_workload.py --quick      # CPU smoke run: tiny model, 2 CPU instances
 """
 
 from __future__ import annotations
