@@ -106,6 +106,33 @@ def _init_ray(address: str | None, namespace: str) -> None:
         ray.init(address=address, namespace=namespace)
     else:  # a private local cluster (never an existing one on this machine), no dashboard
         ray.init(address="local", namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
+        exposed = ray_wildcard_listeners()
+        if exposed:
+            logger.warning(
+                "Ray listens on all network interfaces on %d port(s) (%s) although it was given 127.0.0.1: Ray %s "
+                "cannot bind its servers to loopback. Its token authentication is on; firewall these ports or run "
+                "on a private network (deploy/README.md).", len(exposed),
+                ", ".join(f"{name}:{port}" for port, name in exposed[:8]) + (", ..." if len(exposed) > 8 else ""),
+                ray.__version__)
+
+
+def ray_wildcard_listeners() -> list[tuple[int, str]]:
+    """(port, process name) of every TCP listener on a wildcard address (0.0.0.0 / ::) owned by this process or
+    its descendants (the Ray cluster it started). Empty when that cannot be read."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    try:
+        me = psutil.Process()
+        ours = {me.pid} | {p.pid for p in me.children(recursive=True)}
+        found = set()
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.pid in ours and c.laddr.ip in ("0.0.0.0", "::"):
+                found.add((c.laddr.port, psutil.Process(c.pid).name()))
+        return sorted(found)
+    except (psutil.Error, OSError):
+        return []
 
 
 async def _serve_ray(args: argparse.Namespace, ec: EngineConfig, gcfg: GrpcServeConfig) -> None:

@@ -227,3 +227,13 @@ def test_server_info_aggregates_instances(stack):
         info = c.server_info()
     assert len(info.instances) == 2
     assert all(i.healthy for i in info.instances)
+
+
+def test_ray_wildcard_listeners_are_found(stack):
+    """`accordion serve` warns about Ray's listeners on all interfaces (Ray 2.60 binds them whatever node IP it
+    is given); the helper finds them among this process's descendants."""
+    from accordion.serve import ray_wildcard_listeners
+
+    found = ray_wildcard_listeners()
+    assert all(isinstance(port, int) and port > 0 and isinstance(name, str) for port, name in found)
+    assert any(name in ("gcs_server", "raylet") for _, name in found), found  # update this test if Ray fixes it
