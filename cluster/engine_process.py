@@ -31,7 +31,7 @@ from itertools import count
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.errors import EngineUnavailableError
 from accordion.cluster.load import LoadReport
-from accordion.cluster.outputs import EngineOutput, from_wire, to_wire
+from accordion.cluster.outputs import EngineOutput, to_wire
 from accordion.cluster.request import FinishReason, Request
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,14 @@ logger = logging.getLogger(__name__)
 CALLS = frozenset({"join_group", "leave_group", "run_sp_prefill", "check_idle"})
 """EngineInstance methods the parent may run on the engine thread."""
 
-StepCallback = Callable[[list[EngineOutput], LoadReport], None]
+StepCallback = Callable[[list, LoadReport], None]
+"""Receives each step's outputs in wire form (:func:`~accordion.cluster.outputs.to_wire`: they are passed on to
+Ray as they came over the pipe, never decoded in between) and the load after it."""
 
 
 class EngineProcess:
-    """The parent's handle. Methods may be called from any thread; ``on_step`` runs on a reader thread."""
+    """The parent's handle. Methods may be called from any thread; ``on_step`` runs on a reader thread and gets
+    outputs in wire form."""
 
     def __init__(self, config: EngineConfig, worker_cls: str, instance_id: str, on_step: StepCallback,
                  cpu_threads: int | None = None):
@@ -166,9 +169,9 @@ class EngineProcess:
                 msg = self._events.recv()
                 kind = msg[0]
                 if kind == "step":
-                    outputs, self._load = from_wire(msg[1]), msg[2]
-                    self._forget([o.request_id for o in outputs if o.finished])
-                    self._deliver(outputs)
+                    wire, self._load = msg[1], msg[2]
+                    self._forget([o.request_id for o in wire if type(o) is not tuple and o.finished])
+                    self._deliver(wire)
                 elif kind == "reply":
                     _, seq, result, error = msg
                     with self._lock:
@@ -199,9 +202,9 @@ class EngineProcess:
             message = f"engine instance {self.instance_id} failed ({reason})"
             self._deliver([EngineOutput(rid, [], finish_reason=FinishReason.ERROR, error=message) for rid in dead])
 
-    def _deliver(self, outputs: list[EngineOutput]) -> None:
+    def _deliver(self, wire: list) -> None:
         try:
-            self._on_step(outputs, self._load)
+            self._on_step(wire, self._load)
         except Exception:  # the owner's problem (e.g. its event loop is closing); keep reading
             logger.exception("instance %s: on_step callback failed", self.instance_id)
 

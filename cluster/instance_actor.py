@@ -20,31 +20,32 @@ from accordion.cluster.config import EngineConfig
 from accordion.cluster.errors import EngineUnavailableError
 from accordion.cluster.instance import DEFAULT_WORKER
 from accordion.cluster.load import LoadReport
-from accordion.cluster.outputs import EngineOutput, to_wire
 from accordion.cluster.request import Request
 
 logger = logging.getLogger(__name__)
 
-Batch = tuple[list[EngineOutput], LoadReport]
+Batch = tuple[list, LoadReport]
+"""Engine outputs in wire form (:func:`~accordion.cluster.outputs.to_wire`) and the newest load report."""
 
 
 class Outbox:
-    """Engine steps on their way from the engine thread to the output streams' subscribers.
+    """Engine steps (outputs in wire form) on their way from the engine process's reader thread to the output
+    streams' subscribers.
 
-    The engine thread appends to a buffer and wakes the event loop only when no wake-up is pending, so a busy
-    loop costs the engine one lock per step, not a callback; each wake-up hands everything buffered to every
+    The reader thread appends to a buffer and wakes the event loop only when no wake-up is pending, so a busy
+    loop costs one lock per step, not a callback; each wake-up hands everything buffered to every
     subscriber as one batch. (Plain class, not an actor method: no Ray wrappers on the engine's path.)"""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._lock = threading.Lock()
-        self._outputs: list[EngineOutput] = []
+        self._outputs: list = []
         self._load: LoadReport | None = None
         self._wake_pending = False
         self._subscribers: list[_Subscriber] = []
 
-    def put(self, outputs: list[EngineOutput], load: LoadReport) -> None:
-        """Any thread (the engine's)."""
+    def put(self, outputs: list, load: LoadReport) -> None:
+        """Any thread (the engine process's reader)."""
         with self._lock:
             self._outputs.extend(outputs)
             self._load = load
@@ -79,12 +80,12 @@ class _Subscriber:
     """One output stream's pending steps, merged until it takes them."""
 
     def __init__(self):
-        self._outputs: list[EngineOutput] = []
+        self._outputs: list = []
         self._load: LoadReport | None = None
         self._closed = False
         self._ready = asyncio.Event()
 
-    def add(self, outputs: list[EngineOutput], load: LoadReport) -> None:
+    def add(self, outputs: list, load: LoadReport) -> None:
         self._outputs.extend(outputs)
         self._load = load
         self._ready.set()
@@ -93,7 +94,7 @@ class _Subscriber:
         self._closed = True
         self._ready.set()
 
-    async def get(self) -> tuple[list[EngineOutput], LoadReport] | None:
+    async def get(self) -> Batch | None:
         """Everything since the last call, or None once closed and drained."""
         while self._load is None:
             if self._closed:
@@ -204,7 +205,7 @@ class InstanceActor:
                 batch = await sub.get()
                 if batch is None:
                     return
-                yield to_wire(batch[0]), batch[1]
+                yield batch
         finally:
             self._outbox.unsubscribe(sub)
 

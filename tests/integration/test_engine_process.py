@@ -10,6 +10,7 @@ import pytest
 
 from accordion.cluster.engine_process import EngineProcess
 from accordion.cluster.errors import EngineUnavailableError, RequestTooLargeError
+from accordion.cluster.outputs import from_wire
 from accordion.cluster.request import FinishReason, Request, SamplingParams
 from tests.integration.conftest import engine_config
 
@@ -19,9 +20,9 @@ class Collector:
         self.outputs = []
         self.cond = threading.Condition()
 
-    def __call__(self, outputs, load):
+    def __call__(self, wire, load):
         with self.cond:
-            self.outputs.extend(outputs)
+            self.outputs.extend(from_wire(wire))
             self.cond.notify_all()
 
     def wait_finished(self, rid: str, timeout: float = 60.0):
