@@ -209,14 +209,23 @@ class EngineProcess:
             logger.exception("instance %s: on_step callback failed", self.instance_id)
 
 
+def log_to_stderr(tag: str = "") -> None:
+    """INFO logs of the ``accordion`` loggers to stderr, once per process (Ray workers and the engine processes
+    they spawn: Ray forwards their stderr to the driver's console)."""
+    root = logging.getLogger("accordion")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(levelname)s %(name)s{' ' + tag if tag else ''}: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 # --------------------------------------------------------------------------------------------------- the child
 def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_threads: int | None, commands,
                 events) -> None:
     """Entry point of the engine process: build the engine, then serve commands until told to stop."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(levelname)s %(name)s [{instance_id}]: %(message)s"))
-    logging.getLogger("accordion").addHandler(handler)
-    logging.getLogger("accordion").setLevel(logging.INFO)
+    log_to_stderr(f"[{instance_id}]")
     from accordion.cluster.engine_loop import EngineLoop
     from accordion.cluster.instance import EngineInstance
 

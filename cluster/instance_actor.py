@@ -122,15 +122,11 @@ class InstanceActor:
 
     async def start(self) -> dict:
         """Spawn the engine process (it loads the model and sizes the KV cache). Returns what the manager records."""
-        from accordion.cluster.engine_process import EngineProcess
+        from accordion.cluster.engine_process import EngineProcess, log_to_stderr
 
         if self._engine is not None:
             return self._info
-        if not logging.getLogger("accordion").handlers:  # a Ray worker: instance logs go to the driver's console
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            logging.getLogger("accordion").addHandler(handler)
-            logging.getLogger("accordion").setLevel(logging.INFO)
+        log_to_stderr()
         self._outbox = Outbox(asyncio.get_running_loop())
         engine = EngineProcess(self.config, self.worker_cls, self.instance_id, self._outbox.put, self.cpu_threads)
         self._info = await asyncio.to_thread(engine.start)
