@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install accordion (no network there), run the GPU tests, then benchmarks.
 # Usage: bash bench/gpu_suite.sh [tests] [offline] [kernels] [serve] ...   (default: tests offline kernels)
+# MIXED_ARGS="--modes static" passes extra arguments to bench/mixed_workload.py.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 # The device copy has no (or stale) git metadata: the caller passes the commit (ACCORDION_COMMIT=$(git rev-parse --short HEAD) bash ...).
@@ -26,7 +27,7 @@ for step in $steps; do
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -9 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;
-    mixed) python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12 ;;
+    mixed) python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" ${MIXED_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;
     ring) python3 bench/ring_attention.py 2>&1 | tee "$OUT/ring.log" | tail -20 ;;
     decode-profile) for shape in 8b 1b; do python3 bench/profile_decode.py --shape $shape 2>&1 | grep -v "Loading weights" | tail -4; done ;;
