@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def serve_command(path: str, port: int, mode: str, args) -> list[str]:
     cmd = [sys.executable, "-m", "accordion.cli", "serve", "--model", path, "--port", str(port), "--num-instances",
            str(args.num_instances), "--max-model-len", str(args.max_model_len), "--max-num-batched-tokens",
-           str(args.max_num_batched_tokens)]
+           str(args.max_num_batched_tokens), "--no-enable-prefix-caching"]  # probes replay the same prompts
     if not torch.cuda.is_available():
         cmd += ["--device", "cpu"]
     if mode == "esp":
@@ -86,7 +86,7 @@ def capacity(target: str, mode: str, out_dir: Path, args) -> dict:
     # in the first probe's TTFT (seen on 2×H100: p50 5.6 s at the first rate, 0.2 s after).
     warm = [c if c != f"mixed-{mode}" else f"mixed-warmup-{mode}" for c in cmd]
     i = warm.index("--find-max-rate")
-    warm[i:i + 4] = ["--request-rate", "inf"]
+    warm[i:i + 4] = ["--request-rate", "inf", "--seed", "1"]  # other prompts than the measured ones
     subprocess.run(warm, check=True, env=env)
     subprocess.run(cmd, check=True, env=env)
     files = sorted(out_dir.glob(f"serve-mixed-{mode}-*.json"))
