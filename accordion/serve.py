@@ -54,6 +54,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--esp-max-degree", type=int, default=8, help="most instances one prefill may span")
     sp.add_argument("--esp-force-degree", type=int, default=None, help="always use this degree (benchmarks)")
     sp.add_argument("--esp-cost-model", default=None, help="prefill cost model JSON from `accordion profile`")
+    sp.add_argument("--esp-multi-master", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode a long request whose KV fits on no single instance with its KV spread over several")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -63,6 +65,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--num-blocks", type=int, default=None)
     e.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes seen before")
     e.add_argument("--max-out-of-order", type=int, default=0,
                    help="requests that may be admitted past a queue head that does not fit (0: strict FCFS)")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -76,7 +80,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=resolve_model(args.model), dtype=args.dtype, max_model_len=args.max_model_len),
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                          gpu_memory_utilization=args.gpu_memory_utilization),
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          enable_prefix_caching=getattr(args, "enable_prefix_caching", True)),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                                   async_scheduling=(SchedulerConfig.async_scheduling
                                                     if getattr(args, "async_scheduling", None) is None
@@ -144,7 +149,8 @@ async def _serve_ray(args: argparse.Namespace, ec: EngineConfig, gcfg: GrpcServe
     gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
     n = args.num_instances or gpus or 1
     esp = ESPConfig(enabled=args.esp, min_prompt_tokens=args.esp_min_tokens, max_degree=args.esp_max_degree,
-                    force_degree=args.esp_force_degree, cost_model_path=args.esp_cost_model)
+                    force_degree=args.esp_force_degree, cost_model_path=args.esp_cost_model,
+                    multi_master=args.esp_multi_master)
     cc = ClusterConfig(engine=ec, esp=esp, gpus_per_instance=1.0 if gpus else 0.0,
                        cpu_threads_per_instance=args.cpu_threads, auto_grow=args.auto_grow)
     manager = start_manager(cc)
