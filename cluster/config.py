@@ -154,6 +154,9 @@ class ESPConfig:
     """Most instances one prefill may span."""
     force_degree: int | None = None
     """Use exactly this degree for every eligible prompt (tests, benchmarks); else the cost model decides."""
+    multi_master: bool = True
+    """A long request whose KV fits on no single instance keeps it spread over several and is decoded there
+    (each holder computes partial attention every step); off, it waits for room on one instance."""
     cost_model_path: str | None = None
     """JSON written by ``accordion profile``; default: an analytic model."""
     backend: str | None = None

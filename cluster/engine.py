@@ -43,7 +43,9 @@ class EngineCore:
         return self.scheduler.abort(request_ids)
 
     def has_unfinished(self) -> bool:
-        return self._inflight is not None or self.scheduler.has_unfinished()
+        """Work left: a step in flight, requests, or ended requests the worker has not been told to forget (a
+        multi-master request's holders free its slices only then)."""
+        return self._inflight is not None or self.scheduler.has_unfinished() or self.scheduler.has_forgotten
 
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, and make output."""

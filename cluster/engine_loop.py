@@ -46,6 +46,13 @@ class EngineLoop:
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name=f"engine-loop-{instance_id}", daemon=True)
+        instance.post = self._post  # other threads of the instance (multi-master slice servers) reach it here
+
+    def _post(self, fn: Callable[[EngineInstance], object]) -> None:
+        try:
+            self.call(fn)
+        except EngineUnavailableError:  # stopping: nothing left to update
+            pass
 
     # ---- any thread --------------------------------------------------------------------------------------------
 

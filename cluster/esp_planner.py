@@ -4,9 +4,10 @@
   ``T(sp, l) = A_sp + B_sp * sum(l) + C_sp * sum(l^2)``; ``accordion profile`` measures it and stores it as JSON.
 * :func:`choose_degree` picks the degree for a prompt from the idle instances: the fastest predicted time, but
   one more instance must buy at least ``min_gain`` of speed-up (instances are not free: they serve others).
-* :func:`plan_placement` is the proactive scale-down plan: the KV slices each instance keeps while the ring
-  passes the K/V by. Slices go to as few instances as possible (the master first), so decoding continues on
-  the fewest instances and nothing moves after the prefill.
+* :func:`plan_placement` places the KV of a request that fits on no single instance: slices kept by the
+  instances the ring passes the K/V by, as few as possible (the master first), the last one with room for the
+  decoded tokens, so decoding continues with the KV where it is (multi-master decoding) and nothing moves
+  after the prefill. A request that fits on its master keeps it all there (proactive scale-down).
 
 Pure Python; tested on its own.
 """
@@ -88,22 +89,27 @@ def choose_degree(cost: PrefillCostModel, length: int, available: int, *, min_ga
     return best
 
 
-def plan_placement(num_tokens: int, block_size: int, group: list[int], free_blocks: dict[int, int]
-                   ) -> list[tuple[int, int, int]] | None:
-    """Contiguous, block-aligned slices (rank, start, end) covering ``num_tokens`` positions.
+def plan_placement(num_tokens: int, extra_tokens: int, block_size: int, group: list, free_blocks: dict
+                   ) -> list[tuple[object, int, int, int]] | None:
+    """Where a request's KV goes when no single instance has room for it (multi-master decoding).
 
-    Fills the master (``group[0]``) first, then the other members in order of free space, each up to its free
-    blocks; None if the group cannot hold the tokens.
+    Contiguous, block-aligned slices ``(member, start, end, extra)`` cover the prompt's ``num_tokens`` positions:
+    the master (``group[0]``) first, then the other members in order of free space, each up to its free blocks.
+    The last slice (the tail) also reserves ``extra`` = ``extra_tokens`` positions for the tokens decoding
+    will add (it may hold no prompt position at all). None if the group cannot hold it all.
     """
-    order = [group[0]] + sorted(group[1:], key=lambda r: -free_blocks.get(r, 0))
+    order = [group[0]] + sorted(group[1:], key=lambda m: -free_blocks.get(m, 0))
     slices, start = [], 0
-    for rank in order:
-        if start >= num_tokens:
-            break
-        cap = free_blocks.get(rank, 0) * block_size
+    for member in order:
+        cap = free_blocks.get(member, 0) * block_size
         if cap <= 0:
             continue
-        end = min(num_tokens, start + cap)
-        slices.append((rank, start, end))
-        start = end
-    return slices if start >= num_tokens else None
+        rest = num_tokens - start
+        if rest + extra_tokens <= cap:  # the tail: the rest of the prompt plus room for the new tokens
+            slices.append((member, start, num_tokens, extra_tokens))
+            return slices
+        if rest > 0:
+            end = start + min(rest, cap)
+            slices.append((member, start, end, 0))
+            start = end
+    return None

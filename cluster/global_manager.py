@@ -179,9 +179,15 @@ class GlobalManager:
     async def ranks(self) -> dict[str, int]:
         return dict(self._ranks)
 
-    async def run_sp_prefill(self, request: Request, group: list[str]) -> None:
-        """Prefill ``request`` across the instances ``group`` (``group[0]`` decodes it afterwards and keeps the
-        whole KV: proactive scale-down to one instance). Jobs reach every instance in one global order."""
+    async def run_sp_prefill(self, request: Request, group: list[str],
+                             placement: list[tuple[str, int, int, int]] | None = None) -> None:
+        """Prefill ``request`` across the instances ``group``; ``group[0]`` decodes it afterwards.
+
+        Without ``placement`` the master keeps the whole KV (proactive scale-down to one instance). With one,
+        ``(instance, start, end, extra_tokens)`` slices (the master's first, the tail's last with room for the new
+        tokens) are reserved on their instances first, and the request is decoded with its KV where the slices
+        are (multi-master decoding); a slice that cannot be reserved fails the call with EngineUnavailableError.
+        Jobs reach every instance in one global order."""
         from accordion.cluster.plan import KVSlice, SPPrefillJob
 
         async with self._lock():
@@ -189,12 +195,32 @@ class GlobalManager:
             if missing:
                 raise EngineUnavailableError(f"instances {missing} are not in the instance group")
             ranks = [self._ranks[i] for i in group]
+            slices = [KVSlice(ranks[0], 0, request.num_prompt_tokens, [])]
+            if placement is not None and len(placement) > 1:
+                slices = await self._reserve(request.request_id, placement)
             job = SPPrefillJob(next(self._job_ids), request.request_id, list(request.prompt_token_ids),
-                               request.sampling_params, tuple(request.eos_token_ids), ranks,
-                               [KVSlice(ranks[0], 0, request.num_prompt_tokens, [])])
+                               request.sampling_params, tuple(request.eos_token_ids), ranks, slices)
             for iid in group:  # sequential sends keep the per-instance order equal to the job order
                 await self._instances[iid].handle.submit_sp_job.remote(job, request if iid == group[0] else None)
-        logger.info("request %s: sequence-parallel prefill (job %d) on %s", request.request_id, job.job_id, group)
+        logger.info("request %s: sequence-parallel prefill (job %d) on %s, KV on %s", request.request_id,
+                    job.job_id, group, [(s.rank, s.start, s.end) for s in job.placement])
+
+    async def _reserve(self, request_id: str, placement: list[tuple[str, int, int, int]]) -> list:
+        from accordion.cluster.plan import KVSlice
+
+        handles = [self._instances[iid].handle for iid, *_ in placement]
+        blocks = await asyncio.gather(*(h.reserve_slice.remote(request_id, end - start + extra)
+                                        for h, (_, start, end, extra) in zip(handles, placement)),
+                                      return_exceptions=True)
+        if any(b is None or isinstance(b, BaseException) for b in blocks):
+            errors = [b for b in blocks if isinstance(b, BaseException)]
+            logger.warning("request %s: reserving KV slices %s failed: %s", request_id, placement,
+                           errors[0] if errors else "no room")
+            await asyncio.gather(*(h.release_slice.remote(request_id) for h, b in zip(handles, blocks)
+                                   if isinstance(b, list)), return_exceptions=True)
+            raise EngineUnavailableError(f"request {request_id}: KV slices could not be reserved "
+                                         f"({errors[0] if errors else 'no room'}); retry")
+        return [KVSlice(self._ranks[iid], start, end, b) for (iid, start, end, _), b in zip(placement, blocks)]
 
     async def list_instances(self) -> list[InstanceRecord]:
         return list(self._instances.values())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import queue
+from collections.abc import Callable
 
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.engine import EngineCore
@@ -40,34 +42,90 @@ class EngineInstance:
                                    max_model_len=self.max_model_len)
         self.core = EngineCore(self.scheduler, self.worker, async_scheduling=config.scheduler.async_scheduling)
         self.rank: int | None = None
+        self.slice_server = None
+        """Multi-master decoding's holder side (``accordion.workers.multi_master.SliceServer``) while in a group."""
+        self._posted: queue.SimpleQueue = queue.SimpleQueue()
+        self.post: Callable[[Callable[[EngineInstance], object]], object] = self._posted.put
+        """Run a function on the thread that owns this instance (other threads must not touch the scheduler).
+        :class:`~accordion.cluster.engine_loop.EngineLoop` points it at its queue of calls; without a loop, the
+        owner runs :meth:`run_posted`."""
         logger.info("engine instance ready: %d KV blocks, max_model_len %d", self.num_blocks, self.max_model_len)
 
     # ------------------------------------------------------------------ elastic sequence parallelism
-    def join_group(self, init_method: str, world_size: int, rank: int, backend: str | None = None) -> None:
-        """Join the instances' torch.distributed group (NCCL on GPU, gloo on CPU) at the manager's address."""
+    def run_posted(self) -> None:
+        """Run what other threads posted (see :attr:`post`)."""
+        while not self._posted.empty():
+            self._posted.get()(self)
+
+    def join_group(self, init_method: str, world_size: int, rank: int, backend: str | None = None
+                   ) -> list[EngineOutput]:
+        """Join the instances' torch.distributed group (NCCL on GPU, gloo on CPU) at the manager's address, with
+        the pair groups of multi-master decoding. Returns the outputs of requests that leaving the old group
+        ended."""
+        from accordion.workers.multi_master import SliceServer, SpreadExchange, pair_groups
         from accordion.workers.parallel import init_instance_group
 
+        lost = self.leave_group()
         backend = backend or ("nccl" if self.worker.device.type == "cuda" else "gloo")
         init_instance_group(init_method, world_size, rank, backend=backend)
         self.rank = rank
+        groups = pair_groups(world_size)
+        cap = self.config.scheduler.max_num_seqs
+        self.worker.spread = SpreadExchange(rank, groups, cap, self.worker.device)
+        self.slice_server = SliceServer(self.worker, rank, groups, cap, self._release_later)
+        return lost
 
-    def leave_group(self) -> None:
-        """Leave the instances' process group (on shutdown)."""
+    def _release_later(self, request_id: str) -> None:
+        self.post(lambda inst: inst.scheduler.release_slice(request_id))
+
+    def leave_group(self) -> list[EngineOutput]:
+        """Leave the instances' process group (on shutdown, or before re-joining). Spread requests still decoding
+        lose their remote slices: they end with an error (returned)."""
         from accordion.workers.parallel import leave_instance_group
 
-        if self.rank is not None:
+        if self.rank is None:
+            return []
+        lost = self.scheduler.abort([r.request_id for r in self.scheduler.running if r.spread_local_tokens is not None])
+        for out in lost:
+            out.finish_reason = FinishReason.ERROR
+            out.error = "the instance group re-formed while this request's KV was spread over instances; retry"
+        try:
+            self.worker.spread.stop()
+            self.slice_server.join()
+        finally:
+            self.worker.spread, self.slice_server = None, None
             leave_instance_group()
             self.rank = None
+        return lost
+
+    def _release_holders(self, job: SPPrefillJob) -> None:
+        """The master gave up on a spread request: the other slices' holders free them."""
+        from accordion.workers.multi_master import SpreadState
+
+        holders = [s.rank for s in job.placement if s.rank != self.rank]
+        if len(job.placement) > 1 and holders and self.worker.spread is not None:
+            self.worker.spread.release(SpreadState(job.job_id, 0, holders))
+            self.worker.spread.flush()
+
+    def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for a slice of a sequence-parallel prefill planned ahead of the job (multi-master placement)."""
+        return self.scheduler.reserve_slice(request_id, num_tokens)
+
+    def release_slice(self, request_id: str) -> None:
+        self.scheduler.release_slice(request_id)
 
     def run_sp_prefill(self, job: SPPrefillJob, request: Request | None = None) -> EngineOutput | None:
         """Run this instance's share of a sequence-parallel prefill.
 
         A slice of the placement whose ``block_ids`` are empty is allocated here, from this instance's pool. The
-        master (``job.group[0]``), given the ``request``, adopts it for decoding (it holds the whole prompt's
-        KV) and returns its first output; an instance that cannot store its slice still serves the ring (the
-        others would wait for it) and the master then fails the request.
+        master (``job.group[0]``), given the ``request``, adopts it for decoding and returns its first output:
+        it holds the whole prompt's KV (proactive scale-down), or, when the placement has several slices, the
+        first one, and decodes with the others where they are (multi-master decoding; their holders register
+        them with their :class:`~accordion.workers.multi_master.SliceServer`). An instance that cannot store its
+        slice still serves the ring (the others would wait for it) and the master then fails the request.
         """
         from accordion.workers.input_batch import CachedRequestState
+        from accordion.workers.multi_master import SpreadState
         from accordion.workers.sequence_parallel import SequenceParallelPrefill
 
         mine = job.slice_of(self.rank)
@@ -88,15 +146,23 @@ class EngineInstance:
             self.scheduler.release_slice(job.request_id)
             if not master:
                 return None
+            self._release_holders(job)
             return EngineOutput(job.request_id, [], finish_reason=FinishReason.ERROR, num_prompt_tokens=prompt_len,
                                 error=f"sequence-parallel prefill failed: {type(e).__name__}: {e}")
+        spread = len(job.placement) > 1
         if not master:
+            if spread and stored and mine is not None:  # serve this slice to the master's decode steps
+                self.slice_server.register(job.group[0], job.job_id, job.request_id, mine.block_ids, mine.start,
+                                           mine.end - mine.start)
             return None
-        if not stored or mine is None or (mine.start, mine.end) != (0, prompt_len):
+        if not stored or mine is None or mine.start != 0 or (not spread and mine.end != prompt_len):
             self.scheduler.release_slice(job.request_id)
+            self._release_holders(job)
             return EngineOutput(job.request_id, [], finish_reason=FinishReason.ERROR, num_prompt_tokens=prompt_len,
                                 error="no room for the prompt's KV on the decoding instance; retry")
-        self.worker.batch.states[job.request_id] = CachedRequestState(
-            job.request_id, list(job.prompt_token_ids), [token], job.sampling_params, list(mine.block_ids),
-            tuple(job.eos_token_ids))
-        return self.scheduler.adopt(request, token)
+        state = CachedRequestState(job.request_id, list(job.prompt_token_ids), [token], job.sampling_params,
+                                   list(mine.block_ids), tuple(job.eos_token_ids))
+        if spread:  # multi-master decoding: the other slices stay where they are
+            state.spread = SpreadState(job.job_id, mine.end, [s.rank for s in job.placement if s.rank != self.rank])
+        self.worker.batch.states[job.request_id] = state
+        return self.scheduler.adopt(request, token, mine.end if spread else None)

@@ -181,6 +181,13 @@ class InstanceActor:
         """(Re-)join the instances' torch.distributed group, on the engine thread after any queued jobs."""
         await asyncio.wrap_future(self._require().call("join_group", init_method, world_size, rank))
 
+    async def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for this instance's slice of a multi-master placement, reserved before the prefill job."""
+        return await asyncio.wrap_future(self._require().call("reserve_slice", request_id, num_tokens))
+
+    async def release_slice(self, request_id: str) -> None:
+        await asyncio.wrap_future(self._require().call("release_slice", request_id))
+
     async def submit_sp_job(self, job, request: Request | None) -> None:
         """Queue this instance's share of a sequence-parallel prefill (run in the manager's job order). The
         master, given the ``request``, emits its outputs on the normal output stream."""

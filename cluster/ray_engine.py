@@ -20,7 +20,7 @@ from accordion.cluster.config import EngineConfig, ESPConfig
 from accordion.cluster.engine_client import InstanceInfo, ServerInfo
 from accordion.cluster.engine_frontend import EngineFrontend, RetryElsewhere, model_info_for
 from accordion.cluster.errors import EngineOverloadedError, EngineUnavailableError, RequestValidationError
-from accordion.cluster.esp_planner import PrefillCostModel, choose_degree
+from accordion.cluster.esp_planner import PrefillCostModel, choose_degree, plan_placement
 from accordion.cluster.global_manager import InstanceRecord
 from accordion.cluster.instance_actor import unwrap_ray_error
 from accordion.cluster.load import LoadReport
@@ -87,7 +87,7 @@ class RayEngineClient(EngineFrontend):
         if self.esp is not None:
             self._cost = (PrefillCostModel.load(self.esp.cost_model_path) if self.esp.cost_model_path
                           else PrefillCostModel.analytic(self.esp.max_degree))
-        self._sp_groups: dict[str, list[str]] = {}
+        self._sp_groups: dict[str, tuple[list[str], list[tuple[str, int, int, int]] | None]] = {}
         self.sp_prefills: list[list[str]] = []
         """Instance groups of the sequence-parallel prefills sent from here (for tests and debugging)."""
         self.manager = manager
@@ -97,6 +97,8 @@ class RayEngineClient(EngineFrontend):
         self._records: dict[str, InstanceRecord] = {}
         self._pumps: dict[str, asyncio.Task] = {}
         self._loads: dict[str, LoadReport] = {}
+        self._planned: dict[str, int] = {}
+        """KV blocks of multi-master placements planned since each instance's last load report."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
@@ -174,6 +176,7 @@ class RayEngineClient(EngineFrontend):
                 wire, load = await ref
                 outputs = from_wire(wire)
                 self._loads[iid] = load
+                self._planned.pop(iid, None)
                 if iid not in self._subscribed:
                     self._subscribed.add(iid)
                     self._changed.set()
@@ -192,10 +195,10 @@ class RayEngineClient(EngineFrontend):
     # ---- EngineFrontend hooks ----------------------------------------------------------------------------------
 
     def _choose_route(self, requests: list[Request], exclude: set[str]) -> str:
-        group = self._sp_group(requests, exclude)
-        if group is not None:
-            self._sp_groups[requests[0].request_id] = group
-            return group[0]
+        plan = self._sp_group(requests, exclude)
+        if plan is not None:
+            self._sp_groups[requests[0].request_id] = plan
+            return plan[0][0]
         cands = [InstanceLoad(i, self._loads.get(i), self._outstanding(i))
                  for i in self._routable() if i not in exclude]
         if not cands:
@@ -206,11 +209,14 @@ class RayEngineClient(EngineFrontend):
         ld = self._loads.get(iid)
         return max(0, self._sent.get(iid, 0) - (ld.num_added if ld else 0))
 
-    def _sp_group(self, requests: list[Request], exclude: set[str]) -> list[str] | None:
-        """Instances to prefill a long prompt together (master first), or None for a one-instance request.
+    def _sp_group(self, requests: list[Request], exclude: set[str]
+                  ) -> tuple[list[str], list[tuple[str, int, int, int]] | None] | None:
+        """Instances to prefill a long prompt together (master first) and, when its KV is to stay spread, the
+        placement; None for a one-instance request.
 
         The degree comes from the cost model over the routable instances; the master is the least busy one with
-        room for the whole request's KV (decoding continues there alone: proactive scale-down).
+        room for the whole request's KV (decoding continues there alone: proactive scale-down). When no instance
+        has room for it, the KV is spread over the freest instances and decoded in place (multi-master).
         """
         esp = self.esp
         if esp is None or len(requests) != 1 or requests[0].num_prompt_tokens < esp.min_prompt_tokens:
@@ -220,24 +226,41 @@ class RayEngineClient(EngineFrontend):
         limit = min(len(cands), esp.max_degree)
         degree = min(esp.force_degree, limit) if esp.force_degree else choose_degree(self._cost, req.num_prompt_tokens,
                                                                                       limit)
-        if degree < 2:
-            return None
 
         def busy(i: str) -> int:
             ld = self._loads.get(i)
             return (ld.num_running + ld.num_waiting if ld else 0) + self._outstanding(i)
 
+        def free(i: str) -> int:
+            ld = self._loads.get(i)
+            return ld.num_free_blocks - self._planned.get(i, 0) if ld is not None else 0
+
         block = self.config.cache.block_size
-        need = -(-(req.num_prompt_tokens + min(req.max_tokens, self._model_info.max_model_len)) // block)
-        masters = [i for i in cands if (ld := self._loads.get(i)) is not None and ld.num_free_blocks >= need]
+        new_tokens = min(req.max_tokens, self._model_info.max_model_len - req.num_prompt_tokens)
+        need = -(-(req.num_prompt_tokens + new_tokens) // block)
+        masters = [i for i in cands if free(i) >= need]
         if not masters:
+            if not esp.multi_master or len(cands) < 2:
+                return None
+            by_free = sorted(cands, key=lambda i: (-free(i), busy(i)))[:limit]
+            placement = plan_placement(req.num_prompt_tokens, max(0, new_tokens - 1), block, by_free,
+                                       {i: free(i) for i in by_free})
+            if placement is None:
+                return None
+            holders = [i for i, *_ in placement]
+            for i, start, end, extra in placement:  # until the instance's next load report shows them taken
+                self._planned[i] = self._planned.get(i, 0) + -(-(end - start + extra) // block)
+            rest = sorted((i for i in cands if i not in holders), key=busy)
+            return holders + rest[:max(0, degree - len(holders))], placement
+        if degree < 2:
             return None
         master = min(masters, key=busy)
-        return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1]
+        return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1], None
 
-    async def _send_sp(self, group: list[str], request: Request) -> None:
+    async def _send_sp(self, group: list[str], request: Request,
+                       placement: list[tuple[str, int, int, int]] | None) -> None:
         try:
-            await self.manager.run_sp_prefill.remote(request, group)
+            await self.manager.run_sp_prefill.remote(request, group, placement)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -249,9 +272,9 @@ class RayEngineClient(EngineFrontend):
         self.routed[group[0]] = self.routed.get(group[0], 0) + 1
 
     async def _send(self, route: str, requests: list[Request]) -> None:
-        group = self._sp_groups.pop(requests[0].request_id, None)
-        if group is not None:
-            return await self._send_sp(group, requests[0])
+        plan = self._sp_groups.pop(requests[0].request_id, None)
+        if plan is not None:
+            return await self._send_sp(plan[0], requests[0], plan[1])
         rec = self._records.get(route)
         if rec is None:
             raise RetryElsewhere("no longer a member")

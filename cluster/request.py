@@ -198,6 +198,9 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
+    spread_local_tokens: int | None = None
+    """Multi-master decoding: only positions ``[0, spread_local_tokens)`` have KV here; the rest, and every new
+    token's, live on other instances, so decoding takes no blocks here."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -81,6 +81,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
+    def has_forgotten(self) -> bool:
+        """Requests ended since the last plan, which the worker has not been told to forget yet."""
+        return bool(self._forget)
+
+    @property
     def num_running(self) -> int:
         return len(self.running)
 
@@ -163,11 +168,14 @@ class Scheduler:
 
         Returns the new block ids, or None if ``req`` itself had to be preempted.
         """
+        if req.spread_local_tokens is not None:  # its new KV goes to the tail holder
+            return []
         while True:
             blocks = self.kv.allocate(req, num_tokens)
             if blocks is not None:
                 return blocks
-            victim = self.running[-1]
+            # Spread requests are never victims: recomputing one locally is what their spread avoided.
+            victim = next(r for r in reversed(self.running) if r.spread_local_tokens is None)
             self._preempt(victim)
             if victim is req:
                 return None
@@ -259,12 +267,13 @@ class Scheduler:
             return None
         bs = self.kv.block_size
         held = self.kv.req_blocks
-        need = sum(1 for r in rows if r.num_computed_tokens + 1 > len(held.get(r.request_id, ())) * bs)
+        need = sum(1 for r in rows if r.spread_local_tokens is None
+                   and r.num_computed_tokens + 1 > len(held.get(r.request_id, ())) * bs)
         if need > self.kv.num_free_blocks:  # all or nothing: a block taken here must reach the worker in a plan
             return None
         chunks = []
         for req in rows:
-            new_blocks = self.kv.allocate(req, req.num_computed_tokens + 1)
+            new_blocks = self._grow(req, req.num_computed_tokens + 1)
             assert new_blocks is not None
             chunks.append(ScheduledChunk(req.request_id, req.num_computed_tokens, 1, True, new_blocks))
         for req in rows:
@@ -284,11 +293,14 @@ class Scheduler:
     def release_slice(self, request_id: str) -> None:
         self.kv.free(request_id)
 
-    def adopt(self, request: Request, first_token: int) -> EngineOutput:
-        """Make a request whose whole prompt KV was written here by a sequence-parallel prefill (into blocks
-        from :meth:`reserve_slice`) a local, decoding request with its first sampled token."""
+    def adopt(self, request: Request, first_token: int, local_tokens: int | None = None) -> EngineOutput:
+        """Make a request whose prompt KV was written by a sequence-parallel prefill (into blocks from
+        :meth:`reserve_slice`) a decoding request here with its first sampled token: the whole prompt's KV is
+        here, or (multi-master decoding) only ``[0, local_tokens)``, the rest on other instances."""
         held = self.kv.req_blocks.get(request.request_id, [])
-        assert len(held) * self.kv.block_size >= request.num_prompt_tokens, "adopted request lacks KV blocks"
+        here = request.num_prompt_tokens if local_tokens is None else local_tokens
+        assert len(held) * self.kv.block_size >= here, "adopted request lacks KV blocks"
+        request.spread_local_tokens = local_tokens
         now = time.monotonic()
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = request.num_prompt_tokens

@@ -80,8 +80,11 @@ class AttentionBackend(ABC):
 
 
 def write_kv_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V into the paged cache: k, v [T, Hkv, D]; slot_mapping [T]."""
+    """Scatter this step's K/V into the paged cache: k, v [T, Hkv, D]; slot_mapping [T] (-1: not stored here)."""
     _, n, bs, h, d = kv_cache.shape
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     kv_cache[0].view(n * bs, h, d).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(n * bs, h, d).index_copy_(0, slot_mapping, v)
 

@@ -7,13 +7,14 @@ sampled tokens) and lays the step out as flat arrays (see ``accordion.workers.at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from accordion.cluster.plan import StepPlan
 from accordion.cluster.request import SamplingParams
+from accordion.workers.multi_master import SpreadState
 from accordion.workers.sampler import SampleRow
 
 
@@ -25,6 +26,9 @@ class CachedRequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     eos_token_ids: tuple[int, ...]
+    spread: SpreadState | None = None
+    """Set when part of the request's KV lives on other instances (multi-master decoding): ``block_ids`` then
+    hold positions ``[0, spread.local_len)`` and new tokens' K/V go to the tail holder."""
 
     def token(self, i: int) -> int:
         n = len(self.prompt_token_ids)
@@ -54,6 +58,8 @@ class StepInputs:
     prev_rows: np.ndarray | None = None
     """[T] int64 (async scheduling): for each token, the row of the previous step's sampled tokens that is its
     input (the token is not on the host yet), or -1 when ``input_ids`` holds it."""
+    spread_rows: list[tuple[int, SpreadState, int]] = field(default_factory=list)
+    """(token index, spread state, position) of each decode row whose KV is partly on other instances."""
 
 
 class InputBatch:
@@ -61,9 +67,14 @@ class InputBatch:
         self.block_size = block_size
         self.states: dict[str, CachedRequestState] = {}
 
-    def apply(self, plan: StepPlan) -> None:
+    def apply(self, plan: StepPlan) -> list[SpreadState]:
+        """Apply the plan's diffs; returns the spread states of the requests forgotten (their holders must free
+        their slices)."""
+        gone = []
         for rid in plan.finished_request_ids:
-            self.states.pop(rid, None)
+            st = self.states.pop(rid, None)
+            if st is not None and st.spread is not None:
+                gone.append(st.spread)
         for new in plan.new_requests:
             self.states[new.request_id] = CachedRequestState(
                 new.request_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
@@ -71,6 +82,7 @@ class InputBatch:
         for chunk in plan.chunks:
             if chunk.new_block_ids:
                 self.states[chunk.request_id].block_ids.extend(chunk.new_block_ids)
+        return gone
 
     def record_sampled(self, sampled: dict[str, int]) -> None:
         for rid, tok in sampled.items():
@@ -84,6 +96,7 @@ class InputBatch:
         prev_rows: list[int] | None = [] if pending else None
         seq_lens, qsl = [], [0]
         logits_idx, sampled_ids, sample_rows = [], [], []
+        spread_rows = []
         for chunk in plan.chunks:
             st = self.states[chunk.request_id]
             start, end = chunk.start, chunk.start + chunk.num_tokens
@@ -97,7 +110,11 @@ class InputBatch:
                 if prev_rows is not None:
                     prev_rows.append(pending[chunk.request_id] if unknown else -1)
                 pos.append([start])
-                slots.append([st.block_ids[start // bs] * bs + start % bs])
+                if st.spread is None:
+                    slots.append([st.block_ids[start // bs] * bs + start % bs])
+                else:  # attends to its local slice here; the tail holder stores the new K/V
+                    spread_rows.append((qsl[-1], st.spread, start))
+                    slots.append([-1])
             else:
                 p = np.arange(start, end, dtype=np.int64)
                 blocks = np.asarray(st.block_ids, dtype=np.int64)
@@ -107,7 +124,7 @@ class InputBatch:
                 pos.append(p)
                 slots.append(blocks[p // bs] * bs + p % bs)
             rows_blocks.append(st.block_ids)
-            seq_lens.append(end)
+            seq_lens.append(end if st.spread is None else st.spread.local_len)
             qsl.append(qsl[-1] + chunk.num_tokens)
             if chunk.sample:
                 logits_idx.append(qsl[-1] - 1)
@@ -122,7 +139,7 @@ class InputBatch:
         return StepInputs(cat(ids), cat(pos), cat(slots), table, np.asarray(seq_lens, dtype=np.int32),
                           np.asarray(qsl, dtype=np.int32), np.asarray(logits_idx, dtype=np.int64), sampled_ids,
                           sample_rows, plan.num_decodes,
-                          None if prev_rows is None else np.asarray(prev_rows, dtype=np.int64))
+                          None if prev_rows is None else np.asarray(prev_rows, dtype=np.int64), spread_rows)
 
 
 class HostStager:

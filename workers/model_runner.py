@@ -19,6 +19,7 @@ from accordion.workers.arch import ArchConfig
 from accordion.workers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from accordion.workers.input_batch import HostStager, InputBatch, StepInputs, inject_prev_tokens
 from accordion.workers.loader import load_model
+from accordion.workers.multi_master import MultiMasterAttention, SpreadExchange
 from accordion.workers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class ModelRunner:
         self.graphs = None
         self.device_wait_s = 0.0
         """Time the host spent blocked on sampled tokens (cumulative): what is left of a step is host work."""
+        self.spread: SpreadExchange | None = None
+        """Multi-master decoding's master side, while this instance is in an instance group."""
 
     # ------------------------------------------------------------------ set-up
     def load_model(self) -> None:
@@ -174,19 +177,27 @@ class ModelRunner:
     def launch(self, plan: StepPlan, prev: PendingStep | None = None) -> PendingStep:
         """Run the step. Plain greedy steps return with their tokens still on the device (``wait`` reads them);
         with ``prev``, inputs not yet known on the host are taken from ``prev``'s device tokens."""
-        self.batch.apply(plan)
+        for spread in self.batch.apply(plan):
+            self.spread.release(spread)
         if plan.is_empty:
+            if self.spread is not None and self.spread.has_releases:
+                self.spread.flush()
             return PendingStep(plan.step_id, [], result=StepResult(plan.step_id, {}))
         pending = None
         if prev is not None and prev.tokens is not None:
             pending = {rid: i for i, rid in enumerate(prev.sampled_ids)}
         inp = self.batch.prepare(plan, pending)
         inject = None if inp.prev_rows is None else (inp.prev_rows, prev.tokens)
-        if self.graphs is not None and self.graphs.can_run(plan, inp):
+        if self.graphs is not None and not inp.spread_rows and self.graphs.can_run(plan, inp):
             hidden = self.graphs.run(inp, inject)
         else:
             meta, ids, pos, logits_idx = self.build_metadata(inp, None if inject is None else inject[1])
-            hidden = self.model(ids, pos, self.kv_caches, self.backend, meta)
+            backend = self.backend
+            if inp.spread_rows:  # multi-master decoding: the holders complete these rows' attention
+                backend = MultiMasterAttention(self.backend, self.spread.begin_step(inp.spread_rows))
+            elif self.spread is not None and self.spread.has_releases:
+                self.spread.flush()
+            hidden = self.model(ids, pos, self.kv_caches, backend, meta)
             hidden = hidden[logits_idx]
         if not inp.sampled_ids:
             return PendingStep(plan.step_id, [], result=StepResult(plan.step_id, {}))

@@ -25,8 +25,16 @@ def test_choose_degree_short_prompts_stay_local_long_prompts_spread():
     assert choose_degree(cost, 100_000, available=1) == 1
 
 
-def test_placement_fills_master_first_then_the_freest():
-    assert plan_placement(100, 16, [0, 1, 2], {0: 10, 1: 2, 2: 5}) == [(0, 0, 100)]
-    assert plan_placement(200, 16, [0, 1, 2], {0: 4, 1: 2, 2: 5}) is None  # 176 slots < 200 tokens
-    assert plan_placement(150, 16, [0, 1, 2], {0: 4, 1: 2, 2: 5}) == [(0, 0, 64), (2, 64, 144), (1, 144, 150)]
-    assert plan_placement(10_000, 16, [0, 1], {0: 4, 1: 4}) is None
+def test_placement_fills_master_first_then_the_freest_and_the_tail_has_room_to_grow():
+    assert plan_placement(100, 20, 16, [0, 1, 2], {0: 10, 1: 2, 2: 5}) == [(0, 0, 100, 20)]
+    assert plan_placement(200, 0, 16, [0, 1, 2], {0: 4, 1: 2, 2: 5}) is None  # 176 slots < 200 tokens
+    assert plan_placement(150, 0, 16, [0, 1, 2], {0: 4, 1: 2, 2: 5}) == [(0, 0, 64, 0), (2, 64, 144, 0),
+                                                                          (1, 144, 150, 0)]
+    # the tail reserves room for the decoded tokens
+    assert plan_placement(150, 30, 16, [0, 1, 2], {0: 4, 1: 2, 2: 8}) == [(0, 0, 64, 0), (2, 64, 150, 30)]
+    assert plan_placement(150, 30, 16, [0, 1, 2], {0: 4, 1: 2, 2: 7}) == [(0, 0, 64, 0), (2, 64, 150, 0),
+                                                                          (1, 150, 150, 30)]
+    # the prompt fills 0 and 1 exactly: 2 is the tail without prompt positions
+    assert plan_placement(96, 10, 16, [0, 1, 2], {0: 4, 1: 2, 2: 1}) == [(0, 0, 64, 0), (1, 64, 96, 0),
+                                                                         (2, 96, 96, 10)]
+    assert plan_placement(10_000, 0, 16, [0, 1], {0: 4, 1: 4}) is None

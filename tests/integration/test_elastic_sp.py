@@ -25,7 +25,8 @@ _names = itertools.count()
 class ESPCluster:
     """A global manager with ``n`` CPU instances and a RayEngineClient routing long prompts to groups."""
 
-    def __init__(self, path: str, n: int, cpus_per_instance: float, gpus_per_instance: float = 0.0):
+    def __init__(self, path: str, n: int, cpus_per_instance: float, gpus_per_instance: float = 0.0,
+                 num_blocks: int | None = None):
         import ray
 
         from accordion.cluster.global_manager import start_manager
@@ -38,6 +39,8 @@ class ESPCluster:
                      configure_logging=False)
         self.esp = ESPConfig(enabled=True, min_prompt_tokens=16, force_degree=n)
         engine = engine_config(path)
+        if num_blocks is not None:
+            engine.cache.num_blocks = num_blocks
         if gpus_per_instance:
             engine.device.device, engine.model.dtype = "cuda", "float32"
         self.config = ClusterConfig(engine=engine, esp=self.esp, namespace="accordion-test",
@@ -56,10 +59,10 @@ class ESPCluster:
 
         return self.loop.run_until_complete(asyncio.wait_for(wrap(), timeout))
 
-    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams = PARAMS) -> list[list[int]]:
         async def one(i, p):
             toks = []
-            async for d in self.engine.generate(f"r{next(_names)}-{i}", p, PARAMS):
+            async for d in self.engine.generate(f"r{next(_names)}-{i}", p, params):
                 assert d.error is None, d.error
                 toks += d.token_ids
             return toks
@@ -129,6 +132,31 @@ def test_degrees_2_and_4_then_instances_removed_and_added(expected_and_prompts):
         cluster.engine.sp_prefills.clear()
         assert cluster.generate(prompts) == expected
         assert all(len(g) == 4 for g in cluster.engine.sp_prefills)
+        cluster.check_idle()
+    finally:
+        cluster.close()
+
+
+def test_multi_master_decoding_when_no_instance_has_room(tiny_ckpt):
+    """Instances of 6 blocks (96 tokens): a 150-token prompt plus 8 new tokens fits on none, so its KV stays
+    spread over several instances and is decoded in place (the tail holder stores the new tokens' KV); then two
+    such requests at once, under different masters. Outputs equal the single-instance engine's and every
+    instance ends with all blocks free."""
+    path = tiny_ckpt("tiny-llama")
+    long = random_prompts(3, [150, 130, 170], 500, seed=33)
+    short = random_prompts(2, [20, 9], 500, seed=34)
+    llm = LLM(path, device="cpu", max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
+    expected = [o.outputs[0].token_ids for o in llm.generate(long + short, PARAMS)]
+    cluster = ESPCluster(path, 4, cpus_per_instance=0.5, num_blocks=6)
+    cluster.esp.force_degree = None  # the cost model would keep these short prompts local: room decides
+    try:
+        for prompt, want in zip(long, expected):  # one at a time: each sees every instance's blocks free
+            assert cluster.generate([prompt]) == [want]
+            cluster.check_idle()
+        cluster.engine.sp_prefills.clear()
+        assert cluster.generate(long[:2]) == expected[:2]  # placed together: the second avoids the first's blocks
+        assert len({g[0] for g in cluster.engine.sp_prefills}) == 2  # two masters, each with its mini-batch
+        assert cluster.generate(short) == expected[3:]
         cluster.check_idle()
     finally:
         cluster.close()
