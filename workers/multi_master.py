@@ -10,11 +10,11 @@ holder, the instance with the last slice, which reserved room for them. In every
 
 Every instance is master of its own mini-batch and serves the slices it holds for other masters from one server
 thread per master (own CUDA stream), so masters step independently and no instance waits for another's step.
-The traffic of each (master -> holder) pair runs on a process group of its own (one per ordered pair, created when
+The traffic of each (master -> holder) pair runs on process groups of its own (one per ordered pair, created when
 the instance group forms), so a holder's server thread and its own engine thread never share a communicator, and
 on the GPU the per-layer exchange is queued on streams with no host synchronisation.
 
-Per step the master sends each holder it needs a fixed-size int64 header first::
+Per step the master sends each holder it needs a fixed-size int64 header first, on the pair's host (gloo) group::
 
     [n_rows, n_release, (sid, store_pos) * n_rows, ..., sid * n_release]    (n_rows = -1: stop the server)
 
@@ -62,9 +62,26 @@ class _Slice:
     stored: int
 
 
-def pair_groups(world: int) -> dict[tuple[int, int], object]:
-    """One process group per ordered pair (master, holder). Every rank must call this, in the same order."""
-    return {(m, h): dist.new_group([m, h]) for m in range(world) for h in range(world) if m != h}
+@dataclass
+class PairGroup:
+    """The process groups of one (master, holder) pair: ``data`` (the instance group's backend) carries the
+    per-layer tensors; ``control`` (gloo, host memory) the per-step headers. A header is awaited on the host, so
+    no GPU kernel sits waiting for the master's next step: with one there, a kernel load in another thread (CUDA
+    lazy loading synchronises the context) would wait for it forever."""
+
+    data: object
+    control: object
+
+
+def pair_groups(world: int, backend: str) -> dict[tuple[int, int], PairGroup]:
+    """One :class:`PairGroup` per ordered pair (master, holder). Every rank must call this, in the same order."""
+    groups = {}
+    for m in range(world):
+        for h in range(world):
+            if m != h:
+                data = dist.new_group([m, h])
+                groups[(m, h)] = PairGroup(data, data if backend == "gloo" else dist.new_group([m, h], backend="gloo"))
+    return groups
 
 
 def _header_size(cap: int) -> int:
@@ -74,7 +91,8 @@ def _header_size(cap: int) -> int:
 class SliceServer:
     """Holder side: serves the slices this instance keeps for other masters, one thread per master."""
 
-    def __init__(self, runner, rank: int, groups: dict, cap: int, release: Callable[[str], None]):
+    def __init__(self, runner, rank: int, groups: dict[tuple[int, int], PairGroup], cap: int,
+                 release: Callable[[str], None]):
         self.runner = runner
         self.rank = rank
         self.groups = groups
@@ -121,11 +139,11 @@ class SliceServer:
         stream = torch.cuda.Stream(r.device) if r.device.type == "cuda" else None
         if stream is not None:
             torch.cuda.set_device(r.device)
-        hdr = torch.empty(_header_size(self.cap), dtype=torch.int64, device=r.device)
+        hdr = torch.empty(_header_size(self.cap), dtype=torch.int64)
         try:
             with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                 while True:
-                    dist.recv(hdr, src=master, group=group)
+                    dist.recv(hdr, src=master, group=group.control)
                     h = hdr.tolist()
                     n, n_rel = h[0], h[1]
                     if n < 0:
@@ -179,10 +197,10 @@ class SliceServer:
         hq, hkv, d = a.num_heads, a.num_kv_heads, a.head_dim
         for layer in range(a.num_layers):
             buf = torch.empty(n, hq + 2 * hkv, d, dtype=r.dtype, device=dev)
-            dist.recv(buf, src=master, group=group)
+            dist.recv(buf, src=master, group=group.data)
             q, k, v = (x.contiguous() for x in buf.split([hq, hkv, hkv], dim=1))
             out, lse = r.backend.forward(q, k, v, r.kv_caches[layer], meta)
-            dist.send(torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1), dst=master, group=group)
+            dist.send(torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1), dst=master, group=group.data)
 
 
 @dataclass
@@ -190,6 +208,7 @@ class StepExchange:
     """Master side, one step: for each holder, the step's token rows whose attention it completes."""
 
     group_of: dict[int, object]
+    """holder rank -> the pair's data group."""
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     """holder rank -> [n] int64 token indices (device)."""
 
@@ -197,7 +216,7 @@ class StepExchange:
 class SpreadExchange:
     """Master side: per-step headers, releases, and the stop message when the group re-forms."""
 
-    def __init__(self, rank: int, groups: dict, cap: int, device: torch.device):
+    def __init__(self, rank: int, groups: dict[tuple[int, int], PairGroup], cap: int, device: torch.device):
         self.rank = rank
         self.groups = groups
         self.cap = cap
@@ -215,11 +234,11 @@ class SpreadExchange:
     def has_releases(self) -> bool:
         return bool(self._releases)
 
-    def _send(self, holder: int, tensor: torch.Tensor) -> None:
+    def _send(self, holder: int, header: torch.Tensor) -> None:
         self._used.add(holder)
-        work = dist.isend(tensor, dst=holder, group=self.groups[(self.rank, holder)])
+        work = dist.isend(header, dst=holder, group=self.groups[(self.rank, holder)].control)
         self._inflight = [(w, t) for w, t in self._inflight if not w.is_completed()]
-        self._inflight.append((work, tensor))
+        self._inflight.append((work, header))
 
     def _header(self, rows: list[tuple[int, int]], releases: list[int]) -> torch.Tensor:
         h = [0] * _header_size(self.cap)
@@ -227,7 +246,7 @@ class SpreadExchange:
         for i, (sid, pos) in enumerate(rows):
             h[2 + 2 * i], h[3 + 2 * i] = sid, pos
         h[2 + 2 * self.cap:2 + 2 * self.cap + len(releases)] = releases
-        return torch.tensor(h, dtype=torch.int64).to(self.device)
+        return torch.tensor(h, dtype=torch.int64)
 
     def begin_step(self, spread_rows: list[tuple[int, SpreadState, int]]) -> StepExchange:
         """Send this step's headers. ``spread_rows``: (token index, state, position) of each spread decode row."""
@@ -235,7 +254,7 @@ class SpreadExchange:
         for idx, st, pos in spread_rows:
             for h in st.holders:
                 by_holder.setdefault(h, []).append((idx, st.sid, pos if h == st.tail else -1))
-        ex = StepExchange({h: self.groups[(self.rank, h)] for h in by_holder})
+        ex = StepExchange({h: self.groups[(self.rank, h)].data for h in by_holder})
         for h, rows in by_holder.items():
             if len(rows) > self.cap:
                 raise RuntimeError(f"{len(rows)} spread rows for rank {h} exceed the header's {self.cap}")
@@ -265,7 +284,7 @@ class SpreadExchange:
         stop = torch.zeros(_header_size(self.cap), dtype=torch.int64)
         stop[0] = -1
         for h in sorted(self._used):
-            self._send(h, stop.to(self.device))
+            self._send(h, stop)
         for w, _ in self._inflight:
             try:
                 w.wait()
