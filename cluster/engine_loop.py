@@ -94,9 +94,10 @@ class EngineLoop:
             self._aborts.extend(request_ids)
             self._cond.notify()
 
-    def call(self, fn: Callable[[EngineInstance], list[EngineOutput] | EngineOutput | None]) -> Future:
+    def call(self, fn: Callable[[EngineInstance], object]) -> Future:
         """Run ``fn(instance)`` on the engine thread between steps, in submission order with other calls
-        (group formation, sequence-parallel jobs). Engine outputs it returns are emitted like a step's."""
+        (group formation, sequence-parallel jobs). Engine outputs it returns (one, or in a list) are emitted like
+        a step's; any result reaches the caller through the future."""
         fut: Future = Future()
         with self._cond:
             if self._stopping or self._failed:
@@ -118,6 +119,7 @@ class EngineLoop:
             num_blocks=s.kv.num_blocks,
             num_preemptions=s.num_preemptions,
             num_added=self._num_added,
+            spills=s.spill_requests,
             num_unfinished=len(s.running) + len(s.waiting) + self._num_pending,
         )
 
@@ -160,7 +162,8 @@ class EngineLoop:
                     logger.exception("instance %s: call failed", self.instance_id)
                     fut.set_exception(e)
                     continue
-                outputs.extend(result if isinstance(result, list) else [result] if result is not None else [])
+                items = result if isinstance(result, list) else [result]  # engine outputs; other results only reply
+                outputs.extend(o for o in items if isinstance(o, EngineOutput))
                 fut.set_result(result)
             try:
                 for r in adds:

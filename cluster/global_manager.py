@@ -222,6 +222,27 @@ class GlobalManager:
                                          f"({errors[0] if errors else 'no room'}); retry")
         return [KVSlice(self._ranks[iid], start, end, b) for (iid, start, end, _), b in zip(placement, blocks)]
 
+    async def scale_up(self, master_id: str, request_id: str, holder_id: str, start: int, num_tokens: int) -> bool:
+        """Multi-master scale-up: ``holder_id`` takes the KV of ``request_id``'s tokens from ``start`` on (room for
+        ``num_tokens``), so its master decodes on instead of preempting. False (and the master told so, to preempt
+        as usual) if the holder has no room or the request moved on."""
+        async with self._lock():
+            if master_id not in self._ranks or holder_id not in self._ranks:
+                return False
+            master = self._instances[master_id].handle
+            holder = self._instances[holder_id].handle
+            blocks = await holder.reserve_slice.remote(request_id, num_tokens)
+            if blocks is None:
+                await master.engine_call.remote("spill_failed", request_id)
+                return False
+            sid = next(self._job_ids)
+            await holder.engine_call.remote("register_slice", self._ranks[master_id], sid, request_id, blocks, start)
+            if not await master.engine_call.remote("attach_tail", request_id, sid, self._ranks[holder_id], start):
+                await holder.engine_call.remote("drop_slice", sid)
+                return False
+        logger.info("request %s scaled up: %s holds its KV from position %d", request_id, holder_id, start)
+        return True
+
     async def list_instances(self) -> list[InstanceRecord]:
         return list(self._instances.values())
 

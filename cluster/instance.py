@@ -73,6 +73,7 @@ class EngineInstance:
         cap = self.config.scheduler.max_num_seqs
         self.worker.spread = SpreadExchange(rank, groups, cap, self.worker.device)
         self.slice_server = SliceServer(self.worker, rank, groups, cap, self._release_later)
+        self.scheduler.spill_enabled = world_size > 1
         return lost
 
     def _release_later(self, request_id: str) -> None:
@@ -89,6 +90,9 @@ class EngineInstance:
         for out in lost:
             out.finish_reason = FinishReason.ERROR
             out.error = "the instance group re-formed while this request's KV was spread over instances; retry"
+        for rid, *_ in self.scheduler.spill_requests:
+            self.scheduler.spill_failed(rid)
+        self.scheduler.spill_enabled = False
         try:
             self.worker.spread.stop()
             self.slice_server.join()
@@ -106,6 +110,30 @@ class EngineInstance:
         if len(job.placement) > 1 and holders and self.worker.spread is not None:
             self.worker.spread.release(SpreadState(job.job_id, 0, holders))
             self.worker.spread.flush()
+
+    # ------------------------------------------------------------------ multi-master scale-up
+    def register_slice(self, master: int, sid: int, request_id: str, block_ids: list[int], start: int) -> None:
+        """Take the KV of a decoding request's new tokens from position ``start`` on, into reserved blocks."""
+        self.slice_server.register(master, sid, request_id, block_ids, start, 0)
+
+    def drop_slice(self, sid: int) -> None:
+        """Forget a registered slice whose master no longer wants it, and free its blocks."""
+        request_id = self.slice_server.drop(sid)
+        if request_id is not None:
+            self.scheduler.release_slice(request_id)
+
+    def attach_tail(self, request_id: str, sid: int, holder: int, start: int) -> bool:
+        """The request's new tokens' KV now goes to ``holder`` (rank), from position ``start`` on."""
+        from accordion.workers.multi_master import SpreadState
+
+        if not self.scheduler.attach_tail(request_id, start):
+            return False
+        self.worker.batch.states[request_id].spread = SpreadState(sid, start, [holder])
+        logger.info("request %s scales up: its KV from position %d goes to rank %d", request_id, start, holder)
+        return True
+
+    def spill_failed(self, request_id: str) -> None:
+        self.scheduler.spill_failed(request_id)
 
     def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Blocks for a slice of a sequence-parallel prefill planned ahead of the job (multi-master placement)."""

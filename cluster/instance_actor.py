@@ -181,6 +181,11 @@ class InstanceActor:
         """(Re-)join the instances' torch.distributed group, on the engine thread after any queued jobs."""
         await asyncio.wrap_future(self._require().call("join_group", init_method, world_size, rank))
 
+    async def engine_call(self, name: str, *args):
+        """Run one of :data:`~accordion.cluster.engine_process.CALLS` on the engine thread (the manager's
+        multi-master scale-up steps)."""
+        return await asyncio.wrap_future(self._require().call(name, *args))
+
     async def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Blocks for this instance's slice of a multi-master placement, reserved before the prefill job."""
         return await asyncio.wrap_future(self._require().call("reserve_slice", request_id, num_tokens))

@@ -23,6 +23,9 @@ class LoadReport:
     has not reported yet."""
     num_unfinished: int = 0
     """Requests accepted and not finished, including those still in the loop's inbox."""
+    spills: tuple[tuple[str, int, int], ...] = ()
+    """Multi-master scale-up: ``(request id, first position, tokens)`` of decoding requests that found no free
+    block here and wait for another instance to take their new tokens' KV (or for a refusal: then preemption)."""
     time: float = field(default_factory=time.monotonic)
 
     @property

@@ -98,6 +98,7 @@ class RayEngineClient(EngineFrontend):
         self._pumps: dict[str, asyncio.Task] = {}
         self._loads: dict[str, LoadReport] = {}
         self._planned: dict[str, int] = {}
+        self._scaling: set[str] = set()  # engine request ids whose scale-up is being arranged
         """KV blocks of multi-master placements planned since each instance's last load report."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
@@ -177,6 +178,10 @@ class RayEngineClient(EngineFrontend):
                 outputs = from_wire(wire)
                 self._loads[iid] = load
                 self._planned.pop(iid, None)
+                for spill in load.spills:
+                    if spill[0] not in self._scaling:
+                        self._scaling.add(spill[0])
+                        asyncio.get_running_loop().create_task(self._scale_up(iid, *spill))
                 if iid not in self._subscribed:
                     self._subscribed.add(iid)
                     self._changed.set()
@@ -256,6 +261,30 @@ class RayEngineClient(EngineFrontend):
             return None
         master = min(masters, key=busy)
         return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1], None
+
+    async def _scale_up(self, master: str, request_id: str, start: int, num_tokens: int) -> None:
+        """A decoding request on ``master`` found no free block: the freest other instance with room takes its
+        new tokens' KV (multi-master scale-up), else the master preempts as usual."""
+        try:
+            need = -(-num_tokens // self.config.cache.block_size)
+            free = {i: ld.num_free_blocks - self._planned.get(i, 0) for i in self._routable()
+                    if i != master and (ld := self._loads.get(i)) is not None}
+            holders = [i for i, f in free.items() if f >= need]
+            if self.esp is None or not self.esp.multi_master or not holders:
+                await self._records[master].handle.engine_call.remote("spill_failed", request_id)
+                return
+            holder = max(holders, key=free.get)
+            self._planned[holder] = self._planned.get(holder, 0) + need
+            await self.manager.scale_up.remote(master, request_id, holder, start, num_tokens)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the master must not wait forever: it preempts instead
+            logger.warning("scale-up of %s failed: %s", request_id, _short(unwrap_ray_error(e)))
+            rec = self._records.get(master)
+            if rec is not None:
+                rec.handle.engine_call.remote("spill_failed", request_id)
+        finally:
+            self._scaling.discard(request_id)
 
     async def _send_sp(self, group: list[str], request: Request,
                        placement: list[tuple[str, int, int, int]] | None) -> None:

@@ -26,6 +26,10 @@ from accordion.cluster.plan import NewRequestData, ScheduledChunk, StepPlan, Ste
 from accordion.cluster.request import Request, RequestStatus, SamplingParams
 
 
+_SPILL: list[int] = []
+"""Returned by ``Scheduler._grow`` (by identity) for a request that waits to scale up."""
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, *, num_blocks: int, max_model_len: int):
         self.config = config
@@ -39,6 +43,11 @@ class Scheduler:
         self._forget: list[str] = []  # request ids the worker may drop at the next step
         self._step_id = 0
         self.num_preemptions = 0
+        self.spill_enabled = False
+        """Multi-master scale-up: a decode that finds no free block asks for another instance to take its new
+        tokens' KV (see :attr:`spill_requests`) instead of preempting. Set while the instance is in a group."""
+        self._spilling: dict[str, tuple[int, int]] = {}  # request id -> (first position elsewhere, tokens)
+        self._no_spill: set[str] = set()  # refused once: preempt as usual
 
     # ------------------------------------------------------------------ requests in and out
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -105,11 +114,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.in_prefill:
+            if req.in_prefill or req.request_id in self._spilling:
                 i += 1
                 continue
             new_blocks = self._grow(req, req.num_tokens)
             if new_blocks is None:  # this request itself was preempted
+                continue
+            if new_blocks is _SPILL:  # it waits for another instance to take its new tokens
+                i += 1
                 continue
             chunks.append(ScheduledChunk(req.request_id, req.num_computed_tokens, 1, True, new_blocks))
             req.num_computed_tokens += 1
@@ -166,10 +178,19 @@ class Scheduler:
     def _grow(self, req: Request, num_tokens: int) -> list[int] | None:
         """Blocks for ``num_tokens`` tokens of a running request, preempting from the tail as needed.
 
-        Returns the new block ids, or None if ``req`` itself had to be preempted.
+        Returns the new block ids, None if ``req`` itself had to be preempted, or ``_SPILL`` when it waits to
+        scale up instead (:attr:`spill_enabled`).
         """
         if req.spread_local_tokens is not None:  # its new KV goes to the tail holder
             return []
+        if self.spill_enabled and req.request_id not in self._no_spill and not req.in_prefill:
+            blocks = self.kv.allocate(req, num_tokens)
+            if blocks is not None:
+                return blocks
+            start = req.num_computed_tokens  # the KV of [0, start) stays here
+            end = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len) - 1  # the last token has no KV
+            self._spilling[req.request_id] = (start, end - start)
+            return _SPILL
         while True:
             blocks = self.kv.allocate(req, num_tokens)
             if blocks is not None:
@@ -185,6 +206,7 @@ class Scheduler:
         self.running.insert(bisect.bisect(keys, self._keys[req.request_id]), req)
 
     def _preempt(self, req: Request) -> None:
+        self._spilling.pop(req.request_id, None)
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.PREEMPTED
@@ -227,6 +249,8 @@ class Scheduler:
         return None, None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        self._spilling.pop(req.request_id, None)
+        self._no_spill.discard(req.request_id)
         if req in self.running:
             self.running.remove(req)
         else:
@@ -316,6 +340,29 @@ class Scheduler:
         if status is not None:
             self._finish(request, status)
         return self._output(request, [first_token], None, stop_token)
+
+    # ------------------------------------------------------------------ multi-master scale-up
+    @property
+    def spill_requests(self) -> tuple[tuple[str, int, int], ...]:
+        """``(request id, first position elsewhere, tokens)`` of the requests waiting to scale up."""
+        return tuple((rid, start, n) for rid, (start, n) in self._spilling.items())
+
+    def attach_tail(self, request_id: str, start: int) -> bool:
+        """Another instance took the request's KV from ``start`` on: it decodes again, taking no blocks here.
+        False if the request is no longer waiting for that (finished, aborted)."""
+        req = self.requests.get(request_id)
+        waiting = self._spilling.get(request_id)
+        if req is None or waiting is None or waiting[0] != start or req.num_computed_tokens != start:
+            return False
+        del self._spilling[request_id]
+        req.spread_local_tokens = start
+        return True
+
+    def spill_failed(self, request_id: str) -> None:
+        """No instance could take the request's new KV: it competes for blocks here again (and may be
+        preempted)."""
+        if self._spilling.pop(request_id, None) is not None:
+            self._no_spill.add(request_id)
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()

@@ -123,6 +123,12 @@ class SliceServer:
             self._threads[master] = t
             t.start()
 
+    def drop(self, sid: int) -> str | None:
+        """Unregister a slice; its request id (the caller frees its blocks), or None if unknown."""
+        with self._cond:
+            s = self._slices.pop(sid, None)
+        return None if s is None else s.request_id
+
     def join(self, timeout_s: float = 10.0) -> None:
         """Wait for the server threads, which end on their masters' stop headers."""
         for master, t in self._threads.items():

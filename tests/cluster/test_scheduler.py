@@ -185,3 +185,27 @@ def test_bounded_out_of_order_admission():
         assert new == admitted, (ooo, new)
         assert s.waiting[0][1].request_id == "big"  # it keeps its place at the head
         s.check_invariants()
+
+
+def test_a_decode_without_room_waits_to_scale_up_instead_of_preempting():
+    """Multi-master scale-up: with spilling on, a decode that finds no free block is held back and listed in
+    spill_requests; once another instance takes its tail (attach_tail) it decodes without local blocks; a refused
+    spill falls back to preemption."""
+    s = make_scheduler(budget=64, num_blocks=4, block_size=4)
+    s.spill_enabled = True
+    core = EngineCore(s, FakeExecutor())
+    for i in range(2):  # 8 prompt tokens each: both admitted into the 4 blocks, then no room for token 9
+        core.add_request(make_request(f"r{i}", 8, max_tokens=6, t=i, first=10 * i + 1))
+    core.step()
+    plan = s.schedule()
+    assert plan.is_empty and s.num_preemptions == 0
+    assert s.spill_requests == (("r0", 8, 5), ("r1", 8, 5))  # KV of positions 8..12 goes elsewhere
+    assert s.attach_tail("r0", 8) and not s.attach_tail("r0", 8)
+    s.spill_failed("r1")
+    plan = s.schedule()
+    assert [c.request_id for c in plan.chunks] == ["r0"] and plan.chunks[0].new_block_ids == []
+    assert s.num_preemptions == 1  # r1 was preempted to make room for itself: its blocks are free again
+    s.update(plan, StepResult(plan.step_id, {"r0": 7}))
+    run_to_idle(core)
+    s.check_invariants()
+    assert s.kv.num_free_blocks == s.kv.num_blocks and not s.spill_requests

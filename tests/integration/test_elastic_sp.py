@@ -162,6 +162,38 @@ def test_multi_master_decoding_when_no_instance_has_room(tiny_ckpt):
         cluster.close()
 
 
+class _Only:
+    """A router that sends every request to one instance (to fill it up)."""
+
+    def __init__(self, instance_id: str):
+        self.instance_id = instance_id
+
+    def choose(self, candidates):
+        return self.instance_id
+
+
+def test_scale_up_moves_new_kv_to_another_instance_instead_of_preempting(tiny_ckpt):
+    """Two 40-token prompts decoding 40 tokens each on one 6-block instance (96 tokens): both fit at admission,
+    then their decodes find no free block. Instead of preempting, each request's new tokens' KV goes to the
+    other instance (multi-master scale-up) and decoding goes on; outputs equal the single-instance engine's."""
+    path = tiny_ckpt("tiny-llama")
+    prompts = random_prompts(2, [40, 40], 500, seed=35)
+    params = SamplingParams(max_tokens=40, min_tokens=40, temperature=0)
+    llm = LLM(path, device="cpu", max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    cluster = ESPCluster(path, 2, cpus_per_instance=0.5, num_blocks=6)
+    cluster.esp.min_prompt_tokens = 1000  # plain local prefills
+    try:
+        first = cluster.run(cluster.manager.list_instances.remote())[0].instance_id
+        cluster.engine.router = _Only(first)
+        assert cluster.generate(prompts, params) == expected
+        info = cluster.run(cluster.engine.server_info())
+        assert sum(i.num_preemptions for i in info.instances) == 0
+        cluster.check_idle()
+    finally:
+        cluster.close()
+
+
 @pytest.mark.slow
 def test_degree_8_equals_single_instance(expected_and_prompts):
     """The 8-instance correctness run (issue 6 without an 8-GPU machine): degree 8 on 8 CPU instances."""
