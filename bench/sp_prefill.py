@@ -47,7 +47,7 @@ def _sync() -> None:
 
 def _worker(rank: int, world: int, port: int, path: str, args, results) -> None:
     from accordion.cluster.instance import EngineInstance
-    from accordion.cluster.plan import KVSlice, SPPrefillJob
+    from accordion.cluster.plan import KVSlice, SPPrefillBatch, SPPrefillJob
     from accordion.cluster.request import Request, SamplingParams
 
     if torch.cuda.is_available():
@@ -73,12 +73,12 @@ def _worker(rank: int, world: int, port: int, path: str, args, results) -> None:
                     while core.has_unfinished():
                         core.step()
                 elif 0 < degree and rank < degree:
-                    job = SPPrefillJob(next(job_ids), rid, prompt, params, (), list(range(degree)),
-                                       [KVSlice(0, 0, length, [])])
-                    req = Request(request_id=rid, prompt_token_ids=prompt, sampling_params=params) if rank == 0 else None
-                    out = inst.run_sp_prefill(job, req)
+                    job = SPPrefillJob(next(job_ids), rid, prompt, params, (), [KVSlice(0, 0, length, [])])
+                    req = Request(request_id=rid, prompt_token_ids=prompt, sampling_params=params)
+                    outs = inst.run_sp_prefill(SPPrefillBatch(job.job_id, list(range(degree)), [job]),
+                                               [req] if rank == 0 else None)
                     if rank == 0:
-                        assert out is not None and out.finished and out.error is None, out
+                        assert len(outs) == 1 and outs[0].finished and outs[0].error is None, outs
                 elif 0 < degree:
                     next(job_ids)
                 _sync()

@@ -154,6 +154,9 @@ class ESPConfig:
     """Most instances one prefill may span."""
     force_degree: int | None = None
     """Use exactly this degree for every eligible prompt (tests, benchmarks); else the cost model decides."""
+    max_batch_tokens: int = 131072
+    """Prompt tokens one sequence-parallel prefill batch may hold (prompts queued for the same instance group
+    are prefilled together, up to this)."""
     multi_master: bool = True
     """A long request whose KV fits on no single instance keeps it spread over several and is decoded there
     (each holder computes partial attention every step); off, it waits for room on one instance."""
@@ -165,6 +168,7 @@ class ESPConfig:
     def __post_init__(self) -> None:
         _positive("min_prompt_tokens", self.min_prompt_tokens)
         _positive("max_degree", self.max_degree)
+        _positive("max_batch_tokens", self.max_batch_tokens)
         _positive("force_degree", self.force_degree)
 
 

@@ -6,9 +6,10 @@ or times out dead (removed from routing, killed). Front ends (``RayEngineClient`
 :meth:`GlobalManager.watch`, a long poll that returns when it changes. The manager is not on the token path.
 
 Elastic sequence parallelism: with ``esp.enabled`` the manager forms the instances' torch.distributed group
-(re-formed whenever membership changes) and dispatches sequence-parallel prefill jobs to instance groups in one
-global order (:meth:`GlobalManager.run_sp_prefill`); front ends choose the groups with
-:mod:`accordion.cluster.esp_planner`.
+(re-formed whenever membership changes) and starts sequence-parallel prefills on instance groups, batching those
+for the same group, one batch in flight per instance, in one global order (:meth:`GlobalManager.run_sp_prefill`,
+:mod:`accordion.cluster.sp_queue`); front ends choose the groups with :mod:`accordion.cluster.esp_planner`. It also
+arranges multi-master scale-up (:meth:`GlobalManager.scale_up`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from accordion.cluster.config import ClusterConfig
 from accordion.cluster.errors import EngineUnavailableError
 from accordion.cluster.request import Request
+from accordion.cluster.sp_queue import PendingPrefill, PrefillQueue
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,13 @@ class GlobalManager:
         self._health_task: asyncio.Task | None = None
         self._ranks: dict[str, int] = {}  # instance id -> rank in the instances' process group
         self._job_ids = itertools.count()
+        self._batch_ids = itertools.count()
         self._group_lock: asyncio.Lock | None = None
+        self._prefills: PrefillQueue | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._redispatch = False
+        self.sp_counts = [0, 0]
+        """Sequence-parallel prefill batches started, and the prompts in them."""
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:
@@ -179,31 +187,98 @@ class GlobalManager:
     async def ranks(self) -> dict[str, int]:
         return dict(self._ranks)
 
+    def _sp_queue(self) -> PrefillQueue:
+        if self._prefills is None:
+            self._prefills = PrefillQueue(self.config.esp.max_batch_tokens)
+        return self._prefills
+
     async def run_sp_prefill(self, request: Request, group: list[str],
                              placement: list[tuple[str, int, int, int]] | None = None) -> None:
-        """Prefill ``request`` across the instances ``group``; ``group[0]`` decodes it afterwards.
+        """Prefill ``request`` across the instances ``group``; ``group[0]`` decodes it afterwards. Returns once
+        the prefill has started (queued behind earlier ones on the same instances, possibly batched with others
+        for the same group: :mod:`accordion.cluster.sp_queue`).
 
         Without ``placement`` the master keeps the whole KV (proactive scale-down to one instance). With one,
         ``(instance, start, end, extra_tokens)`` slices (the master's first, the tail's last with room for the new
         tokens) are reserved on their instances first, and the request is decoded with its KV where the slices
-        are (multi-master decoding); a slice that cannot be reserved fails the call with EngineUnavailableError.
-        Jobs reach every instance in one global order."""
-        from accordion.cluster.plan import KVSlice, SPPrefillJob
+        are (multi-master decoding). EngineUnavailableError when it cannot start: an instance of the group left,
+        or a slice could not be reserved."""
+        done = asyncio.get_running_loop().create_future()
+        self._sp_queue().add(PendingPrefill(request, list(group), placement, done))
+        self._kick()
+        await done
 
-        async with self._lock():
-            missing = [i for i in group if i not in self._ranks]
-            if missing:
-                raise EngineUnavailableError(f"instances {missing} are not in the instance group")
-            ranks = [self._ranks[i] for i in group]
-            slices = [KVSlice(ranks[0], 0, request.num_prompt_tokens, [])]
-            if placement is not None and len(placement) > 1:
-                slices = await self._reserve(request.request_id, placement)
-            job = SPPrefillJob(next(self._job_ids), request.request_id, list(request.prompt_token_ids),
-                               request.sampling_params, tuple(request.eos_token_ids), ranks, slices)
-            for iid in group:  # sequential sends keep the per-instance order equal to the job order
-                await self._instances[iid].handle.submit_sp_job.remote(job, request if iid == group[0] else None)
-        logger.info("request %s: sequence-parallel prefill (job %d) on %s, KV on %s", request.request_id,
-                    job.job_id, group, [(s.rank, s.start, s.end) for s in job.placement])
+    async def sp_stats(self) -> dict[str, int]:
+        """Sequence-parallel prefills so far: batches started, prompts in them, prompts queued."""
+        return {"batches": self.sp_counts[0], "prompts": self.sp_counts[1], "queued": len(self._sp_queue().pending)}
+
+    async def cancel_sp_prefill(self, request_ids: list[str]) -> None:
+        """Drop queued prefills whose requests were cancelled before they started."""
+        for p in self._sp_queue().remove(set(request_ids)):
+            if not p.done.done():
+                p.done.set_result(None)
+
+    def _kick(self) -> None:
+        """Start what can start now (on a task of its own: callers never wait for other requests' dispatch)."""
+        self._redispatch = True
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def _dispatch(self) -> None:
+        while self._redispatch:
+            self._redispatch = False
+            async with self._lock():
+                for batch in self._sp_queue().take_ready():
+                    try:
+                        await self._start_batch(batch)
+                    except Exception as e:  # never leave a caller waiting, nor an instance marked busy
+                        self._sp_queue().finished(batch[0].group)
+                        for p in batch:
+                            if not p.done.done():
+                                p.done.set_exception(e)
+
+    async def _start_batch(self, entries: list[PendingPrefill]) -> None:
+        """Reserve spread placements, then send the batch to every member (in the manager's one order)."""
+        from accordion.cluster.plan import KVSlice, SPPrefillBatch, SPPrefillJob
+
+        group = entries[0].group
+        missing = [i for i in group if i not in self._ranks]
+        if missing:
+            raise EngineUnavailableError(f"instances {missing} are not in the instance group")
+        ranks = [self._ranks[i] for i in group]
+        started: list[tuple[PendingPrefill, SPPrefillJob]] = []
+        for p in entries:
+            req = p.request
+            try:
+                slices = ([KVSlice(ranks[0], 0, req.num_prompt_tokens, [])] if not p.placement or len(p.placement) < 2
+                          else await self._reserve(req.request_id, p.placement))
+            except EngineUnavailableError as e:
+                p.done.set_exception(e)
+                continue
+            started.append((p, SPPrefillJob(next(self._job_ids), req.request_id, list(req.prompt_token_ids),
+                                            req.sampling_params, tuple(req.eos_token_ids), slices)))
+        if not started:
+            self._sp_queue().finished(group)
+            return
+        batch = SPPrefillBatch(next(self._batch_ids), ranks, [job for _, job in started])
+        self.sp_counts[0] += 1
+        self.sp_counts[1] += len(started)
+        requests = [p.request for p, _ in started]
+        refs = [self._instances[iid].handle.run_sp_batch.remote(batch, requests if iid == group[0] else None)
+                for iid in group]
+        for p, job in started:
+            p.done.set_result(None)
+            logger.info("request %s: sequence-parallel prefill (batch %d of %d) on %s, KV on %s",
+                        p.request.request_id, batch.batch_id, len(started), group,
+                        [(s.rank, s.start, s.end) for s in job.placement])
+        asyncio.get_running_loop().create_task(self._await_batch(group, refs))
+
+    async def _await_batch(self, group: list[str], refs: list) -> None:
+        try:
+            await asyncio.gather(*refs, return_exceptions=True)
+        finally:
+            self._sp_queue().finished(group)
+            self._kick()
 
     async def _reserve(self, request_id: str, placement: list[tuple[str, int, int, int]]) -> list:
         from accordion.cluster.plan import KVSlice

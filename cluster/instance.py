@@ -14,7 +14,7 @@ from collections.abc import Callable
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.engine import EngineCore
 from accordion.cluster.outputs import EngineOutput
-from accordion.cluster.plan import SPPrefillJob
+from accordion.cluster.plan import SPPrefillBatch, SPPrefillJob
 from accordion.cluster.request import FinishReason, Request
 from accordion.cluster.scheduler import Scheduler
 
@@ -142,47 +142,62 @@ class EngineInstance:
     def release_slice(self, request_id: str) -> None:
         self.scheduler.release_slice(request_id)
 
-    def run_sp_prefill(self, job: SPPrefillJob, request: Request | None = None) -> EngineOutput | None:
-        """Run this instance's share of a sequence-parallel prefill.
+    def run_sp_prefill(self, batch: SPPrefillBatch, requests: list[Request] | None = None) -> list[EngineOutput]:
+        """Run this instance's share of a sequence-parallel prefill of one or more prompts.
 
-        A slice of the placement whose ``block_ids`` are empty is allocated here, from this instance's pool. The
-        master (``job.group[0]``), given the ``request``, adopts it for decoding and returns its first output:
-        it holds the whole prompt's KV (proactive scale-down), or, when the placement has several slices, the
-        first one, and decodes with the others where they are (multi-master decoding; their holders register
+        A slice of a placement whose ``block_ids`` are empty is allocated here, from this instance's pool. The
+        master (``batch.group[0]``), given the ``requests``, adopts each for decoding and returns their first
+        outputs: it holds a prompt's whole KV (proactive scale-down), or, when its placement has several slices,
+        the first one, and decodes with the others where they are (multi-master decoding; their holders register
         them with their :class:`~accordion.workers.multi_master.SliceServer`). An instance that cannot store its
-        slice still serves the ring (the others would wait for it) and the master then fails the request.
+        slice still serves the ring (the others would wait for it) and the master then fails that request.
         """
-        from accordion.workers.input_batch import CachedRequestState
-        from accordion.workers.multi_master import SpreadState
         from accordion.workers.sequence_parallel import SequenceParallelPrefill
 
-        mine = job.slice_of(self.rank)
-        stored = True
-        if mine is not None and not mine.block_ids:
-            blocks = self.scheduler.reserve_slice(job.request_id, mine.end - mine.start)
-            if blocks is None:
-                stored = False
-                job.placement = [s for s in job.placement if s.rank != self.rank]
-            else:
-                mine.block_ids = blocks
-        master = self.rank == job.group[0]
-        prompt_len = len(job.prompt_token_ids)
+        stored = {}
+        for job in batch.jobs:
+            mine = job.slice_of(self.rank)
+            stored[job.request_id] = True
+            if mine is not None and not mine.block_ids:
+                blocks = self.scheduler.reserve_slice(job.request_id, mine.end - mine.start)
+                if blocks is None:
+                    stored[job.request_id] = False
+                    job.placement = [s for s in job.placement if s.rank != self.rank]
+                else:
+                    mine.block_ids = blocks
+        master = self.rank == batch.group[0]
         try:
-            token = SequenceParallelPrefill(self.worker, self.rank).run(job)
-        except Exception as e:  # a failed collective: end the request with a clear error, never leave it hanging
-            logger.exception("sequence-parallel prefill of %s failed on rank %s", job.request_id, self.rank)
-            self.scheduler.release_slice(job.request_id)
-            if not master:
-                return None
-            self._release_holders(job)
-            return EngineOutput(job.request_id, [], finish_reason=FinishReason.ERROR, num_prompt_tokens=prompt_len,
-                                error=f"sequence-parallel prefill failed: {type(e).__name__}: {e}")
-        spread = len(job.placement) > 1
+            tokens = SequenceParallelPrefill(self.worker, self.rank).run(batch)
+        except Exception as e:  # a failed collective: end the requests with a clear error, never leave them hanging
+            logger.exception("sequence-parallel prefill %d failed on rank %s", batch.batch_id, self.rank)
+            outs = []
+            for job in batch.jobs:
+                self.scheduler.release_slice(job.request_id)
+                if master:
+                    self._release_holders(job)
+                    outs.append(EngineOutput(job.request_id, [], finish_reason=FinishReason.ERROR,
+                                             num_prompt_tokens=len(job.prompt_token_ids),
+                                             error=f"sequence-parallel prefill failed: {type(e).__name__}: {e}"))
+            return outs
         if not master:
-            if spread and stored and mine is not None:  # serve this slice to the master's decode steps
-                self.slice_server.register(job.group[0], job.job_id, job.request_id, mine.block_ids, mine.start,
-                                           mine.end - mine.start)
-            return None
+            for job in batch.jobs:
+                mine = job.slice_of(self.rank)
+                if len(job.placement) > 1 and stored[job.request_id] and mine is not None:
+                    # serve this slice to the master's decode steps
+                    self.slice_server.register(batch.group[0], job.job_id, job.request_id, mine.block_ids,
+                                               mine.start, mine.end - mine.start)
+            return []
+        by_id = {r.request_id: r for r in requests or []}
+        return [self._adopt(job, by_id[job.request_id], tokens[job.request_id], stored[job.request_id])
+                for job in batch.jobs]
+
+    def _adopt(self, job: SPPrefillJob, request: Request, token: int, stored: bool) -> EngineOutput:
+        """The master takes a prefilled request over for decoding (its KV all here, or spread)."""
+        from accordion.workers.input_batch import CachedRequestState
+        from accordion.workers.multi_master import SpreadState
+
+        mine, prompt_len = job.slice_of(self.rank), len(job.prompt_token_ids)
+        spread = len(job.placement) > 1
         if not stored or mine is None or mine.start != 0 or (not spread and mine.end != prompt_len):
             self.scheduler.release_slice(job.request_id)
             self._release_holders(job)

@@ -193,10 +193,11 @@ class InstanceActor:
     async def release_slice(self, request_id: str) -> None:
         await asyncio.wrap_future(self._require().call("release_slice", request_id))
 
-    async def submit_sp_job(self, job, request: Request | None) -> None:
-        """Queue this instance's share of a sequence-parallel prefill (run in the manager's job order). The
-        master, given the ``request``, emits its outputs on the normal output stream."""
-        self._require().call("run_sp_prefill", job, request)
+    async def run_sp_batch(self, batch, requests: list[Request] | None) -> None:
+        """Run this instance's share of a sequence-parallel prefill batch on the engine thread (in the manager's
+        order); returns when it ran. The master, given the ``requests``, emits their outputs on the normal output
+        stream."""
+        await asyncio.wrap_future(self._require().call("run_sp_prefill", batch, requests))
 
     # ---- results -----------------------------------------------------------------------------------------------
 

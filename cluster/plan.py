@@ -84,12 +84,12 @@ class KVSlice:
 
 @dataclass(slots=True)
 class SPPrefillJob:
-    """Prefill one prompt across an instance group with ring attention (LoongServe's scalable prefill).
+    """One prompt of a sequence-parallel prefill (LoongServe's scalable prefill).
 
-    ``group`` lists instance ranks in ring order; ``group[0]`` is the master: it samples the first token and
-    then owns the request's decoding. ``placement`` says which instance keeps which positions' K/V (proactive
-    scale-down: the slices are stored while the K/V circulate, so nothing moves afterwards). Slices are
-    contiguous, disjoint and cover the prompt.
+    ``placement`` says which instance keeps which positions' K/V (proactive scale-down: the slices are stored while
+    the K/V circulate, so nothing moves afterwards); slices are contiguous, disjoint and cover the prompt. One
+    slice: the master keeps it all; several: the master keeps the first and decodes with the others in place
+    (multi-master decoding; ``job_id`` is then the request's spread id).
     """
 
     job_id: int
@@ -97,8 +97,18 @@ class SPPrefillJob:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
-    group: list[int]
     placement: list[KVSlice]
 
     def slice_of(self, rank: int) -> KVSlice | None:
         return next((s for s in self.placement if s.rank == rank), None)
+
+
+@dataclass(slots=True)
+class SPPrefillBatch:
+    """Prompts prefilled together across an instance group with ring attention: each layer's K/V of every prompt
+    circulate in one ring pass. ``group`` lists instance ranks in ring order; ``group[0]`` is the master: it
+    samples each prompt's first token and then owns its decoding."""
+
+    batch_id: int
+    group: list[int]
+    jobs: list[SPPrefillJob]

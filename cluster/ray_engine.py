@@ -99,6 +99,7 @@ class RayEngineClient(EngineFrontend):
         self._loads: dict[str, LoadReport] = {}
         self._planned: dict[str, int] = {}
         self._scaling: set[str] = set()  # engine request ids whose scale-up is being arranged
+        self._sp_waiting: set[str] = set()  # engine request ids queued at the manager for a prefill
         """KV blocks of multi-master placements planned since each instance's last load report."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
@@ -288,7 +289,8 @@ class RayEngineClient(EngineFrontend):
 
     async def _send_sp(self, group: list[str], request: Request,
                        placement: list[tuple[str, int, int, int]] | None) -> None:
-        try:
+        self._sp_waiting.add(request.request_id)
+        try:  # returns once the prefill started (the manager may queue it behind others on these instances)
             await self.manager.run_sp_prefill.remote(request, group, placement)
         except asyncio.CancelledError:
             raise
@@ -297,6 +299,8 @@ class RayEngineClient(EngineFrontend):
             if isinstance(cause, EngineUnavailableError):  # the group is re-forming: run it on one instance
                 raise RetryElsewhere(str(cause)) from None
             raise cause from None
+        finally:
+            self._sp_waiting.discard(request.request_id)
         self.sp_prefills.append(group)
         self.routed[group[0]] = self.routed.get(group[0], 0) + 1
 
@@ -331,6 +335,9 @@ class RayEngineClient(EngineFrontend):
         self.routed[route] = self.routed.get(route, 0) + 1
 
     def _send_abort(self, route: str, request_ids: list[str]) -> None:
+        queued = [i for i in request_ids if i in self._sp_waiting]
+        if queued:  # not started yet: the manager drops them from its prefill queue
+            self.manager.cancel_sp_prefill.remote(queued)
         rec = self._records.get(route)
         if rec is not None and route not in self._failed_routes:
             rec.handle.abort.remote(request_ids)  # fire and forget; ordered after add_requests from this caller

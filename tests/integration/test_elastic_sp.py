@@ -113,8 +113,13 @@ def test_degrees_2_and_4_then_instances_removed_and_added(expected_and_prompts):
         for degree in (4, 2):
             cluster.esp.force_degree = degree
             cluster.engine.sp_prefills.clear()
+            before = cluster.run(cluster.manager.sp_stats.remote())
             assert cluster.generate(prompts) == expected
             assert sorted(len(g) for g in cluster.engine.sp_prefills) == [degree] * 3  # the 5-token prompt ran alone
+            after = cluster.run(cluster.manager.sp_stats.remote())
+            assert after["prompts"] - before["prompts"] == 3 and after["queued"] == 0
+            if degree == 4:  # one group: prompts that queue behind the first go in one ring pass together
+                assert after["batches"] - before["batches"] < 3
             cluster.check_idle()
 
         victim = cluster.run(cluster.manager.list_instances.remote())[-1].instance_id

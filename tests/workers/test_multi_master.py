@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from accordion.cluster.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig
-from accordion.cluster.plan import KVSlice, SPPrefillJob
+from accordion.cluster.plan import KVSlice, SPPrefillBatch, SPPrefillJob
 from accordion.cluster.request import Request, SamplingParams
 from tests.workers.test_hf_equality import random_prompts
 from tests.workers.test_sequence_parallel import BLOCK, free_port
@@ -54,10 +54,9 @@ def _run(rank: int, world: int, port: int, ckpt: str, prompts: dict, backend: st
         for r, a, b, extra in spans:  # each rank reserves its own slice ahead of the job, as the manager does
             slices.append(KVSlice(r, a, b, inst.reserve_slice(rid, b - a + extra) if r == rank else []))
         ring = [masters[rid]] + [r for r in range(world) if r != masters[rid]]
-        job = SPPrefillJob(job_id, rid, prompts[rid], PARAMS, (), ring, slices)
+        job = SPPrefillJob(job_id, rid, prompts[rid], PARAMS, (), slices)
         req = Request(request_id=rid, prompt_token_ids=prompts[rid], sampling_params=PARAMS)
-        out = inst.run_sp_prefill(job, req if rank == masters[rid] else None)
-        if out is not None:
+        for out in inst.run_sp_prefill(SPPrefillBatch(job_id, ring, [job]), [req] if rank == masters[rid] else None):
             assert out.error is None, out.error
             tokens[rid] = list(out.new_token_ids)
     if rank in masters.values():  # a local request decodes in the same steps as the spread ones
