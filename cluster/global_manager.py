@@ -189,7 +189,12 @@ class GlobalManager:
 
     def _sp_queue(self) -> PrefillQueue:
         if self._prefills is None:
-            self._prefills = PrefillQueue(self.config.esp.max_batch_tokens)
+            from accordion.cluster.esp_planner import PrefillCostModel
+
+            esp = self.config.esp
+            cost = (PrefillCostModel.load(esp.cost_model_path) if esp.cost_model_path
+                    else PrefillCostModel.analytic(esp.max_degree))
+            self._prefills = PrefillQueue(esp.max_batch_tokens, cost.predict)
         return self._prefills
 
     async def run_sp_prefill(self, request: Request, group: list[str],

@@ -48,3 +48,17 @@ def test_spread_placements_run_alone_and_cancelled_prompts_leave_the_queue():
     assert [p.request.request_id for p in q.remove({"c"})] == ["c"]
     q.finished(["i0", "i1"])
     assert ids(q.take_ready()) == [["b"]]
+
+
+def test_the_cost_model_batches_short_prompts_and_keeps_long_ones_apart():
+    """LoongServe's objective: batching saves the later prompt the fixed cost A and costs the earlier one the
+    later one's prefill, each weighed by 1 / prompt length."""
+    from accordion.cluster.esp_planner import PrefillCostModel
+
+    cost = PrefillCostModel({2: (0.05, 1e-5, 1e-10)})  # A = 50 ms
+    q = PrefillQueue(predict=cost.predict)
+    for rid, n in [("a", 2000), ("b", 1000), ("c", 100_000)]:
+        q.add(entry(rid, ["i0", "i1"], tokens=n))
+    assert ids(q.take_ready()) == [["a", "b"]]  # b's 10 ms + A is under 2A: worth one pass; c's 2 s is not
+    q.finished(["i0", "i1"])
+    assert ids(q.take_ready()) == [["c"]]
