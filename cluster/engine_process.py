@@ -37,7 +37,7 @@ from accordion.cluster.request import FinishReason, Request
 logger = logging.getLogger(__name__)
 
 CALLS = frozenset({"join_group", "leave_group", "run_sp_prefill", "reserve_slice", "release_slice", "register_slice",
-                   "drop_slice", "attach_tail", "spill_failed", "check_idle"})
+                   "drop_slice", "attach_tail", "spill_failed", "held_slices", "check_idle"})
 """EngineInstance methods the parent may run on the engine thread."""
 
 StepCallback = Callable[[list, LoadReport], None]

@@ -132,6 +132,10 @@ class EngineInstance:
         logger.info("request %s scales up: its KV from position %d goes to rank %d", request_id, start, holder)
         return True
 
+    def held_slices(self) -> int:
+        """KV slices kept here for other masters' requests (an instance drains only once they are gone)."""
+        return 0 if self.slice_server is None else self.slice_server.num_slices
+
     def spill_failed(self, request_id: str) -> None:
         self.scheduler.spill_failed(request_id)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.errors import EngineUnavailableError
@@ -232,11 +233,19 @@ class InstanceActor:
         return await asyncio.wrap_future(self._require().call("check_idle"))
 
     async def drain(self, timeout_s: float | None = None) -> bool:
-        """Refuse new requests, then wait until the running ones finish (True) or ``timeout_s`` passes (False)."""
+        """Refuse new requests, then wait until the running ones finish and no other master's request keeps KV
+        here any more (multi-master decoding) (True), or ``timeout_s`` passes (False)."""
         self._accepting = False
         if self._engine is None:
             return True
-        return await asyncio.to_thread(self._engine.wait_idle, timeout_s)
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
+        if not await asyncio.to_thread(self._engine.wait_idle, timeout_s):
+            return False
+        while await asyncio.wrap_future(self._engine.call("held_slices")):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def shutdown(self) -> None:
         """Stop the engine process (it leaves the instances' group) and end every output stream."""

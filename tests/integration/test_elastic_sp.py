@@ -167,6 +167,37 @@ def test_multi_master_decoding_when_no_instance_has_room(tiny_ckpt):
         cluster.close()
 
 
+def test_removing_a_holder_waits_for_the_spread_requests_it_serves(tiny_ckpt):
+    """Draining an instance that keeps part of another master's request's KV waits until that request finishes;
+    the request's output is unaffected and the instance then leaves cleanly."""
+    path = tiny_ckpt("tiny-llama")
+    prompt = random_prompts(1, [100], 500, seed=36)[0]
+    params = SamplingParams(max_tokens=100, min_tokens=100, temperature=0)  # 13 blocks: the tail on a 2nd instance
+    llm = LLM(path, device="cpu", max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
+    expected = llm.generate([prompt], params)[0].outputs[0].token_ids
+    cluster = ESPCluster(path, 3, cpus_per_instance=0.5, num_blocks=8)
+    cluster.esp.force_degree = None
+    try:
+        async def scenario():
+            async def one():
+                return [t async for d in cluster.engine.generate("spread-drain", prompt, params) for t in d.token_ids]
+
+            task = asyncio.ensure_future(one())
+            while not cluster.engine.sp_prefills:
+                assert not task.done(), task.result()
+                await asyncio.sleep(0.01)
+            holder = cluster.engine.sp_prefills[0][1]  # a spread group lists the KV holders first
+            clean = await cluster.manager.remove_instance.remote(holder, True, 60.0)
+            finished_first = task.done()
+            return await task, clean, finished_first
+
+        tokens, clean, finished_first = cluster.run(scenario())
+        assert tokens == expected and clean and finished_first
+        cluster.check_idle()
+    finally:
+        cluster.close()
+
+
 class _Only:
     """A router that sends every request to one instance (to fill it up)."""
 
