@@ -69,7 +69,7 @@ class EngineInstance:
         backend = backend or ("nccl" if self.worker.device.type == "cuda" else "gloo")
         init_instance_group(init_method, world_size, rank, backend=backend)
         self.rank = rank
-        groups = pair_groups(world_size, backend)
+        groups = pair_groups(world_size)
         cap = self.config.scheduler.max_num_seqs
         self.worker.spread = SpreadExchange(rank, groups, cap, self.worker.device)
         self.slice_server = SliceServer(self.worker, rank, groups, cap, self._release_later)

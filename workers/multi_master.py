@@ -10,11 +10,11 @@ holder, the instance with the last slice, which reserved room for them. In every
 
 Every instance is master of its own mini-batch and serves the slices it holds for other masters from one server
 thread per master (own CUDA stream), so masters step independently and no instance waits for another's step.
-The traffic of each (master -> holder) pair runs on process groups of its own (one per ordered pair, created when
-the instance group forms), so a holder's server thread and its own engine thread never share a communicator, and
-on the GPU the per-layer exchange is queued on streams with no host synchronisation.
+The traffic of each (master -> holder) pair runs on a host-memory (gloo) process group of its own (one per ordered
+pair, created when the instance group forms), so a holder's server thread and its own engine thread never share a
+communicator, and no GPU kernel ever waits on another instance (see :func:`pair_groups`).
 
-Per step the master sends each holder it needs a fixed-size int64 header first, on the pair's host (gloo) group::
+Per step the master sends each holder it needs a fixed-size int64 header first::
 
     [n_rows, n_release, (sid, store_pos) * n_rows, ..., sid * n_release]    (n_rows = -1: stop the server)
 
@@ -62,26 +62,15 @@ class _Slice:
     stored: int
 
 
-@dataclass
-class PairGroup:
-    """The process groups of one (master, holder) pair: ``data`` (the instance group's backend) carries the
-    per-layer tensors; ``control`` (gloo, host memory) the per-step headers. A header is awaited on the host, so
-    no GPU kernel sits waiting for the master's next step: with one there, a kernel load in another thread (CUDA
-    lazy loading synchronises the context) would wait for it forever."""
+def pair_groups(world: int) -> dict[tuple[int, int], object]:
+    """One gloo process group per ordered pair (master, holder). Every rank must call this, in the same order.
 
-    data: object
-    control: object
-
-
-def pair_groups(world: int, backend: str) -> dict[tuple[int, int], PairGroup]:
-    """One :class:`PairGroup` per ordered pair (master, holder). Every rank must call this, in the same order."""
-    groups = {}
-    for m in range(world):
-        for h in range(world):
-            if m != h:
-                data = dist.new_group([m, h])
-                groups[(m, h)] = PairGroup(data, data if backend == "gloo" else dist.new_group([m, h], backend="gloo"))
-    return groups
+    Host memory, not NCCL, on purpose: a decode step moves a few KiB per layer, and an NCCL receive would sit on
+    the GPU as a spinning kernel while it waits for the master's next step; a kernel load in another thread of the
+    process (CUDA lazy loading synchronises the context) then waits for it forever. Seen on 2xH100 (py-spy): the
+    master loading a Triton kernel while its slice server's receive waited for the other master, which waited
+    for it."""
+    return {(m, h): dist.new_group([m, h], backend="gloo") for m in range(world) for h in range(world) if m != h}
 
 
 def _header_size(cap: int) -> int:
@@ -91,7 +80,7 @@ def _header_size(cap: int) -> int:
 class SliceServer:
     """Holder side: serves the slices this instance keeps for other masters, one thread per master."""
 
-    def __init__(self, runner, rank: int, groups: dict[tuple[int, int], PairGroup], cap: int,
+    def __init__(self, runner, rank: int, groups: dict[tuple[int, int], object], cap: int,
                  release: Callable[[str], None]):
         self.runner = runner
         self.rank = rank
@@ -149,7 +138,7 @@ class SliceServer:
         try:
             with torch.inference_mode(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                 while True:
-                    dist.recv(hdr, src=master, group=group.control)
+                    dist.recv(hdr, src=master, group=group)
                     h = hdr.tolist()
                     n, n_rel = h[0], h[1]
                     if n < 0:
@@ -202,11 +191,11 @@ class SliceServer:
             max_seq_len=max(256, 1 << max(0, max(lens) - 1).bit_length()), seq_lens_cpu=lens, query_lens_cpu=[1] * n)
         hq, hkv, d = a.num_heads, a.num_kv_heads, a.head_dim
         for layer in range(a.num_layers):
-            buf = torch.empty(n, hq + 2 * hkv, d, dtype=r.dtype, device=dev)
-            dist.recv(buf, src=master, group=group.data)
-            q, k, v = (x.contiguous() for x in buf.split([hq, hkv, hkv], dim=1))
+            buf = torch.empty(n, hq + 2 * hkv, d, dtype=r.dtype)
+            dist.recv(buf, src=master, group=group)
+            q, k, v = (x.to(dev).contiguous() for x in buf.split([hq, hkv, hkv], dim=1))
             out, lse = r.backend.forward(q, k, v, r.kv_caches[layer], meta)
-            dist.send(torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1), dst=master, group=group.data)
+            dist.send(torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1).cpu(), dst=master, group=group)
 
 
 @dataclass
@@ -214,7 +203,7 @@ class StepExchange:
     """Master side, one step: for each holder, the step's token rows whose attention it completes."""
 
     group_of: dict[int, object]
-    """holder rank -> the pair's data group."""
+    """holder rank -> the pair's group."""
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     """holder rank -> [n] int64 token indices (device)."""
 
@@ -222,7 +211,7 @@ class StepExchange:
 class SpreadExchange:
     """Master side: per-step headers, releases, and the stop message when the group re-forms."""
 
-    def __init__(self, rank: int, groups: dict[tuple[int, int], PairGroup], cap: int, device: torch.device):
+    def __init__(self, rank: int, groups: dict[tuple[int, int], object], cap: int, device: torch.device):
         self.rank = rank
         self.groups = groups
         self.cap = cap
@@ -242,7 +231,7 @@ class SpreadExchange:
 
     def _send(self, holder: int, header: torch.Tensor) -> None:
         self._used.add(holder)
-        work = dist.isend(header, dst=holder, group=self.groups[(self.rank, holder)].control)
+        work = dist.isend(header, dst=holder, group=self.groups[(self.rank, holder)])
         self._inflight = [(w, t) for w, t in self._inflight if not w.is_completed()]
         self._inflight.append((work, header))
 
@@ -260,7 +249,7 @@ class SpreadExchange:
         for idx, st, pos in spread_rows:
             for h in st.holders:
                 by_holder.setdefault(h, []).append((idx, st.sid, pos if h == st.tail else -1))
-        ex = StepExchange({h: self.groups[(self.rank, h)].data for h in by_holder})
+        ex = StepExchange({h: self.groups[(self.rank, h)] for h in by_holder})
         for h, rows in by_holder.items():
             if len(rows) > self.cap:
                 raise RuntimeError(f"{len(rows)} spread rows for rank {h} exceed the header's {self.cap}")
@@ -317,14 +306,15 @@ class MultiMasterAttention(AttentionBackend):
         ex, d = self.ex, self.head_dim
         pending = []
         for h, idx in ex.rows.items():
-            pack = torch.cat([q[idx], k[idx], v[idx]], dim=1)
-            res = torch.empty(idx.shape[0], self.num_heads, d + 1, dtype=torch.float32, device=q.device)
+            pack = torch.cat([q[idx], k[idx], v[idx]], dim=1).cpu()
+            res = torch.empty(idx.shape[0], self.num_heads, d + 1, dtype=torch.float32)
             dist.send(pack, dst=h, group=ex.group_of[h])
             work = dist.irecv(res, src=h, group=ex.group_of[h])
             pending.append((idx, res, work))
         out, lse = self.base.forward(q, k, v, kv_cache, meta)
         for idx, res, work in pending:
             work.wait()
+            res = res.to(q.device)
             o, s = _merge(out[idx], lse[idx], res[..., :d], res[..., d])
             out[idx] = o.to(out.dtype)
             lse[idx] = s
