@@ -100,7 +100,8 @@ def test_spread_requests_decode_like_a_single_instance(tiny_ckpt, world, backend
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, ckpt, prompts, backend, results)) for r in range(world)]
+    procs = [ctx.Process(target=_run, args=(r, world, port, ckpt, prompts, backend, results), daemon=True)
+             for r in range(world)]  # daemon: a hung rank must not keep pytest from exiting
     for p in procs:
         p.start()
     got = [results.get(timeout=300) for _ in range(world)]

@@ -85,7 +85,7 @@ def run_group(world: int, ckpt: str, prompts: list[list[int]], split: bool, back
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_run, args=(r, world, port, ckpt, prompts, split, results, backend))
+    procs = [ctx.Process(target=_run, args=(r, world, port, ckpt, prompts, split, results, backend), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
