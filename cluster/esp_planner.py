@@ -93,7 +93,8 @@ def plan_placement(num_tokens: int, extra_tokens: int, block_size: int, group: l
                    ) -> list[tuple[object, int, int, int]] | None:
     """Where a request's KV goes when no single instance has room for it (multi-master decoding).
 
-    Contiguous, block-aligned slices ``(member, start, end, extra)`` cover the prompt's ``num_tokens`` positions:
+    Contiguous slices ``(member, start, end, extra)`` cover the prompt's ``num_tokens`` positions (each holder
+    stores its slice from the start of its own blocks, so slices need not be block-aligned):
     the master (``group[0]``) first, then the other members in order of free space, each up to its free blocks.
     The last slice (the tail) also reserves ``extra`` = ``extra_tokens`` positions for the tokens decoding
     will add (it may hold no prompt position at all). None if the group cannot hold it all.

@@ -118,8 +118,9 @@ class SliceServer:
             s = self._slices.pop(sid, None)
         return None if s is None else s.request_id
 
-    def join(self, timeout_s: float = 10.0) -> None:
-        """Wait for the server threads, which end on their masters' stop headers."""
+    def join(self, timeout_s: float = 2.0) -> None:
+        """Wait for the server threads, which end on their masters' stop headers (a master that is not leaving
+        sends none: its thread ends when the group is destroyed)."""
         for master, t in self._threads.items():
             t.join(timeout_s)
             if t.is_alive():
@@ -274,19 +275,25 @@ class SpreadExchange:
                 self._send(h, self._header([], self._take_releases(h)))
 
     def stop(self) -> None:
-        """Stop the server threads this master used (the group is re-forming or the instance is leaving)."""
-        self.flush()
+        """Stop the server threads this master used (the group is re-forming or the instance is leaving). A
+        holder that is gone (removed, dead) is skipped."""
         stop = torch.zeros(_header_size(self.cap), dtype=torch.int64)
         stop[0] = -1
         for h in sorted(self._used):
-            self._send(h, stop)
+            try:
+                while h in self._releases:
+                    self._send(h, self._header([], self._take_releases(h)))
+                self._send(h, stop)
+            except RuntimeError as e:
+                logger.info("rank %d: holder %d is gone (%s)", self.rank, h, e)
         for w, _ in self._inflight:
             try:
                 w.wait()
-            except Exception:  # the peer is gone
+            except RuntimeError:  # the peer is gone
                 pass
         self._inflight.clear()
         self._used.clear()
+        self._releases.clear()
 
 
 class MultiMasterAttention(AttentionBackend):
