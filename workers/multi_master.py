@@ -2,7 +2,9 @@
 
 When a sequence-parallel prefill's placement leaves slices of the prompt's KV on other instances (the master has
 no room for all of it), the master still decodes the request, and the K/V of its new tokens go to the *tail*
-holder, the instance with the last slice, which reserved room for them. In every layer of every decode step::
+holder, the instance with the last slice, which reserved room for them. A request also becomes spread while
+decoding when its instance runs out of blocks (scale-up: another instance becomes its tail, see
+``EngineInstance.attach_tail``). In every layer of every decode step::
 
     master:  q, k, v of its spread rows ----------------------> each holder of those rows (one message each)
              partial attention over its own slice                holder: stores k, v (the tail only), partial
