@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import free_port, print_table, write_result  # noqa: E402
 
 PRESETS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b", "tiny": "tiny-llama"}
 
@@ -113,9 +112,7 @@ def main() -> None:
     path = str(make_checkpoint(Path(tempfile.mkdtemp()) / args.shape, PRESETS[args.shape],
                                dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu"))
     args.vocab = 500 if args.shape == "tiny" else 120000
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, port, path, args, results), daemon=True) for r in range(2)]
