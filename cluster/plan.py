@@ -69,6 +69,9 @@ class StepResult:
     sampled: dict[str, int]
     """Request id -> sampled token id, for chunks with ``sample`` set."""
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Request id -> error, for requests the worker could not compute (a multi-master holder went away): they end
+    with an error; the rest of the step ran without them."""
 
 
 # ---------------------------------------------------------------------- elastic sequence parallelism

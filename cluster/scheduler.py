@@ -220,6 +220,14 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[EngineOutput]:
         outputs: list[EngineOutput] = []
         now = time.monotonic()
+        for rid, error in result.failed.items():
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                req.error = error
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                out = self._output(req, [])
+                out.error = error
+                outputs.append(out)
         for chunk in plan.chunks:
             req = self.requests.get(chunk.request_id)
             if req is None or req.is_finished or req.status != RequestStatus.RUNNING:

@@ -58,8 +58,8 @@ class StepInputs:
     prev_rows: np.ndarray | None = None
     """[T] int64 (async scheduling): for each token, the row of the previous step's sampled tokens that is its
     input (the token is not on the host yet), or -1 when ``input_ids`` holds it."""
-    spread_rows: list[tuple[int, SpreadState, int]] = field(default_factory=list)
-    """(token index, spread state, position) of each decode row whose KV is partly on other instances."""
+    spread_rows: list[tuple[int, str, SpreadState, int]] = field(default_factory=list)
+    """(token index, request id, spread state, position) of each decode row whose KV is partly elsewhere."""
 
 
 class InputBatch:
@@ -113,7 +113,7 @@ class InputBatch:
                 if st.spread is None:
                     slots.append([st.block_ids[start // bs] * bs + start % bs])
                 else:  # attends to its local slice here; the tail holder stores the new K/V
-                    spread_rows.append((qsl[-1], st.spread, start))
+                    spread_rows.append((qsl[-1], chunk.request_id, st.spread, start))
                     slots.append([-1])
             else:
                 p = np.arange(start, end, dtype=np.int64)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -187,28 +187,54 @@ class ModelRunner:
         if prev is not None and prev.tokens is not None:
             pending = {rid: i for i, rid in enumerate(prev.sampled_ids)}
         inp = self.batch.prepare(plan, pending)
-        inject = None if inp.prev_rows is None else (inp.prev_rows, prev.tokens)
+        failed: dict[str, str] = {}
         if self.graphs is not None and not inp.spread_rows and self.graphs.can_run(plan, inp):
+            inject = None if inp.prev_rows is None else (inp.prev_rows, prev.tokens)
             hidden = self.graphs.run(inp, inject)
         else:
-            meta, ids, pos, logits_idx = self.build_metadata(inp, None if inject is None else inject[1])
-            backend = self.backend
-            if inp.spread_rows:  # multi-master decoding: the holders complete these rows' attention
-                backend = MultiMasterAttention(self.backend, self.spread.begin_step(inp.spread_rows))
-            elif self.spread is not None and self.spread.has_releases:
-                self.spread.flush()
-            hidden = self.model(ids, pos, self.kv_caches, backend, meta)
-            hidden = hidden[logits_idx]
+            try:
+                hidden = self._forward(inp, prev)
+            except RuntimeError as e:  # a multi-master holder went away mid-step: drop those rows, run the rest
+                if not inp.spread_rows:
+                    raise
+                failed = self._drop_spread_rows(inp, e)
+                plan = StepPlan(plan.step_id, [], [c for c in plan.chunks if c.request_id not in failed], [],
+                                plan.num_decodes - len(failed))
+                inp = self.batch.prepare(plan, pending)
+                hidden = self._forward(inp, prev) if plan.chunks else None
         if not inp.sampled_ids:
-            return PendingStep(plan.step_id, [], result=StepResult(plan.step_id, {}))
+            return PendingStep(plan.step_id, [], result=StepResult(plan.step_id, {}, failed=failed))
         logits = self.model.compute_logits(hidden)
         if Sampler.plain_greedy(inp.sample_rows):
-            return PendingStep.enqueue_readback(plan.step_id, inp.sampled_ids, logits.argmax(dim=-1))
+            step = PendingStep.enqueue_readback(plan.step_id, inp.sampled_ids, logits.argmax(dim=-1))
+            step.failed = failed
+            return step
         tokens, logprobs = self.sampler(logits, inp.sample_rows)
         sampled = dict(zip(inp.sampled_ids, tokens))
         self.batch.record_sampled(sampled)
         lps = {rid: lp for rid, lp in zip(inp.sampled_ids, logprobs) if lp is not None}
-        return PendingStep(plan.step_id, inp.sampled_ids, result=StepResult(plan.step_id, sampled, lps))
+        return PendingStep(plan.step_id, inp.sampled_ids, result=StepResult(plan.step_id, sampled, lps, failed))
+
+    def _forward(self, inp: StepInputs, prev: PendingStep | None) -> torch.Tensor:
+        """The model over one step's rows, eagerly; hidden states of the sampled rows [S, hidden]."""
+        meta, ids, pos, logits_idx = self.build_metadata(inp, None if inp.prev_rows is None else prev.tokens)
+        backend = self.backend
+        if inp.spread_rows:  # multi-master decoding: the holders complete these rows' attention
+            backend = MultiMasterAttention(self.backend, self.spread.begin_step(inp.spread_rows))
+        elif self.spread is not None and self.spread.has_releases:
+            self.spread.flush()
+        return self.model(ids, pos, self.kv_caches, backend, meta)[logits_idx]
+
+    def _drop_spread_rows(self, inp: StepInputs, error: Exception) -> dict[str, str]:
+        """Forget the step's spread requests (their live holders free their slices); request id -> error."""
+        logger.warning("multi-master exchange failed (%s): failing %d spread request(s)", error, len(inp.spread_rows))
+        failed = {}
+        for _, rid, spread, _ in inp.spread_rows:
+            self.batch.states.pop(rid, None)
+            self.spread.release(spread)
+            failed[rid] = f"a KV holder of this request went away ({type(error).__name__}); request failed"
+        self.spread.flush()
+        return failed
 
     def wait(self, step: PendingStep) -> StepResult:
         """The step's result; reads device tokens back (the only host sync of a plain greedy step)."""
@@ -218,13 +244,14 @@ class ModelRunner:
             self.device_wait_s += time.perf_counter() - t0
             sampled = dict(zip(step.sampled_ids, tokens))
             self.batch.record_sampled(sampled)
-            step.result = StepResult(step.step_id, sampled)
+            step.result = StepResult(step.step_id, sampled, failed=step.failed)
         return step.result
 
     @staticmethod
     def can_lookahead(step: PendingStep) -> bool:
-        """Whether the next step may be launched from this one's device tokens."""
-        return step.tokens is not None and step.result is None
+        """Whether the next step may be launched from this one's device tokens (not after failed rows: the
+        scheduler must drop them first)."""
+        return step.tokens is not None and step.result is None and not step.failed
 
 
 @dataclass
@@ -236,6 +263,8 @@ class PendingStep:
     tokens: torch.Tensor | None = None
     """[S] int64 on the device, row i for ``sampled_ids[i]``."""
     result: StepResult | None = None
+    failed: dict[str, str] = field(default_factory=dict)
+    """Rows dropped from the step (see ``StepResult.failed``)."""
     _pinned: torch.Tensor | None = None
     _copied: torch.cuda.Event | None = None
 

@@ -233,8 +233,13 @@ class SpreadExchange:
         return bool(self._releases)
 
     def _send(self, holder: int, header: torch.Tensor) -> None:
+        """Post a header (a holder that is gone is logged and skipped: its rows fail in the layer exchange)."""
         self._used.add(holder)
-        work = dist.isend(header, dst=holder, group=self.groups[(self.rank, holder)])
+        try:
+            work = dist.isend(header, dst=holder, group=self.groups[(self.rank, holder)])
+        except RuntimeError as e:
+            logger.warning("rank %d: header to holder %d failed: %s", self.rank, holder, e)
+            return
         self._inflight = [(w, t) for w, t in self._inflight if not w.is_completed()]
         self._inflight.append((work, header))
 
@@ -246,10 +251,11 @@ class SpreadExchange:
         h[2 + 2 * self.cap:2 + 2 * self.cap + len(releases)] = releases
         return torch.tensor(h, dtype=torch.int64)
 
-    def begin_step(self, spread_rows: list[tuple[int, SpreadState, int]]) -> StepExchange:
-        """Send this step's headers. ``spread_rows``: (token index, state, position) of each spread decode row."""
+    def begin_step(self, spread_rows: list[tuple[int, str, SpreadState, int]]) -> StepExchange:
+        """Send this step's headers. ``spread_rows``: (token index, request id, state, position) of each spread
+        decode row."""
         by_holder: dict[int, list[tuple[int, int, int]]] = {}
-        for idx, st, pos in spread_rows:
+        for idx, _, st, pos in spread_rows:
             for h in st.holders:
                 by_holder.setdefault(h, []).append((idx, st.sid, pos if h == st.tail else -1))
         ex = StepExchange({h: self.groups[(self.rank, h)] for h in by_holder})

@@ -26,7 +26,7 @@ class ESPCluster:
     """A global manager with ``n`` CPU instances and a RayEngineClient routing long prompts to groups."""
 
     def __init__(self, path: str, n: int, cpus_per_instance: float, gpus_per_instance: float = 0.0,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, max_model_len: int | None = None):
         import ray
 
         from accordion.cluster.global_manager import start_manager
@@ -41,6 +41,8 @@ class ESPCluster:
         engine = engine_config(path)
         if num_blocks is not None:
             engine.cache.num_blocks = num_blocks
+        if max_model_len is not None:
+            engine.model.max_model_len = max_model_len
         if gpus_per_instance:
             engine.device.device, engine.model.dtype = "cuda", "float32"
         self.config = ClusterConfig(engine=engine, esp=self.esp, namespace="accordion-test",
@@ -172,10 +174,12 @@ def test_removing_a_holder_waits_for_the_spread_requests_it_serves(tiny_ckpt):
     the request's output is unaffected and the instance then leaves cleanly."""
     path = tiny_ckpt("tiny-llama")
     prompt = random_prompts(1, [100], 500, seed=36)[0]
-    params = SamplingParams(max_tokens=100, min_tokens=100, temperature=0)  # 13 blocks: the tail on a 2nd instance
-    llm = LLM(path, device="cpu", max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
+    # 900 tokens (57 blocks) fit on no 52-block instance: the 800 new tokens go to a tail instance, and decoding
+    # them outlasts the holder's removal unless the drain waits for it
+    params = SamplingParams(max_tokens=800, min_tokens=800, temperature=0)
+    llm = LLM(path, device="cpu", max_model_len=1024, num_blocks=NUM_BLOCKS)
     expected = llm.generate([prompt], params)[0].outputs[0].token_ids
-    cluster = ESPCluster(path, 3, cpus_per_instance=0.5, num_blocks=8)
+    cluster = ESPCluster(path, 3, cpus_per_instance=0.5, num_blocks=52, max_model_len=1024)
     cluster.esp.force_degree = None
     try:
         async def scenario():
@@ -194,6 +198,47 @@ def test_removing_a_holder_waits_for_the_spread_requests_it_serves(tiny_ckpt):
         tokens, clean, finished_first = cluster.run(scenario())
         assert tokens == expected and clean and finished_first
         cluster.check_idle()
+    finally:
+        cluster.close()
+
+
+def test_a_holder_that_dies_fails_only_the_requests_it_served(tiny_ckpt):
+    """Kill a KV holder while its master decodes a spread request: that request ends with an error, and the master
+    (its engine still running) serves the next requests correctly."""
+    import ray
+
+    path = tiny_ckpt("tiny-llama")
+    prompt = random_prompts(1, [100], 500, seed=37)[0]
+    short = random_prompts(2, [20, 9], 500, seed=38)
+    params = SamplingParams(max_tokens=800, min_tokens=800, temperature=0)
+    llm = LLM(path, device="cpu", max_model_len=1024, num_blocks=NUM_BLOCKS)
+    expected_short = [o.outputs[0].token_ids for o in llm.generate(short, PARAMS)]
+    cluster = ESPCluster(path, 3, cpus_per_instance=0.5, num_blocks=52, max_model_len=1024)
+    cluster.esp.force_degree = None
+    try:
+        async def scenario():
+            deltas = []
+
+            async def one():
+                async for d in cluster.engine.generate("spread-kill", prompt, params):
+                    deltas.append(d)
+
+            task = asyncio.ensure_future(one())
+            while sum(len(d.token_ids) for d in deltas) < 10:  # decoding, with its KV spread
+                assert not task.done(), deltas
+                await asyncio.sleep(0.01)
+            master, holder = cluster.engine.sp_prefills[0][:2]
+            recs = {r.instance_id: r for r in await cluster.manager.list_instances.remote()}
+            ray.kill(recs[holder].handle, no_restart=True)
+            await task
+            return master, deltas
+
+        master, deltas = cluster.run(scenario())
+        assert deltas[-1].error is not None and "went away" in deltas[-1].error
+        assert sum(len(d.token_ids) for d in deltas) < 800
+        cluster.esp.min_prompt_tokens = 1000
+        cluster.engine.router = _Only(master)
+        assert cluster.generate(short) == expected_short  # the master's engine kept running
     finally:
         cluster.close()
 
