@@ -73,7 +73,17 @@ def _coalesce(first: StreamDelta, queue: asyncio.Queue) -> list[StreamDelta]:
 
 
 class RetryElsewhere(Exception):
-    """Raised by ``_send``: this route refused the request without running it (draining, gone); try another."""
+    """Raised by ``_send``: this route refused the request without running it (draining, gone); try another.
+
+    ``replan``: the refusal was about a plan made from stale load reports (a multi-master placement whose slices
+    were taken meanwhile), not about the route: choose again, the route included (a few times at most)."""
+
+    def __init__(self, message: str, *, replan: bool = False):
+        super().__init__(message)
+        self.replan = replan
+
+
+MAX_REPLANS = 3
 
 
 @dataclass
@@ -188,13 +198,17 @@ class EngineFrontend:
 
     async def _place(self, stream: _Stream, requests: list[Request]) -> None:
         tried: set[str] = set()
+        replans = 0
         while True:
             stream.route = self._choose_route(requests, tried)
             try:
                 await self._send(stream.route, requests)
             except RetryElsewhere as e:
-                logger.info("request %s: %s refused it (%s); trying another", stream.request_id, stream.route, e)
-                tried.add(stream.route)
+                logger.info("request %s: %s refused it (%s); trying again", stream.request_id, stream.route, e)
+                if e.replan and replans < MAX_REPLANS:
+                    replans += 1
+                else:
+                    tried.add(stream.route)
                 stream.route = None
                 continue
             if stream.route in self._failed_routes:  # it died between accepting and our reply: never hang

@@ -263,6 +263,15 @@ class RayEngineClient(EngineFrontend):
         master = min(masters, key=busy)
         return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1], None
 
+    async def _fresh_reports(self, instance_ids: list[str], timeout_s: float = 0.5) -> None:
+        """Wait until each instance has sent a load report newer than the current one (or ``timeout_s``)."""
+        seen = {i: self._loads.get(i) for i in instance_ids}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(self._loads.get(i) is seen[i] for i in instance_ids if i in self._pumps):
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.01)
+
     async def _scale_up(self, master: str, request_id: str, start: int, num_tokens: int) -> None:
         """A decoding request on ``master`` found no free block: the freest other instance with room takes its
         new tokens' KV (multi-master scale-up), else the master preempts as usual."""
@@ -296,8 +305,11 @@ class RayEngineClient(EngineFrontend):
             raise
         except Exception as e:
             cause = unwrap_ray_error(e)
-            if isinstance(cause, EngineUnavailableError):  # the group is re-forming: run it on one instance
-                raise RetryElsewhere(str(cause)) from None
+            if isinstance(cause, EngineUnavailableError):
+                if placement is not None:  # slices taken since the load reports: plan again from fresh ones
+                    await self._fresh_reports([i for i, *_ in placement])
+                    raise RetryElsewhere(str(cause), replan=True) from None
+                raise RetryElsewhere(str(cause)) from None  # the group is re-forming: run it on one instance
             raise cause from None
         finally:
             self._sp_waiting.discard(request.request_id)

@@ -147,8 +147,8 @@ def test_degrees_2_and_4_then_instances_removed_and_added(expected_and_prompts):
 def test_multi_master_decoding_when_no_instance_has_room(tiny_ckpt):
     """Instances of 6 blocks (96 tokens): a 150-token prompt plus 8 new tokens fits on none, so its KV stays
     spread over several instances and is decoded in place (the tail holder stores the new tokens' KV); then two
-    such requests at once, under different masters. Outputs equal the single-instance engine's and every
-    instance ends with all blocks free."""
+    such requests at once, under different masters, alone and beside short requests. Outputs equal the
+    single-instance engine's and every instance ends with all blocks free."""
     path = tiny_ckpt("tiny-llama")
     long = random_prompts(3, [150, 130, 170], 500, seed=33)
     short = random_prompts(2, [20, 9], 500, seed=34)
@@ -163,7 +163,9 @@ def test_multi_master_decoding_when_no_instance_has_room(tiny_ckpt):
         cluster.engine.sp_prefills.clear()
         assert cluster.generate(long[:2]) == expected[:2]  # placed together: the second avoids the first's blocks
         assert len({g[0] for g in cluster.engine.sp_prefills}) == 2  # two masters, each with its mini-batch
-        assert cluster.generate(short) == expected[3:]
+        # with short requests beside them, a slice may be taken between the plan and its reservation: the front
+        # end plans again from fresh load reports
+        assert cluster.generate(long[:2] + short) == expected[:2] + expected[3:]
         cluster.check_idle()
     finally:
         cluster.close()
