@@ -183,18 +183,15 @@ class Scheduler:
         """
         if req.spread_local_tokens is not None:  # its new KV goes to the tail holder
             return []
-        if self.spill_enabled and req.request_id not in self._no_spill and not req.in_prefill:
-            blocks = self.kv.allocate(req, num_tokens)
-            if blocks is not None:
-                return blocks
-            start = req.num_computed_tokens  # the KV of [0, start) stays here
-            end = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len) - 1  # the last token has no KV
-            self._spilling[req.request_id] = (start, end - start)
-            return _SPILL
         while True:
             blocks = self.kv.allocate(req, num_tokens)
             if blocks is not None:
                 return blocks
+            if self.spill_enabled and req.request_id not in self._no_spill and not req.in_prefill:
+                start = req.num_computed_tokens  # the KV of [0, start) stays here
+                end = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len) - 1  # the last has no KV
+                self._spilling[req.request_id] = (start, end - start)
+                return _SPILL
             # Spread requests are never victims: recomputing one locally is what their spread avoided.
             victim = next(r for r in reversed(self.running) if r.spread_local_tokens is None)
             self._preempt(victim)
@@ -207,6 +204,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._spilling.pop(req.request_id, None)
+        self._no_spill.discard(req.request_id)
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.PREEMPTED
