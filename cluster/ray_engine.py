@@ -98,9 +98,9 @@ class RayEngineClient(EngineFrontend):
         self._pumps: dict[str, asyncio.Task] = {}
         self._loads: dict[str, LoadReport] = {}
         self._planned: dict[str, int] = {}
+        """KV blocks of multi-master placements planned since each instance's last load report."""
         self._scaling: set[str] = set()  # engine request ids whose scale-up is being arranged
         self._sp_waiting: set[str] = set()  # engine request ids queued at the manager for a prefill
-        """KV blocks of multi-master placements planned since each instance's last load report."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
@@ -237,20 +237,16 @@ class RayEngineClient(EngineFrontend):
             ld = self._loads.get(i)
             return (ld.num_running + ld.num_waiting if ld else 0) + self._outstanding(i)
 
-        def free(i: str) -> int:
-            ld = self._loads.get(i)
-            return ld.num_free_blocks - self._planned.get(i, 0) if ld is not None else 0
-
         block = self.config.cache.block_size
         new_tokens = min(req.max_tokens, self._model_info.max_model_len - req.num_prompt_tokens)
         need = -(-(req.num_prompt_tokens + new_tokens) // block)
-        masters = [i for i in cands if free(i) >= need]
+        masters = [i for i in cands if self._free_blocks(i) >= need]
         if not masters:
             if not esp.multi_master or len(cands) < 2:
                 return None
-            by_free = sorted(cands, key=lambda i: (-free(i), busy(i)))[:limit]
+            by_free = sorted(cands, key=lambda i: (-self._free_blocks(i), busy(i)))[:limit]
             placement = plan_placement(req.num_prompt_tokens, max(0, new_tokens - 1), block, by_free,
-                                       {i: free(i) for i in by_free})
+                                       {i: self._free_blocks(i) for i in by_free})
             if placement is None:
                 return None
             holders = [i for i, *_ in placement]
@@ -262,6 +258,11 @@ class RayEngineClient(EngineFrontend):
             return None
         master = min(masters, key=busy)
         return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1], None
+
+    def _free_blocks(self, iid: str) -> int:
+        """Free KV blocks by the instance's last load report, less the placements planned since."""
+        ld = self._loads.get(iid)
+        return ld.num_free_blocks - self._planned.get(iid, 0) if ld is not None else 0
 
     async def _fresh_reports(self, instance_ids: list[str], timeout_s: float = 0.5) -> None:
         """Wait until each instance has sent a load report newer than the current one (or ``timeout_s``)."""
@@ -277,8 +278,7 @@ class RayEngineClient(EngineFrontend):
         new tokens' KV (multi-master scale-up), else the master preempts as usual."""
         try:
             need = -(-num_tokens // self.config.cache.block_size)
-            free = {i: ld.num_free_blocks - self._planned.get(i, 0) for i in self._routable()
-                    if i != master and (ld := self._loads.get(i)) is not None}
+            free = {i: self._free_blocks(i) for i in self._routable() if i != master}
             holders = [i for i, f in free.items() if f >= need]
             if self.esp is None or not self.esp.multi_master or not holders:
                 await self._records[master].handle.engine_call.remote("spill_failed", request_id)
