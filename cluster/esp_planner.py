@@ -57,6 +57,12 @@ class PrefillCostModel:
         return cls({int(k): tuple(v) for k, v in raw.items()})
 
     @classmethod
+    def for_config(cls, esp) -> PrefillCostModel:
+        """The model an :class:`~accordion.cluster.config.ESPConfig` names (``accordion profile``'s JSON), else
+        the analytic one."""
+        return cls.load(esp.cost_model_path) if esp.cost_model_path else cls.analytic(esp.max_degree)
+
+    @classmethod
     def analytic(cls, max_degree: int, b: float = 1e-4, c: float = 1e-9, a: float = 5e-3,
                  a_per_instance: float = 2e-2) -> PrefillCostModel:
         """Ideal 1/sp scaling plus a fixed cost per extra instance, for use before ``accordion profile``."""

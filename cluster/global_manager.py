@@ -76,7 +76,8 @@ class GlobalManager:
         self._prefills: PrefillQueue | None = None
         self._dispatcher: asyncio.Task | None = None
         self._redispatch = False
-        self.sp_counts = [0, 0]
+        self.num_sp_batches = 0
+        self.num_sp_prompts = 0
         """Sequence-parallel prefill batches started, and the prompts in them."""
 
     def _cond(self) -> asyncio.Condition:
@@ -192,9 +193,7 @@ class GlobalManager:
             from accordion.cluster.esp_planner import PrefillCostModel
 
             esp = self.config.esp
-            cost = (PrefillCostModel.load(esp.cost_model_path) if esp.cost_model_path
-                    else PrefillCostModel.analytic(esp.max_degree))
-            self._prefills = PrefillQueue(esp.max_batch_tokens, cost.predict)
+            self._prefills = PrefillQueue(esp.max_batch_tokens, PrefillCostModel.for_config(esp).predict)
         return self._prefills
 
     async def run_sp_prefill(self, request: Request, group: list[str],
@@ -215,7 +214,8 @@ class GlobalManager:
 
     async def sp_stats(self) -> dict[str, int]:
         """Sequence-parallel prefills so far: batches started, prompts in them, prompts queued."""
-        return {"batches": self.sp_counts[0], "prompts": self.sp_counts[1], "queued": len(self._sp_queue().pending)}
+        return {"batches": self.num_sp_batches, "prompts": self.num_sp_prompts,
+                "queued": len(self._sp_queue().pending)}
 
     async def cancel_sp_prefill(self, request_ids: list[str]) -> None:
         """Drop queued prefills whose requests were cancelled before they started."""
@@ -266,8 +266,8 @@ class GlobalManager:
             self._sp_queue().finished(group)
             return
         batch = SPPrefillBatch(next(self._batch_ids), ranks, [job for _, job in started])
-        self.sp_counts[0] += 1
-        self.sp_counts[1] += len(started)
+        self.num_sp_batches += 1
+        self.num_sp_prompts += len(started)
         requests = [p.request for p, _ in started]
         refs = [self._instances[iid].handle.run_sp_batch.remote(batch, requests if iid == group[0] else None)
                 for iid in group]

@@ -85,8 +85,7 @@ class RayEngineClient(EngineFrontend):
         self.esp = esp if esp is not None and esp.enabled else None
         self._cost: PrefillCostModel | None = None
         if self.esp is not None:
-            self._cost = (PrefillCostModel.load(self.esp.cost_model_path) if self.esp.cost_model_path
-                          else PrefillCostModel.analytic(self.esp.max_degree))
+            self._cost = PrefillCostModel.for_config(self.esp)
         self._sp_groups: dict[str, tuple[list[str], list[tuple[str, int, int, int]] | None]] = {}
         self.sp_prefills: list[list[str]] = []
         """Instance groups of the sequence-parallel prefills sent from here (for tests and debugging)."""
