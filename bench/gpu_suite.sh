@@ -22,12 +22,14 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/workers tests/integration 2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
+    multi-gpu-tests) timeout 480 python3 -m pytest -v -m gpu -p no:cacheprovider tests/workers/test_multi_master.py \
+        tests/integration/test_elastic_sp.py 2>&1 | tee "$OUT/multi_gpu_tests.log" | grep -E "PASS|FAIL|ERROR|Error|passed|failed" ;;
     offline) python3 bench/offline.py --compare-torch-backend --compare-async 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -9 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;
-    sp-batch) python3 bench/sp_prefill.py --shape 8b --lengths 8192,16384 --degrees 2,4 --batch 4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp-batch.log" | tail -14 ;;
+    sp-batch) python3 bench/sp_prefill.py --shape 8b --lengths 8192,16384 --degrees "$(python3 -c 'import torch; print("2,4" if torch.cuda.device_count() >= 4 else "2")')" --batch 4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp-batch.log" | tail -14 ;;
     mixed) python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" ${MIXED_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12 ;;
     multi-master) python3 bench/multi_master.py 2>&1 | grep -v "Loading weights" | tee "$OUT/multi-master.log" | tail -6 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;

@@ -331,3 +331,34 @@ def test_degree_2_on_gpus_equals_single_instance(tiny_ckpt):
         cluster.check_idle()
     finally:
         cluster.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_multi_master_and_scale_up_on_gpus_equal_single_instance(tiny_ckpt):
+    """Multi-master decoding on GPUs through the whole serving path: 6-block instances (96 tokens), a 150-token
+    prompt spread over both (then a 130-token one), then two 40-token prompts whose decodes run out of blocks and
+    scale up onto the other GPU. Outputs equal the single-instance engine's."""
+    path = tiny_ckpt("tiny-llama")
+    long = random_prompts(2, [150, 130], 500, seed=33)
+    short = random_prompts(2, [40, 40], 500, seed=35)
+    grow = SamplingParams(max_tokens=40, min_tokens=40, temperature=0)
+    llm = LLM(path, device="cuda", dtype="float32", max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
+    expected_long = [o.outputs[0].token_ids for o in llm.generate(long, PARAMS)]
+    expected_short = [o.outputs[0].token_ids for o in llm.generate(short, grow)]
+    del llm
+    cluster = ESPCluster(path, 2, cpus_per_instance=0.5, gpus_per_instance=1.0, num_blocks=6)
+    cluster.esp.force_degree = None
+    try:
+        for prompt, want in zip(long, expected_long):
+            assert cluster.generate([prompt]) == [want]
+            cluster.check_idle()
+        cluster.esp.min_prompt_tokens = 1000
+        first = cluster.run(cluster.manager.list_instances.remote())[0].instance_id
+        cluster.engine.router = _Only(first)
+        assert cluster.generate(short, grow) == expected_short
+        info = cluster.run(cluster.engine.server_info())
+        assert sum(i.num_preemptions for i in info.instances) == 0
+        cluster.check_idle()
+    finally:
+        cluster.close()
