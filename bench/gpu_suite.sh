@@ -26,6 +26,7 @@ for step in $steps; do
         tests/integration/test_elastic_sp.py 2>&1 | tee "$OUT/multi_gpu_tests.log" | grep -E "PASS|FAIL|ERROR|Error|passed|failed" ;;
     offline) python3 bench/offline.py --compare-torch-backend --compare-async 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
+    tune) python3 bench/tune_attention.py 2>&1 | tee "$OUT/tune.log" | tail -40 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -9 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;

@@ -47,6 +47,18 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return (p.major, p.minor)
 
 
+def resident_programs(compiled, device: torch.device) -> int:
+    """How many programs of a compiled Triton kernel fit on one SM at once (registers, shared memory, warps)."""
+    p = _device_props(device.index if device.index is not None else torch.cuda.current_device())
+    warps = compiled.metadata.num_warps
+    regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // max(1, regs_per_warp * warps)
+    smem = compiled.metadata.shared
+    by_smem = getattr(p, "shared_memory_per_multiprocessor", 233472) // (smem + 1024) if smem else 32
+    by_warps = getattr(p, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    return max(1, min(by_regs, by_smem, by_warps, 32))
+
+
 def is_hopper(device: torch.device) -> bool:
     return cuda_capability(device)[0] == 9
 

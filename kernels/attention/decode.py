@@ -77,6 +77,7 @@ def paged_decode_attention(
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one query token per sequence over a paged KV cache.
 
@@ -90,6 +91,7 @@ def paged_decode_attention(
     num_splits:  split-KV factor; None = automatic from B * Hkv vs SM count and the maximum context
     max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
                  block_table.shape[1] * block_size.
+    config:      tile-size override (keys of `decode_config`), for tuning.
     Returns (out, lse). No host syncs; scratch sizes depend on shapes only (CUDA-graph capturable).
     """
     check_tensor("q", q, 3, FLOAT_DTYPES)
@@ -114,7 +116,7 @@ def paged_decode_attention(
     if B == 0:
         return out, lse
     group = Hq // Hkv
-    cfg = decode_config(D, q.dtype)
+    cfg = decode_config(D, q.dtype) if config is None else config
     max_ctx = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, cfg["BLOCK_N"])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2
+from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, resident_programs
 from .decode import choose_num_splits, decode_config, dot_precision, merge_splits, paged_decode_attention
 from .pod_kernel import pod_attention_kernel
 from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
@@ -49,6 +49,10 @@ class DecodeArgs:
     max_seq_len: int | None = None
 
 
+SCHEDULES = ("persistent", "smid", "static")
+_resident: dict[tuple, int] = {}  # (device, compile-time parameters) -> programs resident per SM (persistent grid)
+
+
 def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the fused kernel: prefill and decode CTAs of similar size so >= 2 co-reside per SM."""
     if is_interpreter():
@@ -66,13 +70,18 @@ def pod_attention(
     decode: DecodeArgs,
     *,
     scale: float,
-    use_smid: bool | None = None,
+    schedule: str | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused prefill + decode attention over one layer's paged KV cache in a single kernel launch.
 
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] shared by both halves (one layer).
     prefill: PrefillArgs (q [Tq, Hq, D] ...);  decode: DecodeArgs (q [Bd, Hq, D] ...).
-    use_smid: SM-aware scheduler via %smid + atomics (default: on for CUDA, off under the interpreter).
+    schedule: "persistent" (default): one program per resident slot of every SM, the first on each SM taking
+    prefill tiles, the next decode tiles, each moving to the other kind when its own runs out; "smid": one program
+    per tile, its kind picked per SM in proportion to the tile counts; "static": one program per tile, kinds
+    interleaved by program id. "persistent" and "smid" read %smid on CUDA (program ids under the interpreter).
+    config: tile-size override (keys of `pod_config`), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
     Split-KV decode adds one small merge launch. No host syncs; scratch sizes depend on shapes only.
@@ -91,7 +100,10 @@ def pod_attention(
         raise ValueError(f"decode.block_table / decode.seq_lens must have Bd={Bd} rows")
     if dq.device != pq.device or decode.block_table.device != pq.device or decode.seq_lens.device != pq.device:
         raise ValueError("prefill and decode tensors must be on one device")
-    cfg = pod_config(D, pq.dtype)
+    cfg = pod_config(D, pq.dtype) if config is None else config
+    schedule = "persistent" if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
     if Bp == 0 or Tq == 0 or num_m == 0 or Bd == 0:
         po, plse = paged_prefill_attention(
@@ -130,11 +142,26 @@ def pod_attention(
         d_l = torch.empty(Bd, Hq, splits, dtype=torch.float32, device=pq.device)
         d_strides = (*d_o.stride()[:3], *d_l.stride())
 
-    use_smid = (pq.is_cuda and not is_interpreter()) if use_smid is None else bool(use_smid)
-    counters = torch.zeros(2 + SMID_SLOTS if use_smid else 1, dtype=torch.int32, device=pq.device)
+    use_smid = schedule != "static" and pq.is_cuda and not is_interpreter()
+    persistent = schedule == "persistent"
+    counters = torch.zeros(2 + SMID_SLOTS, dtype=torch.int32, device=pq.device)
     n_prefill = num_m * Hq * Bp
     n_decode = Bd * Hkv * splits
-    pod_attention_kernel[(n_prefill + n_decode,)](
+    constants = dict(
+        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page,
+        P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
+        D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"], NUM_SPLITS=splits,
+        USE_SMID=use_smid, PERSISTENT=persistent, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    key = (pq.device, pq.dtype, tuple(sorted(constants.items())))
+    if not persistent:
+        grid = n_prefill + n_decode
+    elif is_interpreter() or not pq.is_cuda:
+        grid = min(n_prefill + n_decode, 3)  # a few programs: exercises the role switch
+    else:
+        grid = min(n_prefill + n_decode, _resident.get(key, 2) * num_sms(pq.device))
+    compiled = pod_attention_kernel[(grid,)](
         pq, dq, k_cache, v_cache,
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
         po, plse, d_o, d_l, counters,
@@ -145,13 +172,10 @@ def pod_attention(
         prefill.block_table.stride(0), decode.block_table.stride(0),
         po.stride(0), po.stride(1), plse.stride(0), plse.stride(1),
         *d_strides,
-        float(scale) * 1.4426950408889634,
-        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page,
-        P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
-        D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"], NUM_SPLITS=splits,
-        USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        float(scale) * 1.4426950408889634, **constants,
     )
+    if persistent and key not in _resident and compiled is not None and pq.is_cuda:
+        _resident[key] = resident_programs(compiled, pq.device)
     if splits > 1:
         merge_splits(d_o, d_l, do, dlse)
     return po, plse, do, dlse

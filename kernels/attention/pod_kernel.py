@@ -54,28 +54,81 @@ def pod_attention_kernel(
     D_BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     USE_SMID: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     SMID_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (num_prefill_tiles + num_decode_tiles,)."""
-    total = (num_prefill_tiles + num_decode_tiles).to(tl.int64)
-    n_p = num_prefill_tiles.to(tl.int64)
-    if USE_SMID:
-        sm = _smid() % SMID_SLOTS
-        t = tl.atomic_add(counter_ptr + 2 + sm, 1).to(tl.int64)
-        want_p = ((t + 1) * n_p) // total > (t * n_p) // total
-        kind = tl.where(want_p, 0, 1)
-        idx = tl.atomic_add(counter_ptr + kind, 1)
-        if idx >= tl.where(kind == 0, num_prefill_tiles, num_decode_tiles):
-            kind = 1 - kind
+    """Grid: (num_prefill_tiles + num_decode_tiles,), or any size when PERSISTENT (each program loops)."""
+    if PERSISTENT:
+        # Each resident program keeps one role (the first on its SM runs prefill tiles, the next decode tiles,
+        # alternating), takes tiles of that kind from its atomic ticket until none is left, then helps with the
+        # other kind; so a compute-bound and a bandwidth-bound program share every SM until one kind runs out.
+        if USE_SMID:
+            slot = tl.atomic_add(counter_ptr + 2 + _smid() % SMID_SLOTS, 1)
+        else:
+            slot = tl.program_id(0)
+        kind = slot % 2
+        switches = slot * 0
+        while switches < 2:
             idx = tl.atomic_add(counter_ptr + kind, 1)
+            if idx < tl.where(kind == 0, num_prefill_tiles, num_decode_tiles):
+                _tile(kind, idx,
+                      pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
+                      po_ptr, plse_ptr, do_ptr, dlse_ptr,
+                      num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
+                      stride_pqt, stride_pqh, stride_dqb, stride_dqh,
+                      stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
+                      stride_pot, stride_poh, stride_plt, stride_plh,
+                      stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+                      GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, NUM_SPLITS,
+                      DOT_PRECISION)
+            else:
+                kind = 1 - kind
+                switches += 1
     else:
-        t = tl.program_id(0).to(tl.int64)
-        before = (t * n_p) // total
-        want_p = ((t + 1) * n_p) // total > before
-        kind = tl.where(want_p, 0, 1)
-        idx = tl.where(want_p, before, t - before).to(tl.int32)
+        total = (num_prefill_tiles + num_decode_tiles).to(tl.int64)
+        n_p = num_prefill_tiles.to(tl.int64)
+        if USE_SMID:
+            sm = _smid() % SMID_SLOTS
+            t = tl.atomic_add(counter_ptr + 2 + sm, 1).to(tl.int64)
+            want_p = ((t + 1) * n_p) // total > (t * n_p) // total
+            kind = tl.where(want_p, 0, 1)
+            idx = tl.atomic_add(counter_ptr + kind, 1)
+            if idx >= tl.where(kind == 0, num_prefill_tiles, num_decode_tiles):
+                kind = 1 - kind
+                idx = tl.atomic_add(counter_ptr + kind, 1)
+        else:
+            t = tl.program_id(0).to(tl.int64)
+            before = (t * n_p) // total
+            want_p = ((t + 1) * n_p) // total > before
+            kind = tl.where(want_p, 0, 1)
+            idx = tl.where(want_p, before, t - before).to(tl.int32)
+        _tile(kind, idx,
+              pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
+              po_ptr, plse_ptr, do_ptr, dlse_ptr,
+              num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
+              stride_pqt, stride_pqh, stride_dqb, stride_dqh,
+              stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
+              stride_pot, stride_poh, stride_plt, stride_plh,
+              stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+              GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, NUM_SPLITS, DOT_PRECISION)
 
+
+@triton.jit
+def _tile(
+    kind, idx,
+    pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
+    po_ptr, plse_ptr, do_ptr, dlse_ptr,
+    num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
+    stride_pqt, stride_pqh, stride_dqb, stride_dqh,
+    stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
+    stride_pot, stride_poh, stride_plt, stride_plh,
+    stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, P_BLOCK_M: tl.constexpr,
+    P_BLOCK_N: tl.constexpr, D_BLOCK_H: tl.constexpr, D_BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Tile ``idx`` of ``kind`` (0: prefill (m_tile, b, qh), heaviest m-tiles first; 1: decode (b, kvh, split))."""
     if kind == 0:
         per_m = num_heads * num_prefill_seqs
         m_tile = num_m_tiles - 1 - idx // per_m

@@ -1,0 +1,167 @@
+"""Tile-size and schedule sweep of the decode and POD kernels on a GPU (a script, not a test).
+
+    python bench/tune_attention.py            # H100: Llama-3.1-8B attention shape, bf16
+    python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
+
+Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
+batch >= 16 (issue 4's target regime). POD: every schedule x config against the prefill kernel then the decode
+kernel on hybrid batches, with each compiled kernel's registers, spills, shared memory and resident programs
+per SM. The defaults in `decode_config` / `pod_config` come from this table. Writes
+bench/results/tune-attention-<gpu>-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if "--quick" in sys.argv:
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from accordion.kernels.attention import (  # noqa: E402
+    DecodeArgs,
+    PrefillArgs,
+    paged_decode_attention,
+    paged_prefill_attention,
+    pod_attention,
+)
+from accordion.kernels.attention.decode import choose_num_splits  # noqa: E402
+from bench.common import print_table, write_result  # noqa: E402
+from bench.kernels import D, HKV, HQ, PAGE, bench, identity_cache, sdpa, unpaged  # noqa: E402
+
+DECODE_CONFIGS = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=4),
+                  dict(BLOCK_N=128, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
+                  dict(BLOCK_N=32, num_warps=2, num_stages=4)]
+POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=2),
+               dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3),
+               dict(P_BLOCK_M=128, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=8, num_stages=2),
+               dict(P_BLOCK_M=128, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=4, num_stages=2),
+               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3)]
+HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
+           (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
+
+
+def tune_decode(dev, dtype, shapes) -> list[dict]:
+    rows = []
+    for B, ctx in shapes:
+        kv, table, nb = identity_cache(B, ctx, dtype, dev)
+        sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
+        out, lse = torch.empty_like(q), torch.empty(B, HQ, dtype=torch.float32, device=dev)
+        k4, v4 = unpaged(kv[0], B, nb), unpaged(kv[1], B, nb)
+        ms_sdpa = bench(lambda: sdpa(q.view(B, HQ, 1, D), k4, v4, False), dev)
+        for cfg in DECODE_CONFIGS:
+            auto = choose_num_splits(B, HKV, ctx, dev, cfg["BLOCK_N"])
+            for splits in sorted({auto, 2 * auto, 4 * auto, max(1, auto // 2)}):
+                ms = bench(lambda: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
+                                                          num_splits=splits, max_seq_len=ctx, config=cfg), dev)
+                rows.append(dict(batch=B, context=ctx, **cfg, splits=splits, auto_splits=auto, ms=ms,
+                                 sdpa_ms=ms_sdpa, vs_sdpa=ms_sdpa / ms))
+                print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa",
+                      flush=True)
+        kv = k4 = v4 = None
+    return rows
+
+
+def tune_pod(dev, dtype, hybrids) -> list[dict]:
+    rows = []
+    for chunk, p_ctx, bd, d_ctx in hybrids:
+        nbp, nbd = -(-p_ctx // PAGE), -(-d_ctx // PAGE)
+        kv = torch.empty(2, nbp + bd * nbd, PAGE, HKV, D, dtype=dtype, device=dev).normal_()
+        p_table = torch.arange(nbp, dtype=torch.int32, device=dev).view(1, nbp)
+        d_table = (nbp + torch.arange(bd * nbd, dtype=torch.int32, device=dev)).view(bd, nbd)
+        p_sl = torch.tensor([p_ctx], dtype=torch.int32, device=dev)
+        cu = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
+        d_sl = torch.full((bd,), d_ctx, dtype=torch.int32, device=dev)
+        pq = torch.randn(chunk, HQ, D, dtype=dtype, device=dev)
+        dq = torch.randn(bd, HQ, D, dtype=dtype, device=dev)
+        po, do = torch.empty_like(pq), torch.empty_like(dq)
+        plse = torch.empty(chunk, HQ, dtype=torch.float32, device=dev)
+        dlse = torch.empty(bd, HQ, dtype=torch.float32, device=dev)
+        pa = PrefillArgs(pq, p_table, cu, p_sl, chunk, out=po, lse=plse)
+        da = DecodeArgs(dq, d_table, d_sl, out=do, lse=dlse, max_seq_len=d_ctx)
+        ms_p = bench(lambda: paged_prefill_attention(pq, kv[0], kv[1], p_table, cu, p_sl, scale=D**-0.5,
+                                                     max_seqlen_q=chunk, out=po, lse=plse), dev)
+        ms_d = bench(lambda: paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=D**-0.5, out=do, lse=dlse,
+                                                    max_seq_len=d_ctx), dev)
+        for schedule, cfg in itertools.product(("persistent", "smid"), POD_CONFIGS):
+            try:
+                ms = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, schedule=schedule, config=cfg),
+                           dev)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
+                print(f"pod {schedule} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx,
+                             schedule=schedule, **cfg, prefill_ms=ms_p, decode_ms=ms_d, pod_ms=ms,
+                             speedup=(ms_p + ms_d) / ms, ideal=(ms_p + ms_d) / max(ms_p, ms_d)))
+            print(f"pod {chunk}@{p_ctx} + {bd}@{d_ctx} {schedule} {cfg}: {ms:.3f} ms vs {ms_p:.3f}+{ms_d:.3f} "
+                  f"-> x{(ms_p + ms_d) / ms:.3f}", flush=True)
+        kv = None
+    return rows
+
+
+def resources() -> list[dict]:
+    """Registers, spills, shared memory and resident programs of every compiled POD / decode kernel."""
+    from accordion.kernels.attention.decode_kernel import paged_decode_kernel
+    from accordion.kernels.attention.pod_kernel import pod_attention_kernel
+    from accordion.kernels.utils import resident_programs
+
+    out = []
+    for name, fn in (("pod", pod_attention_kernel), ("decode", paged_decode_kernel)):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for key, k in cache[0].items():
+                out.append(dict(kernel=name, key=str(key)[-160:], regs=k.n_regs, spills=k.n_spills,
+                                shared=k.metadata.shared, warps=k.metadata.num_warps,
+                                resident=resident_programs(k, torch.device("cuda"))))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if args.quick:
+        global DECODE_CONFIGS, POD_CONFIGS
+        DECODE_CONFIGS, POD_CONFIGS = DECODE_CONFIGS[:1], POD_CONFIGS[:1]
+        dshapes, hybrids = [(2, 64)], [(16, 64, 2, 48)]
+    else:
+        dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (16, 131072)]
+        hybrids = HYBRIDS
+    decode = [] if args.skip_decode else tune_decode(dev, dtype, dshapes)
+    pod = tune_pod(dev, dtype, hybrids)
+    res = resources() if dev.type == "cuda" else []
+    path = write_result("tune-attention", dict(decode=decode, pod=pod, resources=res, quick=args.quick))
+    best = {}
+    for r in decode:
+        k = (r["batch"], r["context"])
+        if k not in best or r["vs_sdpa"] > best[k]["vs_sdpa"]:
+            best[k] = r
+    print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}",
+                  f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}"] for k, r in best.items()],
+                ["B@ctx", "best decode config", "splits (auto)", "x SDPA"])
+    bestp = {}
+    for r in pod:
+        k = (r["chunk"], r["prefill_context"], r["decodes"], r["decode_context"])
+        if k not in bestp or r["speedup"] > bestp[k]["speedup"]:
+            bestp[k] = r
+    print_table([[f"{k[0]}@{k[1]}+{k[2]}@{k[3]}",
+                  f"{r['schedule']} M{r['P_BLOCK_M']} N{r['P_BLOCK_N']} dN{r['D_BLOCK_N']} w{r['num_warps']} "
+                  f"s{r['num_stages']}", f"{r['speedup']:.3f}", f"{r['ideal']:.2f}"] for k, r in bestp.items()],
+                ["hybrid", "best POD", "x sequential", "ideal"])
+    for r in res:
+        print(r)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
