@@ -39,11 +39,14 @@ from bench.kernels import D, HKV, HQ, PAGE, bench, identity_cache, sdpa, unpaged
 DECODE_CONFIGS = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=4),
                   dict(BLOCK_N=128, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
                   dict(BLOCK_N=32, num_warps=2, num_stages=4)]
-POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=2),
-               dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3),
-               dict(P_BLOCK_M=128, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=8, num_stages=2),
-               dict(P_BLOCK_M=128, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=4, num_stages=2),
-               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3)]
+POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3),
+               dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168),
+               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=128),
+               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=4, maxnreg=128),
+               dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=32, num_warps=4, num_stages=2, maxnreg=168),
+               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=4, num_stages=2, maxnreg=168),
+               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168)]
+SCHEDULES = ("persistent",)
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
@@ -91,7 +94,7 @@ def tune_pod(dev, dtype, hybrids) -> list[dict]:
                                                      max_seqlen_q=chunk, out=po, lse=plse), dev)
         ms_d = bench(lambda: paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=D**-0.5, out=do, lse=dlse,
                                                     max_seq_len=d_ctx), dev)
-        for schedule, cfg in itertools.product(("persistent", "smid"), POD_CONFIGS):
+        for schedule, cfg in itertools.product(SCHEDULES, POD_CONFIGS):
             try:
                 ms = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, schedule=schedule, config=cfg),
                            dev)
@@ -156,10 +159,11 @@ def main() -> None:
             bestp[k] = r
     print_table([[f"{k[0]}@{k[1]}+{k[2]}@{k[3]}",
                   f"{r['schedule']} M{r['P_BLOCK_M']} N{r['P_BLOCK_N']} dN{r['D_BLOCK_N']} w{r['num_warps']} "
-                  f"s{r['num_stages']}", f"{r['speedup']:.3f}", f"{r['ideal']:.2f}"] for k, r in bestp.items()],
+                  f"s{r['num_stages']} r{r.get('maxnreg', '-')}", f"{r['speedup']:.3f}", f"{r['ideal']:.2f}"] for k, r in bestp.items()],
                 ["hybrid", "best POD", "x sequential", "ideal"])
     for r in res:
-        print(r)
+        if r["kernel"] == "pod":
+            print({k: v for k, v in r.items() if k != "key"})
     print("wrote", path)
 
 

@@ -78,7 +78,7 @@ def pod_attention(
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] shared by both halves (one layer).
     prefill: PrefillArgs (q [Tq, Hq, D] ...);  decode: DecodeArgs (q [Bd, Hq, D] ...).
     schedule: "persistent" (default): one program per resident slot of every SM, the first on each SM taking
-    prefill tiles, the next decode tiles, each moving to the other kind when its own runs out; "smid": one program
+    prefill tiles, the others decode tiles, each moving to the other kind when its own runs out; "smid": one program
     per tile, its kind picked per SM in proportion to the tile counts; "static": one program per tile, kinds
     interleaved by program id. "persistent" and "smid" read %smid on CUDA (program ids under the interpreter).
     config: tile-size override (keys of `pod_config`), for tuning.
@@ -154,18 +154,22 @@ def pod_attention(
         USE_SMID=use_smid, PERSISTENT=persistent, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if "maxnreg" in cfg and pq.is_cuda and not is_interpreter():
+        constants["maxnreg"] = cfg["maxnreg"]
     key = (pq.device, pq.dtype, tuple(sorted(constants.items())))
+    slots_per_sm = 2
     if not persistent:
         grid = n_prefill + n_decode
     elif is_interpreter() or not pq.is_cuda:
         grid = min(n_prefill + n_decode, 3)  # a few programs: exercises the role switch
     else:
-        grid = min(n_prefill + n_decode, _resident.get(key, 2) * num_sms(pq.device))
+        slots_per_sm = _resident.get(key, 2)
+        grid = min(n_prefill + n_decode, slots_per_sm * num_sms(pq.device))
     compiled = pod_attention_kernel[(grid,)](
         pq, dq, k_cache, v_cache,
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
         po, plse, d_o, d_l, counters,
-        n_prefill, n_decode, Hq, num_m, Bp, Hkv,
+        n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm,
         pq.stride(0), pq.stride(1), dq.stride(0), dq.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

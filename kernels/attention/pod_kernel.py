@@ -25,7 +25,8 @@ def _smid():
 
 
 # Tile counts change with every hybrid batch: keep them out of the specialization key (no recompiles).
-@triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "num_m_tiles", "num_prefill_seqs"])
+@triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "num_m_tiles", "num_prefill_seqs",
+                               "slots_per_sm"])
 def pod_attention_kernel(
     pq_ptr,  # prefill q [Tq, Hq, D]
     dq_ptr,  # decode q [Bd, Hq, D]
@@ -36,7 +37,7 @@ def pod_attention_kernel(
     po_ptr, plse_ptr,  # prefill out [Tq, Hq, D], lse fp32 [Tq, Hq]
     do_ptr, dlse_ptr,  # decode out [Bd, Hq, D] (split stride 0) or partial [Bd, Hq, S, D] / [Bd, Hq, S]
     counter_ptr,  # int32 [2 + SMID_SLOTS] zeroed (USE_SMID only)
-    num_prefill_tiles, num_decode_tiles, num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
+    num_prefill_tiles, num_decode_tiles, num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, slots_per_sm,
     stride_pqt, stride_pqh,
     stride_dqb, stride_dqh,
     stride_kb, stride_kp, stride_kh,
@@ -60,14 +61,14 @@ def pod_attention_kernel(
 ):
     """Grid: (num_prefill_tiles + num_decode_tiles,), or any size when PERSISTENT (each program loops)."""
     if PERSISTENT:
-        # Each resident program keeps one role (the first on its SM runs prefill tiles, the next decode tiles,
-        # alternating), takes tiles of that kind from its atomic ticket until none is left, then helps with the
-        # other kind; so a compute-bound and a bandwidth-bound program share every SM until one kind runs out.
+        # Each resident program keeps one role (the first on its SM runs prefill tiles, the other slots_per_sm - 1
+        # decode tiles), takes tiles of that kind from its atomic ticket until none is left, then helps with the
+        # other kind; so a compute-bound and bandwidth-bound programs share every SM until one kind runs out.
         if USE_SMID:
             slot = tl.atomic_add(counter_ptr + 2 + _smid() % SMID_SLOTS, 1)
         else:
             slot = tl.program_id(0)
-        kind = slot % 2
+        kind = tl.where(slot % slots_per_sm == 0, 0, 1)
         switches = slot * 0
         while switches < 2:
             idx = tl.atomic_add(counter_ptr + kind, 1)
