@@ -177,13 +177,11 @@ def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
 
                 ms_seq = bench(seq, dev)
                 ms_pod = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5), dev)
-                ms_pod_smid = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, schedule="smid"), dev)
                 rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx, batch=B,
-                                 sequential_ms=ms_seq, pod_ms=ms_pod, pod_smid_ms=ms_pod_smid,
-                                 speedup=ms_seq / ms_pod, speedup_smid=ms_seq / ms_pod_smid))
+                                 sequential_ms=ms_seq, pod_ms=ms_pod,
+                                 speedup=ms_seq / ms_pod))
                 print(f"hybrid chunk={chunk:5d}@{p_ctx:6d} decodes={bd:4d}@{d_ctx:6d}: seq {ms_seq:7.3f} ms, "
-                      f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f}), pod per-tile smid {ms_pod_smid:7.3f} ms "
-                      f"(x{ms_seq / ms_pod_smid:.2f})", flush=True)
+                      f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f})", flush=True)
                 kv = None  # free the GPU memory before the next shape
     return rows
 
@@ -238,10 +236,10 @@ def main() -> None:
     print(f"{'prefill n':>9} {'TFLOP/s':>8} {'SDPA':>8} {'ratio':>6}")
     for r in prefill:
         print(f"{r['tokens']:>9} {r['tflop_s']:>8.1f} {r['sdpa_flash_tflop_s']:>8.1f} {r['ratio_vs_sdpa']:>6.2f}")
-    print(f"{'chunk':>6} {'pctx':>6} {'dec':>4} {'dctx':>6} {'seq ms':>8} {'pod ms':>8} {'x':>5} {'x(smid)':>9}")
+    print(f"{'chunk':>6} {'pctx':>6} {'dec':>4} {'dctx':>6} {'seq ms':>8} {'pod ms':>8} {'x':>5}")
     for r in hybrid:
         print(f"{r['chunk']:>6} {r['prefill_context']:>6} {r['decodes']:>4} {r['decode_context']:>6} "
-              f"{r['sequential_ms']:>8.3f} {r['pod_ms']:>8.3f} {r['speedup']:>5.2f} {r['speedup_smid']:>9.2f}")
+              f"{r['sequential_ms']:>8.3f} {r['pod_ms']:>8.3f} {r['speedup']:>5.2f}")
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
 
 

@@ -1,10 +1,10 @@
-"""Tile-size and schedule sweep of the decode and POD kernels on a GPU (a script, not a test).
+"""Tile-size sweep of the decode and POD kernels on a GPU (a script, not a test).
 
     python bench/tune_attention.py            # H100: Llama-3.1-8B attention shape, bf16
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
-batch >= 16 (issue 4's target regime). POD: every schedule x config against the prefill kernel then the decode
+batch >= 16 (issue 4's target regime). POD: every config against the prefill kernel then the decode
 kernel on hybrid batches, with each compiled kernel's registers, spills, shared memory and resident programs
 per SM. The defaults in `decode_config` / `pod_config` come from this table. Writes
 bench/results/tune-attention-<gpu>-<time>.json.
@@ -13,7 +13,6 @@ bench/results/tune-attention-<gpu>-<time>.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -39,14 +38,13 @@ from bench.kernels import D, HKV, HQ, PAGE, bench, identity_cache, sdpa, unpaged
 DECODE_CONFIGS = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=4),
                   dict(BLOCK_N=128, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
                   dict(BLOCK_N=32, num_warps=2, num_stages=4)]
-POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3),
+POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3),  # the default
                dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=128),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=4, maxnreg=128),
                dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=32, num_warps=4, num_stages=2, maxnreg=168),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=4, num_stages=2, maxnreg=168),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168)]
-SCHEDULES = ("persistent",)
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
@@ -94,17 +92,16 @@ def tune_pod(dev, dtype, hybrids) -> list[dict]:
                                                      max_seqlen_q=chunk, out=po, lse=plse), dev)
         ms_d = bench(lambda: paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=D**-0.5, out=do, lse=dlse,
                                                     max_seq_len=d_ctx), dev)
-        for schedule, cfg in itertools.product(SCHEDULES, POD_CONFIGS):
+        for cfg in POD_CONFIGS:
             try:
-                ms = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, schedule=schedule, config=cfg),
-                           dev)
+                ms = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, config=cfg), dev)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
-                print(f"pod {schedule} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                print(f"pod {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx,
-                             schedule=schedule, **cfg, prefill_ms=ms_p, decode_ms=ms_d, pod_ms=ms,
+                             **cfg, prefill_ms=ms_p, decode_ms=ms_d, pod_ms=ms,
                              speedup=(ms_p + ms_d) / ms, ideal=(ms_p + ms_d) / max(ms_p, ms_d)))
-            print(f"pod {chunk}@{p_ctx} + {bd}@{d_ctx} {schedule} {cfg}: {ms:.3f} ms vs {ms_p:.3f}+{ms_d:.3f} "
+            print(f"pod {chunk}@{p_ctx} + {bd}@{d_ctx} {cfg}: {ms:.3f} ms vs {ms_p:.3f}+{ms_d:.3f} "
                   f"-> x{(ms_p + ms_d) / ms:.3f}", flush=True)
         kv = None
     return rows
@@ -158,7 +155,7 @@ def main() -> None:
         if k not in bestp or r["speedup"] > bestp[k]["speedup"]:
             bestp[k] = r
     print_table([[f"{k[0]}@{k[1]}+{k[2]}@{k[3]}",
-                  f"{r['schedule']} M{r['P_BLOCK_M']} N{r['P_BLOCK_N']} dN{r['D_BLOCK_N']} w{r['num_warps']} "
+                  f"M{r['P_BLOCK_M']} N{r['P_BLOCK_N']} dN{r['D_BLOCK_N']} w{r['num_warps']} "
                   f"s{r['num_stages']} r{r.get('maxnreg', '-')}", f"{r['speedup']:.3f}", f"{r['ideal']:.2f}"] for k, r in bestp.items()],
                 ["hybrid", "best POD", "x sequential", "ideal"])
     for r in res:

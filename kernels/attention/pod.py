@@ -49,7 +49,6 @@ class DecodeArgs:
     max_seq_len: int | None = None
 
 
-SCHEDULES = ("persistent", "smid", "static")
 _resident: dict[tuple, int] = {}  # (device, compile-time parameters) -> programs resident per SM (persistent grid)
 
 
@@ -60,7 +59,7 @@ def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
         return dict(P_BLOCK_M=p["BLOCK_M"], P_BLOCK_N=p["BLOCK_N"], D_BLOCK_N=d["BLOCK_N"], num_warps=1, num_stages=1)
     if dtype == torch.float32 or head_dim > 128:
         return dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3)  # bench/tune_attention.py
 
 
 def pod_attention(
@@ -70,18 +69,16 @@ def pod_attention(
     decode: DecodeArgs,
     *,
     scale: float,
-    schedule: str | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused prefill + decode attention over one layer's paged KV cache in a single kernel launch.
 
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] shared by both halves (one layer).
     prefill: PrefillArgs (q [Tq, Hq, D] ...);  decode: DecodeArgs (q [Bd, Hq, D] ...).
-    schedule: "persistent" (default): one program per resident slot of every SM, the first on each SM taking
-    prefill tiles, the others decode tiles, each moving to the other kind when its own runs out; "smid": one program
-    per tile, its kind picked per SM in proportion to the tile counts; "static": one program per tile, kinds
-    interleaved by program id. "persistent" and "smid" read %smid on CUDA (program ids under the interpreter).
-    config: tile-size override (keys of `pod_config`), for tuning.
+    One persistent program per resident slot of every SM: the first on each SM takes prefill tiles, the others
+    decode tiles, each moving to the other kind when its own runs out (%smid on CUDA, program ids under the
+    interpreter, where 3 programs run so that each takes both kinds).
+    config: tile-size override (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
     Split-KV decode adds one small merge launch. No host syncs; scratch sizes depend on shapes only.
@@ -101,9 +98,6 @@ def pod_attention(
     if dq.device != pq.device or decode.block_table.device != pq.device or decode.seq_lens.device != pq.device:
         raise ValueError("prefill and decode tensors must be on one device")
     cfg = pod_config(D, pq.dtype) if config is None else config
-    schedule = "persistent" if schedule is None else schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
     if Bp == 0 or Tq == 0 or num_m == 0 or Bd == 0:
         po, plse = paged_prefill_attention(
@@ -142,8 +136,7 @@ def pod_attention(
         d_l = torch.empty(Bd, Hq, splits, dtype=torch.float32, device=pq.device)
         d_strides = (*d_o.stride()[:3], *d_l.stride())
 
-    use_smid = schedule != "static" and pq.is_cuda and not is_interpreter()
-    persistent = schedule == "persistent"
+    use_smid = pq.is_cuda and not is_interpreter()
     counters = torch.zeros(2 + SMID_SLOTS, dtype=torch.int32, device=pq.device)
     n_prefill = num_m * Hq * Bp
     n_decode = Bd * Hkv * splits
@@ -151,20 +144,14 @@ def pod_attention(
         GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page,
         P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
         D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"], NUM_SPLITS=splits,
-        USE_SMID=use_smid, PERSISTENT=persistent, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
+        USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if "maxnreg" in cfg and pq.is_cuda and not is_interpreter():
         constants["maxnreg"] = cfg["maxnreg"]
     key = (pq.device, pq.dtype, tuple(sorted(constants.items())))
-    slots_per_sm = 2
-    if not persistent:
-        grid = n_prefill + n_decode
-    elif is_interpreter() or not pq.is_cuda:
-        grid = min(n_prefill + n_decode, 3)  # a few programs: exercises the role switch
-    else:
-        slots_per_sm = _resident.get(key, 2)
-        grid = min(n_prefill + n_decode, slots_per_sm * num_sms(pq.device))
+    slots_per_sm = _resident.get(key, 2)
+    grid = min(n_prefill + n_decode, slots_per_sm * num_sms(pq.device) if use_smid else 3)
     compiled = pod_attention_kernel[(grid,)](
         pq, dq, k_cache, v_cache,
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
@@ -178,7 +165,7 @@ def pod_attention(
         *d_strides,
         float(scale) * 1.4426950408889634, **constants,
     )
-    if persistent and key not in _resident and compiled is not None and pq.is_cuda:
+    if use_smid and key not in _resident and compiled is not None:
         _resident[key] = resident_programs(compiled, pq.device)
     if splits > 1:
         merge_splits(d_o, d_l, do, dlse)

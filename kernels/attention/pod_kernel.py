@@ -1,14 +1,11 @@
 """@triton.jit code for POD-Attention style fused prefill + decode attention (one launch, one grid).
 
-Every program first decides whether it runs a prefill tile (`prefill_work`) or a decode work item
-(`decode_work`), so compute-bound prefill tiles and bandwidth-bound decode tiles co-run on every SM.
-Two schedulers (constexpr USE_SMID):
-  * USE_SMID=False (interpreter / fallback): static proportional interleave of the program ids:
-    program t is prefill iff floor((t+1) NP / T) > floor(t NP / T), T = NP + ND; an exact bijection.
-  * USE_SMID=True (GPU): the k-th CTA to start on an SM (per-SM atomic counter indexed by %smid) picks its
-    kind with the same proportional rule applied to k, then takes the next tile of that kind from a global
-    atomic ticket; if that kind is exhausted it takes the other kind (total programs == NP + ND, so every
-    tile is run exactly once). Needs a zeroed int32 counter buffer of 2 + SMID_SLOTS entries.
+Persistent: every program keeps one role. The first program resident on an SM (per-SM atomic counter indexed
+by %smid; the program id under the interpreter) takes prefill tiles (`prefill_work`), the others on that SM decode
+work items (`decode_work`), each from its kind's global atomic ticket; a program whose kind has run out helps with
+the other kind, then exits. So compute-bound prefill tiles and bandwidth-bound decode tiles co-run on every SM
+until one kind is done, and every tile runs exactly once whatever the grid. Needs a zeroed int32 counter buffer
+of 2 + SMID_SLOTS entries.
 Tile orders: prefill heaviest causal m-tiles first, heads of one GQA group adjacent; decode (b, kv_head, split).
 """
 
@@ -55,64 +52,32 @@ def pod_attention_kernel(
     D_BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     USE_SMID: tl.constexpr,
-    PERSISTENT: tl.constexpr,
     SMID_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid: (num_prefill_tiles + num_decode_tiles,), or any size when PERSISTENT (each program loops)."""
-    if PERSISTENT:
-        # Each resident program keeps one role (the first on its SM runs prefill tiles, the other slots_per_sm - 1
-        # decode tiles), takes tiles of that kind from its atomic ticket until none is left, then helps with the
-        # other kind; so a compute-bound and bandwidth-bound programs share every SM until one kind runs out.
-        if USE_SMID:
-            slot = tl.atomic_add(counter_ptr + 2 + _smid() % SMID_SLOTS, 1)
-        else:
-            slot = tl.program_id(0)
-        kind = tl.where(slot % slots_per_sm == 0, 0, 1)
-        switches = slot * 0
-        while switches < 2:
-            idx = tl.atomic_add(counter_ptr + kind, 1)
-            if idx < tl.where(kind == 0, num_prefill_tiles, num_decode_tiles):
-                _tile(kind, idx,
-                      pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
-                      po_ptr, plse_ptr, do_ptr, dlse_ptr,
-                      num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
-                      stride_pqt, stride_pqh, stride_dqb, stride_dqh,
-                      stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
-                      stride_pot, stride_poh, stride_plt, stride_plh,
-                      stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                      GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, NUM_SPLITS,
-                      DOT_PRECISION)
-            else:
-                kind = 1 - kind
-                switches += 1
+    """Grid: any size (each program loops); best one program per resident slot of every SM."""
+    if USE_SMID:
+        slot = tl.atomic_add(counter_ptr + 2 + _smid() % SMID_SLOTS, 1)
     else:
-        total = (num_prefill_tiles + num_decode_tiles).to(tl.int64)
-        n_p = num_prefill_tiles.to(tl.int64)
-        if USE_SMID:
-            sm = _smid() % SMID_SLOTS
-            t = tl.atomic_add(counter_ptr + 2 + sm, 1).to(tl.int64)
-            want_p = ((t + 1) * n_p) // total > (t * n_p) // total
-            kind = tl.where(want_p, 0, 1)
-            idx = tl.atomic_add(counter_ptr + kind, 1)
-            if idx >= tl.where(kind == 0, num_prefill_tiles, num_decode_tiles):
-                kind = 1 - kind
-                idx = tl.atomic_add(counter_ptr + kind, 1)
+        slot = tl.program_id(0)
+    kind = tl.where(slot % slots_per_sm == 0, 0, 1)
+    switches = slot * 0
+    while switches < 2:
+        idx = tl.atomic_add(counter_ptr + kind, 1)
+        if idx < tl.where(kind == 0, num_prefill_tiles, num_decode_tiles):
+            _tile(kind, idx,
+                  pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
+                  po_ptr, plse_ptr, do_ptr, dlse_ptr,
+                  num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
+                  stride_pqt, stride_pqh, stride_dqb, stride_dqh,
+                  stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
+                  stride_pot, stride_poh, stride_plt, stride_plh,
+                  stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+                  GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, NUM_SPLITS,
+                  DOT_PRECISION)
         else:
-            t = tl.program_id(0).to(tl.int64)
-            before = (t * n_p) // total
-            want_p = ((t + 1) * n_p) // total > before
-            kind = tl.where(want_p, 0, 1)
-            idx = tl.where(want_p, before, t - before).to(tl.int32)
-        _tile(kind, idx,
-              pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
-              po_ptr, plse_ptr, do_ptr, dlse_ptr,
-              num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
-              stride_pqt, stride_pqh, stride_dqb, stride_dqh,
-              stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
-              stride_pot, stride_poh, stride_plt, stride_plh,
-              stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-              GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, NUM_SPLITS, DOT_PRECISION)
+            kind = 1 - kind
+            switches += 1
 
 
 @triton.jit
