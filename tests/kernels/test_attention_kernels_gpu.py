@@ -78,6 +78,32 @@ def test_pod_gpu_matches_references():
     _check(do, dlse, *ref_paged_decode_attention(dq, kv[0], kv[1], table[2:], sl[2:], scale=128**-0.5))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_pod_gpu_random_hybrid_batches_equal_separate_kernels(seed):
+    """Engine-like hybrid batches at real sizes: 1-3 prefill chunks (1-4096 queries over cached prefixes up to
+    128k), 1-96 decodes of 1-64k keys, the decode split chosen from the longest row of the whole step (as the
+    engine passes it). The fused kernel's outputs equal the two kernels' in sequence."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    p_q = [r(1, 4096) for _ in range(r(1, 3))]
+    p_seq = [q + (r(0, 131072 - q) if i == 0 else r(0, 8192)) for i, q in enumerate(p_q)]
+    d_seq = [r(1, 65536) if i % 8 == 0 else r(1, 4096) for i in range(r(1, 96))]
+    kv, table, sl = make_paged_kv(p_seq + d_seq, 8, 128, 16, BF16, DEV, gen)
+    bp = len(p_q)
+    pq, cu = make_prefill_batch(p_q, p_seq, 32, 128, BF16, DEV, gen)
+    dq = torch.randn(len(d_seq), 32, 128, generator=gen).to(BF16).to(DEV)
+    longest = max(p_seq + d_seq)
+    po, plse, do, dlse = pod_attention(
+        kv[0], kv[1], PrefillArgs(pq, table[:bp], cu, sl[:bp], max(p_q), out=poisoned(pq.shape, BF16, DEV)),
+        DecodeArgs(dq, table[bp:], sl[bp:], out=poisoned(dq.shape, BF16, DEV), max_seq_len=longest),
+        scale=128**-0.5,
+    )
+    ref_p = paged_prefill_attention(pq, kv[0], kv[1], table[:bp], cu, sl[:bp], scale=128**-0.5, max_seqlen_q=max(p_q))
+    ref_d = paged_decode_attention(dq, kv[0], kv[1], table[bp:], sl[bp:], scale=128**-0.5, max_seq_len=longest)
+    _check(po, plse, *ref_p)
+    _check(do, dlse, *ref_d)
+
+
 def test_varlen_and_merge_gpu():
     gen = torch.Generator().manual_seed(12)
     n = 3000
