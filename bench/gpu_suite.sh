@@ -31,7 +31,8 @@ for step in $steps; do
     serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -9 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;
     sp-batch) python3 bench/sp_prefill.py --shape 8b --lengths 8192,16384 --degrees "$(python3 -c 'import torch; print("2,4" if torch.cuda.device_count() >= 4 else "2")')" --batch 4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp-batch.log" | tail -14 ;;
-    mixed) python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" ${MIXED_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12 ;;
+    mixed) python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" ${MIXED_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12
+           for f in /tmp/accordion-mixed-*/server-*.log; do [ -f "$f" ] && tail -c 4000000 "$f" > "$OUT/$(basename "$f")"; done ;;
     multi-master) python3 bench/multi_master.py 2>&1 | grep -v "Loading weights" | tee "$OUT/multi-master.log" | tail -6 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;
     ring) python3 bench/ring_attention.py 2>&1 | tee "$OUT/ring.log" | tail -20 ;;
