@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=131072 + 2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--modes", default="fused,separate,auto", help="hybrid attention: comma list of fused,separate,auto")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -56,10 +57,12 @@ def main() -> None:
                                    long_fraction=args.long_fraction, long_min_len=args.long_min_len,
                                    long_max_len=args.long_max_len))
     prompts = [r.prompt_token_ids.tolist() for r in reqs]
+    print("prompt lengths:", sorted(len(p) for p in prompts)[-5:], "output lengths max:", max(r.output_len for r in reqs),
+          flush=True)
     params = [SamplingParams(max_tokens=r.output_len, min_tokens=r.output_len, ignore_eos=True, temperature=0)
               for r in reqs]
     backend = llm.instance.worker.backend
-    modes = ["fused", "separate", "auto"] if hasattr(backend, "fuse_hybrid") else [backend.name]
+    modes = args.modes.split(",") if hasattr(backend, "fuse_hybrid") else [backend.name]
     rows, tokens, out = [], {}, {}
     for mode in modes:
         if hasattr(backend, "fuse_hybrid"):
