@@ -145,13 +145,17 @@ class InputBatch:
 class HostStager:
     """Moves a step's integer arrays to the device in ONE copy through reused pinned buffers.
 
-    Two buffers alternate: with async scheduling one launched step may still be waiting for its copy while the
-    next step is staged; the step before that has been read back, so its buffer is free again.
+    Two buffers alternate, each with the event recorded behind its last copy: before a buffer is rewritten the
+    host waits for that event. The host may run ahead of the device by more than one step: a step that samples
+    nothing (a prefill chunk alone) returns without waiting for the device, so without the event the next-but-one
+    step could overwrite inputs the device has not copied yet (seen on H100 as out-of-range gathers and illegal
+    addresses while one long prompt was chunked alone).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self._hosts = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 
     def stage(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
@@ -161,6 +165,8 @@ class HostStager:
         if self.device.type != "cuda":
             return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays]
         self._turn ^= 1
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()  # the device has taken this buffer's previous contents
         if self._hosts[self._turn].numel() < total:
             n = max(total, 2 * self._hosts[self._turn].numel(), 4096)
             self._hosts[self._turn] = torch.empty(n, dtype=torch.int64).pin_memory()
@@ -171,6 +177,8 @@ class HostStager:
             host[off:off + n] = a.reshape(-1)
             off += n
         dev = buf[:total].to(self.device, non_blocking=True)
+        self._copied[self._turn] = torch.cuda.Event()
+        self._copied[self._turn].record()
         out, off = [], 0
         for a, n in zip(arrays, sizes):
             out.append(dev[off:off + n].view(a.shape))
