@@ -186,7 +186,7 @@ class RayEngineClient(EngineFrontend):
                     self._subscribed.add(iid)
                     self._changed.set()
                     logger.info("subscribed to %s", iid)
-                self._on_outputs(outputs)
+                self._on_route_outputs(iid, outputs)
         except asyncio.CancelledError:
             raise
         except Exception as e:
