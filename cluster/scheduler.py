@@ -389,6 +389,8 @@ class Scheduler:
             return "not decoding"
         if req.spread_local_tokens is not None or req.request_id in self._spilling:
             return "its KV is spread over instances"
+        if req.request_id in self._migrating:
+            return "already migrating"
         return None
 
     def export_request(self, request_id: str, in_flight: set[str]) -> MigrationState | NotMigratable | None:
