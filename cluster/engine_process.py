@@ -277,7 +277,9 @@ def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_thr
     w = instance.worker
     send(("ready", {"info": {"device": str(getattr(w, "device", "cpu")),
                              "dtype": str(getattr(w, "dtype", config.model.dtype)).removeprefix("torch."),
-                             "num_blocks": instance.num_blocks, "max_model_len": instance.max_model_len},
+                             "num_blocks": instance.num_blocks, "max_model_len": instance.max_model_len,
+                             "kv_bytes_per_token": (w.block_bytes() // config.cache.block_size
+                                                    if hasattr(w, "block_bytes") else 0)},
                     "load": loop.load()}))
 
     def reply(seq: int, fut: Future) -> None:

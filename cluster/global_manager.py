@@ -24,7 +24,8 @@ from typing import Any
 
 from accordion.cluster.config import ClusterConfig
 from accordion.cluster.errors import EngineUnavailableError
-from accordion.cluster.migration import MigrationState, NotMigratable, blocks_for, choose_destination
+from accordion.cluster.migration import (MigrationState, NotMigratable, blocks_for, choose_destination,
+                                         plan_compaction, transfer_seconds)
 from accordion.cluster.request import Request
 from accordion.cluster.sp_queue import PendingPrefill, PrefillQueue
 
@@ -429,6 +430,38 @@ class GlobalManager:
                 if r.state == InstanceState.SERVING and r.instance_id in self._ranks and r.instance_id != exclude]
         loads = await asyncio.gather(*(r.handle.load.remote() for r in recs), return_exceptions=True)
         return {r.instance_id: ld.num_free_blocks for r, ld in zip(recs, loads) if not isinstance(ld, BaseException)}
+
+    async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float) -> str | None:
+        """Make room for a new prompt's KV (``need_blocks``) on one of ``instance_ids`` by migrating decoding
+        requests off it (:func:`~accordion.cluster.migration.plan_compaction`: fewest tokens first, to the other
+        serving instances, while the estimated transfer time stays under ``budget_s``). Tries the freest first;
+        returns the instance that has room now (one with room already, without moving anything), or None when no
+        plan within the budget frees enough (then nothing moved) or a migration of the plan failed."""
+        esp, block = self.config.esp, self.config.engine.cache.block_size
+        free_all = await self._free_blocks(exclude="")
+        for iid in sorted((i for i in instance_ids if i in free_all), key=lambda i: -free_all[i]):
+            if free_all[iid] >= need_blocks:
+                return iid
+            rec = self._instances[iid]
+            per_token = rec.info.get("kv_bytes_per_token", 0)
+            try:
+                candidates = await rec.handle.engine_call.remote("migration_candidates")
+            except Exception as e:
+                logger.warning("instance %s: listing requests to migrate failed: %s", iid, e)
+                continue
+            plan = plan_compaction(
+                candidates, free_all[iid], need_blocks, {i: f for i, f in free_all.items() if i != iid}, block,
+                lambda n: transfer_seconds(n, per_token, esp.migration_bytes_per_s, esp.migration_overhead_s),
+                budget_s)
+            if plan is None:
+                continue
+            logger.info("compacting %s for %d blocks: moving %s", iid, need_blocks,
+                        [(c.request_id, dst) for c, dst in plan])
+            for c, dst in plan:
+                if not await self.migrate(c.request_id, iid, dst):
+                    return None
+            return iid
+        return None
 
     async def _evacuate(self, instance_id: str, drained: asyncio.Future, poll_s: float = 0.2) -> None:
         """While ``instance_id`` drains, migrate its decoding requests to the serving instances with room for

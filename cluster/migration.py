@@ -25,6 +25,7 @@ No torch here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from accordion.cluster.request import SamplingParams
@@ -85,6 +86,33 @@ def choose_destination(candidate: MigrationCandidate, free_blocks: dict[str, int
     need = blocks_for(candidate.final_tokens, block_size)
     fits = [i for i, f in free_blocks.items() if f >= need]
     return max(fits, key=lambda i: free_blocks[i]) if fits else None
+
+
+def plan_compaction(candidates: list[MigrationCandidate], free_here: int, need_blocks: int,
+                    free_elsewhere: dict[str, int], block_size: int, seconds: Callable[[int], float],
+                    budget_s: float) -> list[tuple[MigrationCandidate, str]] | None:
+    """LoongServe's compaction of decoding KV, the rule kept simple: which requests to move off an instance so that
+    it has ``need_blocks`` free for a new prompt's KV. Fewest tokens first (cheapest to move), each to the freest
+    other instance with room for it to finish (:func:`choose_destination`), while the estimated transfer time of
+    all moves (``seconds(num_tokens)``) stays under ``budget_s`` (the prefill time the room saves). None unless the
+    moves free enough (a request's blocks are counted as ``ceil((num_tokens - 1) / block_size)``)."""
+    free = dict(free_elsewhere)
+    moves: list[tuple[MigrationCandidate, str]] = []
+    spent = 0.0
+    for c in sorted(candidates, key=lambda c: c.num_tokens):
+        if free_here >= need_blocks:
+            break
+        cost = seconds(c.num_tokens)
+        if spent + cost >= budget_s:
+            break  # the rest are larger: they cost more
+        dst = choose_destination(c, free, block_size)
+        if dst is None:
+            continue
+        free[dst] -= blocks_for(c.final_tokens, block_size)
+        free_here += blocks_for(c.num_tokens - 1, block_size)
+        spent += cost
+        moves.append((c, dst))
+    return moves if free_here >= need_blocks else None
 
 
 def transfer_seconds(num_tokens: int, kv_bytes_per_token: int, bandwidth_bytes_per_s: float,

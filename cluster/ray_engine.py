@@ -100,6 +100,10 @@ class RayEngineClient(EngineFrontend):
         """KV blocks of multi-master placements planned since each instance's last load report."""
         self._scaling: set[str] = set()  # engine request ids whose scale-up is being arranged
         self._sp_waiting: set[str] = set()  # engine request ids queued at the manager for a prefill
+        self._compactions: dict[str, tuple[list[str], int, float]] = {}
+        """Engine request id -> (instances, KV blocks it needs, prefill seconds saved) of a compaction to run before
+        placing it again (:meth:`_compaction`)."""
+        self._compacted: set[str] = set()  # engine request ids whose compaction was tried (once per request)
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
@@ -221,7 +225,9 @@ class RayEngineClient(EngineFrontend):
 
         The degree comes from the cost model over the routable instances; the master is the least busy one with
         room for the whole request's KV (decoding continues there alone: proactive scale-down). When no instance
-        has room for it, the KV is spread over the freest instances and decoded in place (multi-master).
+        has room for it, decoding requests first migrate off one to make room (compaction, :meth:`_compaction`;
+        the request is then placed again); failing that, the KV is spread over the freest instances and decoded
+        in place (multi-master).
         """
         esp = self.esp
         if esp is None or len(requests) != 1 or requests[0].num_prompt_tokens < esp.min_prompt_tokens:
@@ -240,6 +246,8 @@ class RayEngineClient(EngineFrontend):
         new_tokens = min(req.max_tokens, self._model_info.max_model_len - req.num_prompt_tokens)
         need = -(-(req.num_prompt_tokens + new_tokens) // block)
         masters = [i for i in cands if self._free_blocks(i) >= need]
+        if not masters and degree >= 2 and self._compaction(req, cands, need, degree):
+            return cands[:degree], None  # a placeholder: _send compacts, then the request is placed again
         if not masters:
             if not esp.multi_master or len(cands) < 2:
                 return None
@@ -257,6 +265,38 @@ class RayEngineClient(EngineFrontend):
             return None
         master = min(masters, key=busy)
         return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1], None
+
+    def _compaction(self, req: Request, cands: list[str], need: int, degree: int) -> bool:
+        """Whether to make room for ``req``'s KV by migrating decoding requests away first (once per request).
+
+        The rule: the room lets the prompt be prefilled at ``degree`` instead of alone, which saves
+        ``T(1, l) - T(degree, l)`` by the cost model; the manager moves requests (fewest tokens first) only while
+        their estimated transfer time stays under that (:func:`~accordion.cluster.migration.plan_compaction`). Here
+        only the cheap checks: compaction is on, it saves time, and the instances have the room between them."""
+        esp = self.esp
+        if not esp.compaction or req.request_id in self._compacted:
+            return False
+        saved = self._cost.predict(1, [req.num_prompt_tokens]) - self._cost.predict(degree, [req.num_prompt_tokens])
+        if saved <= 0 or sum(self._free_blocks(i) for i in self._routable()) < need:
+            return False
+        self._compacted.add(req.request_id)
+        self._compactions[req.request_id] = (list(cands), need, saved)
+        return True
+
+    async def _compact(self, request_id: str) -> None:
+        """Run the compaction planned for a request, then have it placed again from fresh load reports."""
+        instances, need, saved = self._compactions.pop(request_id)
+        try:
+            master = await self.manager.compact.remote(instances, need, saved)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("compaction for %s failed: %s", request_id, _short(unwrap_ray_error(e)))
+            master = None
+        logger.info("request %s: compaction %s", request_id, f"made room on {master}" if master else "found no room")
+        if master is not None:  # its next load report shows the room
+            await self._fresh_reports([master])
+        raise RetryElsewhere("placing it again after compaction", replan=True)
 
     def _free_blocks(self, iid: str) -> int:
         """Free KV blocks by the instance's last load report, less the placements planned since."""
@@ -316,7 +356,12 @@ class RayEngineClient(EngineFrontend):
         self.routed[group[0]] = self.routed.get(group[0], 0) + 1
 
     async def _send(self, route: str, requests: list[Request]) -> None:
-        plan = self._sp_groups.pop(requests[0].request_id, None)
+        rid = requests[0].request_id
+        if rid in self._compactions:
+            self._sp_groups.pop(rid, None)
+            return await self._compact(rid)
+        self._compacted.discard(rid)
+        plan = self._sp_groups.pop(rid, None)
         if plan is not None:
             return await self._send_sp(plan[0], requests[0], plan[1])
         rec = self._records.get(route)

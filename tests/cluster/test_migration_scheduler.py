@@ -102,3 +102,16 @@ def test_choose_destination_needs_room_to_finish():
     c = MigrationCandidate("a", 30, 100)  # 100 tokens: 7 blocks of 16
     assert choose_destination(c, {"x": 6, "y": 7, "z": 9}, 16) == "z"
     assert choose_destination(c, {"x": 6}, 16) is None
+
+
+def test_plan_compaction_fewest_tokens_first_within_the_budget():
+    from accordion.cluster.migration import plan_compaction
+
+    cands = [MigrationCandidate("big", 161, 200), MigrationCandidate("small", 33, 60),
+             MigrationCandidate("huge", 90, 900)]  # huge fits nowhere to finish
+    secs = lambda n: n / 100  # noqa: E731
+    # 'small' frees 2 blocks of 16 (32 tokens of KV), 'big' 10
+    assert plan_compaction(cands, 4, 6, {"x": 20}, 16, secs, 10.0) == [(cands[1], "x")]
+    assert plan_compaction(cands, 4, 10, {"x": 20}, 16, secs, 10.0) == [(cands[1], "x"), (cands[0], "x")]
+    assert plan_compaction(cands, 4, 10, {"x": 20}, 16, secs, 1.0) is None  # 'big' costs too much
+    assert plan_compaction(cands, 4, 10, {"x": 5}, 16, secs, 10.0) is None  # no room to finish elsewhere

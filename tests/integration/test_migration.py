@@ -15,6 +15,8 @@ from tests.integration.conftest import MAX_MODEL_LEN, NUM_BLOCKS
 from tests.integration.test_elastic_sp import ESPCluster, _Only
 from tests.workers.test_hf_equality import random_prompts
 
+PARAMS_8 = SamplingParams(max_tokens=8, min_tokens=8, temperature=0)
+
 
 class Follow:
     """One streaming request on the cluster's loop, its tokens collected as they come."""
@@ -148,6 +150,47 @@ def test_removal_migrates_a_long_decode_instead_of_waiting_for_it(tiny_ckpt):
         assert errors == [] and tokens == expected
         assert list(cluster.run(cluster.manager.ranks.remote())) == [b]
         assert cluster.run(cluster.manager.migration_stats.remote()) == {"migrated": 1, "failed": 0}
+        cluster.check_idle()
+    finally:
+        cluster.close()
+
+
+def test_compaction_moves_a_decode_away_to_place_a_long_prompt(tiny_ckpt):
+    """48-block instances. A decodes W (140-token prompt) and Y (160), B decodes Z (300): a 480-token prompt
+    (31 blocks with its new tokens) fits on neither, but moving Y (the fewest tokens that can finish on B) to B
+    makes room on A. The front end asks the manager to compact, then prefills the prompt on A and B with A as
+    master; every output equals the single-instance engine's."""
+    from accordion.cluster.esp_planner import PrefillCostModel
+
+    path = tiny_ckpt("tiny-llama")
+    w, y, z, long = random_prompts(4, [140, 160, 300, 480], 500, seed=44)
+    decode = SamplingParams(max_tokens=400, min_tokens=400, temperature=0)
+    short = SamplingParams(max_tokens=140, min_tokens=140, temperature=0)
+    llm = LLM(path, device="cpu", max_model_len=1024, num_blocks=NUM_BLOCKS)
+    expected = [llm.generate([p], sp)[0].outputs[0].token_ids
+                for p, sp in [(w, decode), (y, short), (z, decode), (long, PARAMS_8)]]
+    cluster = ESPCluster(path, 2, cpus_per_instance=0.5, num_blocks=48, max_model_len=1024)
+    cluster.esp.min_prompt_tokens, cluster.esp.force_degree = 400, 2
+    # a cost model under which degree 2 saves 2.4 s on this prompt: far more than moving Y costs
+    cluster.engine._cost = PrefillCostModel({1: (0.0, 1e-2, 0.0), 2: (0.0, 5e-3, 0.0)})
+    try:
+        a, b = _instances(cluster)
+
+        async def scenario():
+            follows = []
+            for name, prompt, params, at in [("w", w, decode, a), ("y", y, short, a), ("z", z, decode, b)]:
+                cluster.engine.router = _Only(at)
+                follows.append(Follow(cluster, name, prompt, params))
+                await follows[-1].reach(1)
+            follows.append(Follow(cluster, "long", long, PARAMS_8))
+            outs = [await f.task for f in follows]
+            return outs, [f.errors for f in follows]
+
+        outputs, errors = cluster.run(scenario(), timeout=120)
+        assert errors == [[]] * 4
+        assert outputs == expected
+        assert cluster.run(cluster.manager.migration_stats.remote()) == {"migrated": 1, "failed": 0}
+        assert cluster.engine.sp_prefills == [[a, b]]
         cluster.check_idle()
     finally:
         cluster.close()
