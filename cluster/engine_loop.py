@@ -116,6 +116,7 @@ class EngineLoop:
             num_waiting=s.num_waiting + self._num_pending,
             kv_usage=s.kv.usage,
             num_free_blocks=s.kv.num_free_blocks,
+            num_spare_blocks=s.num_spare_blocks,
             num_blocks=s.kv.num_blocks,
             num_preemptions=s.num_preemptions,
             num_added=self._num_added,

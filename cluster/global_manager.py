@@ -367,13 +367,13 @@ class GlobalManager:
         state = await self._export(src, request_id)
         if state is None:
             return False
-        try:
-            blocks = await dst.reserve_slice.remote(request_id, state.num_computed_tokens)
+        try:  # room for it to finish there, the requests already there still able to finish too
+            blocks = await dst.engine_call.remote("reserve_migration", state)
         except Exception as e:
             logger.warning("request %s: reserving blocks on %s failed: %s", request_id, dst_id, e)
             blocks = None
         if blocks is None:
-            logger.info("request %s stays on %s: no room on %s", request_id, src_id, dst_id)
+            logger.info("request %s stays on %s: no room to finish on %s", request_id, src_id, dst_id)
             await self._resume(src, request_id)
             return False
         sent, received = await asyncio.gather(
@@ -424,12 +424,13 @@ class GlobalManager:
         except Exception as e:  # the source is gone: its requests fail with it
             logger.warning("request %s: resuming it on its source failed: %s", request_id, e)
 
-    async def _free_blocks(self, exclude: str) -> dict[str, int]:
-        """Free KV blocks of each serving instance in the group but ``exclude``, from their latest load."""
+    async def _kv_room(self, exclude: str = "") -> dict[str, tuple[int, int]]:
+        """``(free blocks, spare blocks)`` of each serving instance in the group but ``exclude``, asked of their
+        engine threads (a load report would not show the migrations just made yet)."""
         recs = [r for r in self._instances.values()
                 if r.state == InstanceState.SERVING and r.instance_id in self._ranks and r.instance_id != exclude]
-        loads = await asyncio.gather(*(r.handle.load.remote() for r in recs), return_exceptions=True)
-        return {r.instance_id: ld.num_free_blocks for r, ld in zip(recs, loads) if not isinstance(ld, BaseException)}
+        rooms = await asyncio.gather(*(r.handle.engine_call.remote("kv_room") for r in recs), return_exceptions=True)
+        return {r.instance_id: tuple(room) for r, room in zip(recs, rooms) if not isinstance(room, BaseException)}
 
     async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float) -> str | None:
         """Make room for a new prompt's KV (``need_blocks``) on one of ``instance_ids`` by migrating decoding
@@ -438,7 +439,8 @@ class GlobalManager:
         returns the instance that has room now (one with room already, without moving anything), or None when no
         plan within the budget frees enough (then nothing moved) or a migration of the plan failed."""
         esp, block = self.config.esp, self.config.engine.cache.block_size
-        free_all = await self._free_blocks(exclude="")
+        rooms = await self._kv_room()
+        free_all = {i: room[0] for i, room in rooms.items()}
         for iid in sorted((i for i in instance_ids if i in free_all), key=lambda i: -free_all[i]):
             if free_all[iid] >= need_blocks:
                 return iid
@@ -450,7 +452,8 @@ class GlobalManager:
                 logger.warning("instance %s: listing requests to migrate failed: %s", iid, e)
                 continue
             plan = plan_compaction(
-                candidates, free_all[iid], need_blocks, {i: f for i, f in free_all.items() if i != iid}, block,
+                candidates, free_all[iid], need_blocks,
+                {i: room[1] for i, room in rooms.items() if i != iid}, block,
                 lambda n: transfer_seconds(n, per_token, esp.migration_bytes_per_s, esp.migration_overhead_s),
                 budget_s)
             if plan is None:
@@ -465,7 +468,7 @@ class GlobalManager:
 
     async def _evacuate(self, instance_id: str, drained: asyncio.Future, poll_s: float = 0.2) -> None:
         """While ``instance_id`` drains, migrate its decoding requests to the serving instances with room for
-        them to finish (the freest first), until the drain completes. Requests still prefilling move once they
+        them, and for the requests already there, to finish (the most spare room first), until the drain completes. Requests still prefilling move once they
         decode; those that fit nowhere finish where they are."""
         block = self.config.engine.cache.block_size
         while not drained.done():
@@ -477,11 +480,12 @@ class GlobalManager:
             except Exception as e:
                 logger.warning("instance %s: listing requests to migrate failed: %s", instance_id, e)
                 return
-            free = await self._free_blocks(instance_id) if candidates else {}
+            rooms = await self._kv_room(exclude=instance_id) if candidates else {}
+            spare = {i: room[1] for i, room in rooms.items()}
             for c in candidates:
-                dst = choose_destination(c, free, block)
+                dst = choose_destination(c, spare, block)
                 if dst is not None and await self.migrate(c.request_id, instance_id, dst):
-                    free[dst] -= blocks_for(c.num_tokens, block)
+                    spare[dst] -= blocks_for(c.final_tokens, block)
             await asyncio.wait({drained}, timeout=poll_s)
 
     async def list_instances(self) -> list[InstanceRecord]:

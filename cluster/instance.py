@@ -157,6 +157,16 @@ class EngineInstance:
 
         return send_blocks(self.worker.kv_caches, block_ids, dst_rank, self._pair_group(self.rank, dst_rank))
 
+    def kv_room(self) -> tuple[int, int]:
+        """``(free blocks, spare blocks)`` now, on the engine thread: unlike a load report (sent after the next
+        step), it reflects the engine calls that ran before it (a migration's commit, a reservation)."""
+        return self.scheduler.kv.num_free_blocks, self.scheduler.num_spare_blocks
+
+    def reserve_migration(self, state: MigrationState) -> list[int] | None:
+        """Destination: blocks for the request's KV, if it and the requests here can all finish here
+        (:meth:`~accordion.cluster.scheduler.Scheduler.reserve_migration`); None otherwise."""
+        return self.scheduler.reserve_migration(state)
+
     def receive_request(self, state: MigrationState, block_ids: list[int], src_rank: int) -> None:
         """Destination: receive the request's KV into ``block_ids`` (reserved by :meth:`reserve_slice`), then run
         it as a decoding request. On failure the blocks are freed and the error raised."""

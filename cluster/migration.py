@@ -7,7 +7,8 @@ steps, as an engine call::
 
     source       export_request  -> MigrationState   (it stops scheduling the request; None while a step in
                                                       flight still computes it: ask again)
-    destination  reserve_slice   -> block ids         (no room: the source resumes the request)
+    destination  reserve_migration -> block ids       (no room for it and the requests there to finish: the
+                                                      source resumes the request)
     both         send_kv / receive_request            (the KV of every layer, over the pair's gloo group,
                                                       :mod:`accordion.workers.kv_transfer`; the destination then
                                                       adds the request as running)
@@ -80,23 +81,26 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def choose_destination(candidate: MigrationCandidate, free_blocks: dict[str, int], block_size: int) -> str | None:
-    """The instance with the most free blocks among those with room for the request to finish there
-    (``final_tokens``), else None."""
+def choose_destination(candidate: MigrationCandidate, spare_blocks: dict[str, int], block_size: int) -> str | None:
+    """The instance with the most spare blocks among those with room for the request to finish there
+    (``final_tokens``), else None. Spare blocks are free blocks less those the requests already there still need
+    to finish (:attr:`~accordion.cluster.load.LoadReport.num_spare_blocks`), so a migration never makes a resident
+    request preempt or scale up."""
     need = blocks_for(candidate.final_tokens, block_size)
-    fits = [i for i, f in free_blocks.items() if f >= need]
-    return max(fits, key=lambda i: free_blocks[i]) if fits else None
+    fits = [i for i, f in spare_blocks.items() if f >= need]
+    return max(fits, key=lambda i: spare_blocks[i]) if fits else None
 
 
 def plan_compaction(candidates: list[MigrationCandidate], free_here: int, need_blocks: int,
-                    free_elsewhere: dict[str, int], block_size: int, seconds: Callable[[int], float],
+                    spare_elsewhere: dict[str, int], block_size: int, seconds: Callable[[int], float],
                     budget_s: float) -> list[tuple[MigrationCandidate, str]] | None:
     """LoongServe's compaction of decoding KV, the rule kept simple: which requests to move off an instance so that
     it has ``need_blocks`` free for a new prompt's KV. Fewest tokens first (cheapest to move), each to the freest
-    other instance with room for it to finish (:func:`choose_destination`), while the estimated transfer time of
-    all moves (``seconds(num_tokens)``) stays under ``budget_s`` (the prefill time the room saves). None unless the
-    moves free enough (a request's blocks are counted as ``ceil((num_tokens - 1) / block_size)``)."""
-    free = dict(free_elsewhere)
+    other instance with room for it, and for the requests already there, to finish (:func:`choose_destination`
+    over ``spare_elsewhere``), while the estimated transfer time of all moves (``seconds(num_tokens)``) stays under
+    ``budget_s`` (the prefill time the room saves). None unless the moves free enough (a request's blocks are
+    counted as ``ceil((num_tokens - 1) / block_size)``)."""
+    spare = dict(spare_elsewhere)
     moves: list[tuple[MigrationCandidate, str]] = []
     spent = 0.0
     for c in sorted(candidates, key=lambda c: c.num_tokens):
@@ -105,10 +109,10 @@ def plan_compaction(candidates: list[MigrationCandidate], free_here: int, need_b
         cost = seconds(c.num_tokens)
         if spent + cost >= budget_s:
             break  # the rest are larger: they cost more
-        dst = choose_destination(c, free, block_size)
+        dst = choose_destination(c, spare, block_size)
         if dst is None:
             continue
-        free[dst] -= blocks_for(c.final_tokens, block_size)
+        spare[dst] -= blocks_for(c.final_tokens, block_size)
         free_here += blocks_for(c.num_tokens - 1, block_size)
         spent += cost
         moves.append((c, dst))

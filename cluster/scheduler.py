@@ -415,6 +415,34 @@ class Scheduler:
             None if req.first_scheduled_time is None else now - req.first_scheduled_time,
             None if req.first_token_time is None else now - req.first_token_time)
 
+    def blocks_to_finish(self) -> int:
+        """KV blocks the requests here still need, beyond those they hold, to reach their final length (prompt +
+        max_tokens, capped by max_model_len; the last token has no KV). Waiting requests count in full; spread
+        requests not at all (their new KV goes to another instance)."""
+        total = 0
+        for req in self.requests.values():
+            if req.is_finished or req.spread_local_tokens is not None:
+                continue
+            final = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len) - 1
+            total += max(0, self.kv.blocks_for(final) - len(self.kv.req_blocks.get(req.request_id, ())))
+        return total
+
+    @property
+    def num_spare_blocks(self) -> int:
+        """Free blocks less :meth:`blocks_to_finish` (negative: the requests here may not all finish without
+        preempting or scaling up)."""
+        return self.kv.num_free_blocks - self.blocks_to_finish()
+
+    def reserve_migration(self, state: MigrationState) -> list[int] | None:
+        """Destination of a live migration: blocks for the request's KV so far, but only if the request can also
+        finish here (prompt + max_tokens) with the requests already here still able to finish too
+        (:attr:`num_spare_blocks`): taking a request in must not make anyone here preempt or scale up."""
+        final = min(len(state.prompt_token_ids) + (state.sampling_params.max_tokens or self.max_model_len),
+                    self.max_model_len) - 1
+        if self.num_spare_blocks < self.kv.blocks_for(final):
+            return None
+        return self.reserve_slice(state.request_id, state.num_computed_tokens)
+
     def resume_migration(self, request_id: str) -> None:
         """The migration failed: schedule the request here again."""
         self._migrating.discard(request_id)

@@ -115,3 +115,50 @@ def test_plan_compaction_fewest_tokens_first_within_the_budget():
     assert plan_compaction(cands, 4, 10, {"x": 20}, 16, secs, 10.0) == [(cands[1], "x"), (cands[0], "x")]
     assert plan_compaction(cands, 4, 10, {"x": 20}, 16, secs, 1.0) is None  # 'big' costs too much
     assert plan_compaction(cands, 4, 10, {"x": 5}, 16, secs, 10.0) is None  # no room to finish elsewhere
+
+
+def test_reserve_migration_leaves_room_for_the_residents_to_finish():
+    """64 blocks of 4. The destination's resident grows to 6 + 200 tokens (52 blocks): 12 spare. A request that
+    can finish in 7 blocks is taken; one that needs 17 is refused, though its KV so far would fit now."""
+    dst = make_scheduler()
+    _decoding(dst, "r", max_tokens=200)
+    assert dst.blocks_to_finish() == 52 - len(dst.kv.req_blocks["r"])
+    assert dst.num_spare_blocks == 12
+    for rid, max_tokens, fits in [("big", 60, False), ("small", 20, True)]:
+        src = make_scheduler()
+        _decoding(src, rid, max_tokens=max_tokens)
+        state = src.export_request(rid, set())
+        blocks = dst.reserve_migration(state)
+        assert (blocks is not None) == fits, rid
+        if not fits:
+            src.resume_migration(rid)
+            continue
+        dst.import_request(state)
+        assert src.release_migrated(rid)
+        _assert_idle(src)
+    assert dst.num_spare_blocks == 12 - 7
+    dst.add_request(make_request("w", 8, max_tokens=8))  # waiting: it needs all its blocks still
+    assert dst.num_spare_blocks == 12 - 7 - 4
+    dst.abort(["r", "small", "w"])
+    _assert_idle(dst)
+
+
+def test_a_request_migrated_back_reserves_its_blocks_again():
+    """A -> B -> A through reserve_migration: the source freed every block when the request left, so coming back
+    never meets 'already holds blocks here' (which a second reservation for the same request would)."""
+    a, b = make_scheduler(), make_scheduler()
+    _decoding(a)
+    for src, dst in [(a, b), (b, a), (a, b)]:
+        state = src.export_request("a", set())
+        assert dst.reserve_migration(state) is not None
+        dst.import_request(state)
+        assert src.release_migrated("a")
+        _assert_idle(src)
+    try:
+        b.reserve_slice("a", 4)
+    except ValueError as e:
+        assert "already holds blocks here" in str(e)
+    else:
+        raise AssertionError("a second reservation for a request must be refused")
+    b.abort(["a"])
+    _assert_idle(b)

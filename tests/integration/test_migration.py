@@ -87,14 +87,17 @@ def test_migrating_back_and_forth_mid_decode_equals_single_instance(tiny_ckpt):
 
 
 def test_migration_without_room_keeps_the_request_running(tiny_ckpt):
-    """16-block instances: B holds a 200-token prompt, so A's decoding request fits there only after B's request
-    finishes. Migrating before fails (it keeps decoding on A), after succeeds; the output is unaffected."""
+    """16-block instances: B decodes a request that may grow to 250 tokens (all 16 blocks), so A's decoding request
+    (it may grow to 240 tokens, 15 blocks) has room to finish there only after B's request finishes, although its
+    KV so far would fit in B's free blocks. Migrating before fails (it keeps decoding on A), after succeeds; the
+    outputs are unaffected. Each side has about a hundred decode steps of slack: the filler decodes 120 tokens,
+    the mover 220."""
     path = tiny_ckpt("tiny-llama")
-    long, short = random_prompts(2, [200, 60], 500, seed=42)
-    fill = SamplingParams(max_tokens=50, min_tokens=50, temperature=0)
-    params = SamplingParams(max_tokens=150, min_tokens=150, temperature=0)
+    filling, short = random_prompts(2, [130, 20], 500, seed=42)
+    fill = SamplingParams(max_tokens=120, min_tokens=120, temperature=0)
+    params = SamplingParams(max_tokens=220, min_tokens=220, temperature=0)
     llm = LLM(path, device="cpu", max_model_len=MAX_MODEL_LEN, num_blocks=NUM_BLOCKS)
-    expected_fill = llm.generate([long], fill)[0].outputs[0].token_ids
+    expected_fill = llm.generate([filling], fill)[0].outputs[0].token_ids
     expected = llm.generate([short], params)[0].outputs[0].token_ids
     cluster = ESPCluster(path, 2, cpus_per_instance=0.5, num_blocks=16)
     _local_only(cluster)
@@ -103,7 +106,7 @@ def test_migration_without_room_keeps_the_request_running(tiny_ckpt):
 
         async def scenario():
             cluster.engine.router = _Only(b)
-            filler = Follow(cluster, "fill", long, fill)
+            filler = Follow(cluster, "fill", filling, fill)
             await filler.reach(1)
             cluster.engine.router = _Only(a)
             mover = Follow(cluster, "mover", short, params)
