@@ -98,7 +98,10 @@ class RayEngineClient(EngineFrontend):
         self._loads: dict[str, LoadReport] = {}
         self._planned: dict[str, int] = {}
         """KV blocks of multi-master placements planned since each instance's last load report."""
-        self._scaling: set[str] = set()  # engine request ids whose scale-up is being arranged
+        self._spills_seen: dict[str, set[tuple[str, int]]] = {}
+        """Instance -> (engine request id, first position) of the scale-ups asked for in its load reports and
+        arranged from here: one arrangement per spill, however many reports (later ones may predate its end) list
+        it (:meth:`_on_spills`)."""
         self._sp_waiting: set[str] = set()  # engine request ids queued at the manager for a prefill
         self._compactions: dict[str, tuple[list[str], int, float]] = {}
         """Engine request id -> (instances, KV blocks it needs, prefill seconds saved) of a compaction to run before
@@ -182,10 +185,7 @@ class RayEngineClient(EngineFrontend):
                 outputs = from_wire(wire)
                 self._loads[iid] = load
                 self._planned.pop(iid, None)
-                for spill in load.spills:
-                    if spill[0] not in self._scaling:
-                        self._scaling.add(spill[0])
-                        asyncio.get_running_loop().create_task(self._scale_up(iid, *spill))
+                self._on_spills(iid, load.spills)
                 if iid not in self._subscribed:
                     self._subscribed.add(iid)
                     self._changed.set()
@@ -198,8 +198,21 @@ class RayEngineClient(EngineFrontend):
         finally:
             self._subscribed.discard(iid)
             self._pumps.pop(iid, None)
+            self._spills_seen.pop(iid, None)
             self._changed.set()
         self._fail_route(iid, f"engine instance {iid} failed ({reason}); request aborted")
+
+    def _on_spills(self, iid: str, spills: tuple[tuple[str, int, int], ...]) -> None:
+        """Arrange the scale-ups an instance's load report asks for, each once: a report made before the
+        arrangement ended (the stream runs a report or two behind the engine) lists it again, and arranging it
+        twice would reserve a second slice for the same request on its holder. A spill that a report no longer
+        lists has ended; if it is listed again later, that is a new one."""
+        seen = self._spills_seen.setdefault(iid, set())
+        seen.intersection_update((rid, start) for rid, start, _ in spills)
+        for rid, start, num_tokens in spills:
+            if (rid, start) not in seen:
+                seen.add((rid, start))
+                asyncio.get_running_loop().create_task(self._scale_up(iid, rid, start, num_tokens))
 
     # ---- EngineFrontend hooks ----------------------------------------------------------------------------------
 
@@ -324,7 +337,9 @@ class RayEngineClient(EngineFrontend):
                 return
             holder = max(holders, key=free.get)
             self._planned[holder] = self._planned.get(holder, 0) + need
-            await self.manager.scale_up.remote(master, request_id, holder, start, num_tokens)
+            if not await self.manager.scale_up.remote(master, request_id, holder, start, num_tokens):
+                # refused, or the request moved on: either way the master must not wait for it any more
+                await self._records[master].handle.engine_call.remote("spill_failed", request_id)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the master must not wait forever: it preempts instead
@@ -332,8 +347,6 @@ class RayEngineClient(EngineFrontend):
             rec = self._records.get(master)
             if rec is not None:
                 rec.handle.engine_call.remote("spill_failed", request_id)
-        finally:
-            self._scaling.discard(request_id)
 
     async def _send_sp(self, group: list[str], request: Request,
                        placement: list[tuple[str, int, int, int]] | None) -> None:
