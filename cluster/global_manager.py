@@ -219,7 +219,7 @@ class GlobalManager:
         ``(instance, start, end, extra_tokens)`` slices (the master's first, the tail's last with room for the new
         tokens) are reserved on their instances first, and the request is decoded with its KV where the slices
         are (multi-master decoding). EngineUnavailableError when it cannot start: an instance of the group left,
-        or a slice could not be reserved."""
+        or the KV blocks (the master's, or a slice) could not be reserved."""
         done = asyncio.get_running_loop().create_future()
         self._sp_queue().add(PendingPrefill(request, list(group), placement, done))
         self._kick()
@@ -256,8 +256,9 @@ class GlobalManager:
                                 p.done.set_exception(e)
 
     async def _start_batch(self, entries: list[PendingPrefill]) -> None:
-        """Reserve spread placements, then send the batch to every member (in the manager's one order)."""
-        from accordion.cluster.plan import KVSlice, SPPrefillBatch, SPPrefillJob
+        """Reserve each prompt's KV blocks (on the master, or the slices of a spread placement), then send the batch
+        to every member (in the manager's one order)."""
+        from accordion.cluster.plan import SPPrefillBatch, SPPrefillJob
 
         group = entries[0].group
         missing = [i for i in group if i not in self._ranks]
@@ -267,9 +268,10 @@ class GlobalManager:
         started: list[tuple[PendingPrefill, SPPrefillJob]] = []
         for p in entries:
             req = p.request
-            try:
-                slices = ([KVSlice(ranks[0], 0, req.num_prompt_tokens, [])] if not p.placement or len(p.placement) < 2
-                          else await self._reserve(req.request_id, p.placement))
+            whole = [(group[0], 0, req.num_prompt_tokens, 0)]  # the master keeps it all
+            try:  # reserved before the batch goes out: no room now fails it here, cleanly, not at the master
+                slices = await self._reserve(req.request_id, whole if not p.placement or len(p.placement) < 2
+                                             else p.placement)
             except EngineUnavailableError as e:
                 p.done.set_exception(e)
                 continue
@@ -434,10 +436,11 @@ class GlobalManager:
 
     async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float) -> str | None:
         """Make room for a new prompt's KV (``need_blocks``) on one of ``instance_ids`` by migrating decoding
-        requests off it (:func:`~accordion.cluster.migration.plan_compaction`: fewest tokens first, to the other
-        serving instances, while the estimated transfer time stays under ``budget_s``). Tries the freest first;
-        returns the instance that has room now (one with room already, without moving anything), or None when no
-        plan within the budget frees enough (then nothing moved) or a migration of the plan failed."""
+        requests off it (:func:`~accordion.cluster.migration.plan_compaction`: fewest tokens first, each to another
+        serving instance with room for it and its residents to finish, while the estimated transfer time stays
+        under ``budget_s``). Tries the freest first; returns the instance that has room now, as its engine says
+        after the moves (one with room already, without moving anything), or None when no plan within the budget frees
+        enough (then nothing moved), a migration of the plan failed, or the room was taken meanwhile."""
         esp, block = self.config.esp, self.config.engine.cache.block_size
         rooms = await self._kv_room()
         free_all = {i: room[0] for i, room in rooms.items()}
@@ -463,6 +466,14 @@ class GlobalManager:
             for c, dst in plan:
                 if not await self.migrate(c.request_id, iid, dst):
                     return None
+            try:
+                free, _ = await rec.handle.engine_call.remote("kv_room")
+            except Exception as e:
+                logger.warning("instance %s: its room after compaction is unknown: %s", iid, e)
+                return None
+            if free < need_blocks:
+                logger.info("compacted %s, but only %d of %d blocks are free now", iid, free, need_blocks)
+                return None
             return iid
         return None
 

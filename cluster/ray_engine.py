@@ -106,7 +106,11 @@ class RayEngineClient(EngineFrontend):
         self._compactions: dict[str, tuple[list[str], int, float]] = {}
         """Engine request id -> (instances, KV blocks it needs, prefill seconds saved) of a compaction to run before
         placing it again (:meth:`_compaction`)."""
-        self._compacted: set[str] = set()  # engine request ids whose compaction was tried (once per request)
+        self._compacted: set[str] = set()
+        """Engine request ids whose compaction was tried (once per request: kept until it is placed)."""
+        self._rooms: dict[str, str] = {}
+        """Engine request id -> the instance its compaction made room on: its master when it is placed again (the
+        manager saw the room after the moves; load reports here may not show it yet)."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
@@ -258,7 +262,8 @@ class RayEngineClient(EngineFrontend):
         block = self.config.cache.block_size
         new_tokens = min(req.max_tokens, self._model_info.max_model_len - req.num_prompt_tokens)
         need = -(-(req.num_prompt_tokens + new_tokens) // block)
-        masters = [i for i in cands if self._free_blocks(i) >= need]
+        room = self._rooms.pop(req.request_id, None)
+        masters = [room] if room in cands else [i for i in cands if self._free_blocks(i) >= need]
         if not masters and degree >= 2 and self._compaction(req, cands, need, degree):
             return cands[:degree], None  # a placeholder: _send compacts, then the request is placed again
         if not masters:
@@ -297,7 +302,8 @@ class RayEngineClient(EngineFrontend):
         return True
 
     async def _compact(self, request_id: str) -> None:
-        """Run the compaction planned for a request, then have it placed again from fresh load reports."""
+        """Run the compaction planned for a request, then have it placed again: with the instance the manager made
+        room on as its master, the other instances by load reports sent after the moves."""
         instances, need, saved = self._compactions.pop(request_id)
         try:
             master = await self.manager.compact.remote(instances, need, saved)
@@ -307,8 +313,9 @@ class RayEngineClient(EngineFrontend):
             logger.warning("compaction for %s failed: %s", request_id, _short(unwrap_ray_error(e)))
             master = None
         logger.info("request %s: compaction %s", request_id, f"made room on {master}" if master else "found no room")
-        if master is not None:  # its next load report shows the room
-            await self._fresh_reports([master])
+        if master is not None:
+            self._rooms[request_id] = master
+        await self._fresh_reports(instances)
         raise RetryElsewhere("placing it again after compaction", replan=True)
 
     def _free_blocks(self, iid: str) -> int:
@@ -361,7 +368,8 @@ class RayEngineClient(EngineFrontend):
                 if placement is not None:  # slices taken since the load reports: plan again from fresh ones
                     await self._fresh_reports([i for i, *_ in placement])
                     raise RetryElsewhere(str(cause), replan=True) from None
-                raise RetryElsewhere(str(cause)) from None  # the group is re-forming: run it on one instance
+                # the group is re-forming, or the master had no room after all: not there, then
+                raise RetryElsewhere(str(cause)) from None
             raise cause from None
         finally:
             self._sp_waiting.discard(request.request_id)
@@ -373,7 +381,6 @@ class RayEngineClient(EngineFrontend):
         if rid in self._compactions:
             self._sp_groups.pop(rid, None)
             return await self._compact(rid)
-        self._compacted.discard(rid)
         plan = self._sp_groups.pop(rid, None)
         if plan is not None:
             return await self._send_sp(plan[0], requests[0], plan[1])
@@ -402,6 +409,17 @@ class RayEngineClient(EngineFrontend):
             if not ok:
                 self._sent[route] -= len(requests)
         self.routed[route] = self.routed.get(route, 0) + 1
+
+    async def _place(self, stream, requests: list[Request]) -> None:
+        try:
+            await super()._place(stream, requests)
+        finally:  # placed or given up: forget its placement's state
+            for r in requests:
+                rid = r.request_id
+                self._compacted.discard(rid)
+                self._rooms.pop(rid, None)
+                self._compactions.pop(rid, None)
+                self._sp_groups.pop(rid, None)
 
     def _send_abort(self, route: str, request_ids: list[str]) -> None:
         queued = [i for i in request_ids if i in self._sp_waiting]

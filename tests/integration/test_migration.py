@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from accordion import LLM, SamplingParams
 from tests.integration.conftest import MAX_MODEL_LEN, NUM_BLOCKS
 from tests.integration.test_elastic_sp import ESPCluster, _Only
@@ -160,9 +158,6 @@ def test_removal_migrates_a_long_decode_instead_of_waiting_for_it(tiny_ckpt):
         cluster.close()
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone (5 of 5 runs) but failed twice after the rest of the suite: "
-                   "once the replan after compaction saw a stale load report and took the multi-master path, whose "
-                   "master then had no room ('no room for the prompt's KV on the decoding instance'); not yet fixed")
 def test_compaction_moves_a_decode_away_to_place_a_long_prompt(tiny_ckpt):
     """48-block instances. A decodes W (140-token prompt) and Y (160), B decodes Z (300): a 480-token prompt
     (31 blocks with its new tokens) fits on neither, but moving Y (the fewest tokens that can finish on B) to B
