@@ -164,6 +164,13 @@ class ESPConfig:
     """JSON written by ``accordion profile``; default: an analytic model."""
     backend: str | None = None
     """torch.distributed backend; default NCCL on GPU instances, gloo on CPU ones."""
+    compaction: bool = True
+    """Before a sequence-parallel prefill whose KV fits on no instance, migrate decoding requests off one to the
+    others (LoongServe's compaction) when the estimated transfer time is under the prefill time it saves."""
+    migration_bytes_per_s: float = 2e9
+    """Estimated KV migration bandwidth (device -> host -> gloo -> host -> device), for the compaction rule."""
+    migration_overhead_s: float = 0.02
+    """Estimated fixed cost of one migration (engine calls, the request paused for a step or two)."""
 
     def __post_init__(self) -> None:
         _positive("min_prompt_tokens", self.min_prompt_tokens)

@@ -47,6 +47,10 @@ class EngineCore:
         multi-master request's holders free its slices only then)."""
         return self._inflight is not None or self.scheduler.has_unfinished() or self.scheduler.has_forgotten
 
+    def inflight_request_ids(self) -> set[str]:
+        """Requests computed by the step launched ahead and not read back yet (async scheduling)."""
+        return set() if self._inflight is None else {c.request_id for c in self._inflight[0].chunks}
+
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, and make output."""
         t0 = time.perf_counter()

@@ -10,7 +10,10 @@ iterator is closed or cancelled. A backend subclass only says how to submit, abo
   route);
 * ``_send_abort(route, ids)``: fire-and-forget abort of engine request ids on that route;
 * feed results back, on the event loop, with ``_on_outputs(outputs)``, and ``_fail_route(route, message)`` when a
-  route died (its requests end with an ERROR delta instead of hanging).
+  route died (its requests end with an ERROR delta instead of hanging). A backend whose requests can migrate
+  between routes feeds each route's outputs through ``_on_route_outputs(route, outputs)`` instead: a
+  :class:`RequestMoved` marker moves one engine request to another route, and outputs that the new route sends
+  before the old route's marker arrives wait for it, so a request's tokens stay in order.
 
 Implementations: ``local_engine.LocalEngineClient`` (a thread in this process) and ``ray_engine.RayEngineClient``
 (instance actors behind the global manager). Methods run on one event loop.
@@ -28,7 +31,7 @@ from accordion.cluster.config import EngineConfig
 from accordion.cluster.engine_client import ModelInfo
 from accordion.cluster.errors import EngineUnavailableError, RequestValidationError
 from accordion.cluster.output_processor import OutputProcessor
-from accordion.cluster.outputs import EngineOutput, StreamDelta
+from accordion.cluster.outputs import EngineOutput, RequestMoved, StreamDelta
 from accordion.cluster.request import FinishReason, Request, SamplingParams
 from accordion.cluster.tokenizer import Tokenizer
 from accordion.cluster.validation import validate_prompt
@@ -97,6 +100,19 @@ class _Stream:
     placed: bool = False
     """The route accepted the children (set after ``_send`` returns)."""
     unfinished: set[str] = field(default_factory=set)
+    moved: dict[str, str] = field(default_factory=dict)
+    """Child id -> its route, for children that migrated away from ``route``."""
+
+    def route_of(self, child_id: str) -> str | None:
+        return self.moved.get(child_id, self.route)
+
+    def by_route(self, child_ids: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for cid in child_ids:
+            route = self.route_of(cid)
+            if route is not None:
+                out.setdefault(route, []).append(cid)
+        return out
 
 
 class EngineFrontend:
@@ -109,6 +125,9 @@ class EngineFrontend:
         self._streams: dict[str, _Stream] = {}
         self._by_child: dict[str, _Stream] = {}
         self._failed_routes: set[str] = set()
+        self._held: dict[str, list[tuple[str, EngineOutput | RequestMoved]]] = {}
+        """(route, output or marker) of migrated engine requests, from a route they have not reached yet as far as
+        this front end knows (it came before the previous route's marker); replayed in order when it arrives."""
         self.draining = False
         """When set, new requests raise EngineUnavailableError; in-flight ones run to the end."""
 
@@ -151,8 +170,8 @@ class EngineFrontend:
             if s is None:
                 continue
             found.append(rid)
-            if s.route is not None and s.unfinished:
-                self._send_abort(s.route, sorted(s.unfinished))
+            for route, ids in s.by_route(sorted(s.unfinished)).items():
+                self._send_abort(route, ids)
         if found:
             logger.info("abort requested for %s", found)
         return found
@@ -222,10 +241,10 @@ class EngineFrontend:
         for cid in stream.child_ids:
             self._by_child.pop(cid, None)
             self._processor.discard(cid)
-        if stream.unfinished and stream.route is not None:
-            logger.info("request %s closed early; aborting %d completion(s) on %s",
-                        stream.request_id, len(stream.unfinished), stream.route)
-            self._send_abort(stream.route, sorted(stream.unfinished))
+            self._held.pop(cid, None)
+        for route, ids in stream.by_route(sorted(stream.unfinished)).items():
+            logger.info("request %s closed early; aborting %d completion(s) on %s", stream.request_id, len(ids), route)
+            self._send_abort(route, ids)
 
     # ---- results from the backend (on the event loop) ----------------------------------------------------------
 
@@ -241,15 +260,47 @@ class EngineFrontend:
         by_route: dict[str, list[str]] = {}
         for cid in to_abort:
             s = self._by_child.get(cid)
-            if s is not None and s.route is not None:
-                by_route.setdefault(s.route, []).append(cid)
+            route = None if s is None else s.route_of(cid)
+            if route is not None:
+                by_route.setdefault(route, []).append(cid)
         for route, ids in by_route.items():
             self._send_abort(route, ids)
+
+    def _on_route_outputs(self, route: str, outputs: list[EngineOutput | RequestMoved]) -> None:
+        """One step's outputs from ``route``, which may hold migration markers (see the module docstring)."""
+        mine, moves = [], []
+        for o in outputs:
+            s = self._by_child.get(o.request_id)
+            if s is not None and s.route_of(o.request_id) != route:  # ahead of its previous route's marker
+                self._held.setdefault(o.request_id, []).append((route, o))
+            elif type(o) is RequestMoved:
+                moves.append(o)
+            else:
+                mine.append(o)
+        self._on_outputs(mine)
+        for m in moves:
+            self._on_moved(route, m)
+
+    def _on_moved(self, route: str, m: RequestMoved) -> None:
+        """Engine request ``m.request_id`` left ``route`` for ``m.to_instance`` after its last outputs there."""
+        cid = m.request_id
+        s = self._by_child.get(cid)
+        if s is None or cid not in self._processor:
+            self._held.pop(cid, None)  # nobody waits for it any more (ended, aborted): stop it at its new home
+            self._send_abort(m.to_instance, [cid])
+            return
+        if m.to_instance == s.route:
+            s.moved.pop(cid, None)
+        else:
+            s.moved[cid] = m.to_instance
+        logger.info("request %s continues on %s (migrated from %s)", cid, m.to_instance, route)
+        for r, o in self._held.pop(cid, []):
+            self._on_route_outputs(r, [o])
 
     def _fail_route(self, route: str, message: str) -> None:
         """End every request placed on ``route`` with an ERROR delta (the instance died or its stream broke)."""
         self._failed_routes.add(route)
-        dead = [cid for s in self._streams.values() if s.route == route and s.placed for cid in s.unfinished]
+        dead = [cid for s in self._streams.values() if s.placed for cid in s.unfinished if s.route_of(cid) == route]
         if dead:
             logger.error("%s: failing %d request(s): %s", route, len(dead), message)
             self._on_outputs([EngineOutput(cid, [], finish_reason=FinishReason.ERROR, error=message) for cid in dead])

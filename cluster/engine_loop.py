@@ -17,12 +17,12 @@ from concurrent.futures import Future
 from accordion.cluster.errors import EngineOverloadedError, EngineUnavailableError
 from accordion.cluster.instance import EngineInstance
 from accordion.cluster.load import LoadReport
-from accordion.cluster.outputs import EngineOutput
+from accordion.cluster.outputs import EngineOutput, RequestMoved
 from accordion.cluster.request import FinishReason, Request
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[list[EngineOutput], LoadReport], None]
+StepCallback = Callable[[list[EngineOutput | RequestMoved], LoadReport], None]
 
 
 class EngineLoop:
@@ -96,8 +96,8 @@ class EngineLoop:
 
     def call(self, fn: Callable[[EngineInstance], object]) -> Future:
         """Run ``fn(instance)`` on the engine thread between steps, in submission order with other calls
-        (group formation, sequence-parallel jobs). Engine outputs it returns (one, or in a list) are emitted like
-        a step's; any result reaches the caller through the future."""
+        (group formation, sequence-parallel jobs, migration). Engine outputs and :class:`RequestMoved` markers it
+        returns (one, or in a list) are emitted like a step's; any result reaches the caller through the future."""
         fut: Future = Future()
         with self._cond:
             if self._stopping or self._failed:
@@ -116,6 +116,7 @@ class EngineLoop:
             num_waiting=s.num_waiting + self._num_pending,
             kv_usage=s.kv.usage,
             num_free_blocks=s.kv.num_free_blocks,
+            num_spare_blocks=s.num_spare_blocks,
             num_blocks=s.kv.num_blocks,
             num_preemptions=s.num_preemptions,
             num_added=self._num_added,
@@ -154,7 +155,7 @@ class EngineLoop:
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
                 calls, self._calls = self._calls, []
-            outputs: list[EngineOutput] = []
+            outputs: list[EngineOutput | RequestMoved] = []
             for fn, fut in calls:
                 try:
                     result = fn(self.instance)
@@ -163,7 +164,7 @@ class EngineLoop:
                     fut.set_exception(e)
                     continue
                 items = result if isinstance(result, list) else [result]  # engine outputs; other results only reply
-                outputs.extend(o for o in items if isinstance(o, EngineOutput))
+                outputs.extend(o for o in items if isinstance(o, (EngineOutput, RequestMoved)))
                 fut.set_result(result)
             try:
                 for r in adds:
@@ -193,7 +194,7 @@ class EngineLoop:
             pending, self._adds = self._adds, []
             self._num_pending = 0
         ids = list(self.instance.scheduler.requests) + [r.request_id for r in pending]
-        done = {o.request_id for o in outputs if o.finished}
+        done = {o.request_id for o in outputs if isinstance(o, RequestMoved) or o.finished}
         outputs.extend(EngineOutput(rid, [], finish_reason=FinishReason.ERROR, error=message)
                        for rid in dict.fromkeys(ids) if rid not in done)
         self._emit(outputs)

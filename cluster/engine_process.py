@@ -31,13 +31,16 @@ from itertools import count
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.errors import EngineUnavailableError
 from accordion.cluster.load import LoadReport
-from accordion.cluster.outputs import EngineOutput, to_wire
+from accordion.cluster.migration import MigrationState
+from accordion.cluster.outputs import EngineOutput, RequestMoved, to_wire
 from accordion.cluster.request import FinishReason, Request
 
 logger = logging.getLogger(__name__)
 
 CALLS = frozenset({"join_group", "leave_group", "run_sp_prefill", "reserve_slice", "release_slice", "register_slice",
-                   "drop_slice", "attach_tail", "spill_failed", "held_slices", "check_idle"})
+                   "drop_slice", "attach_tail", "spill_failed", "held_slices", "check_idle",
+                   "migration_candidates", "export_request", "resume_migration", "reserve_migration", "kv_room",
+                   "send_kv", "receive_request", "commit_migration"})
 """EngineInstance methods the parent may run on the engine thread."""
 
 StepCallback = Callable[[list, LoadReport], None]
@@ -125,6 +128,19 @@ class EngineProcess:
         fut.add_done_callback(lambda f: f.exception() is None or self._forget(ids))
         return fut
 
+    def receive_request(self, state: MigrationState, block_ids: list[int], src_rank: int) -> Future:
+        """Migration's destination side (``EngineInstance.receive_request``); from then on the request is this
+        engine's like a submitted one (failed with ERROR if the child dies)."""
+        with self._lock:
+            self._inflight.add(state.request_id)
+        try:
+            fut = self.call("receive_request", state, block_ids, src_rank)
+        except EngineUnavailableError:
+            self._forget([state.request_id])
+            raise
+        fut.add_done_callback(lambda f: f.exception() is None or self._forget([state.request_id]))
+        return fut
+
     def abort(self, request_ids: list[str]) -> None:
         if request_ids and not self._failed:
             self._send(("abort", list(request_ids)))
@@ -171,7 +187,9 @@ class EngineProcess:
                 kind = msg[0]
                 if kind == "step":
                     wire, self._load = msg[1], msg[2]
-                    self._forget([o.request_id for o in wire if type(o) is not tuple and o.finished])
+                    # finished here, or moved to another instance (migration)
+                    self._forget([o.request_id for o in wire
+                                  if type(o) is not tuple and (type(o) is RequestMoved or o.finished)])
                     self._deliver(wire)
                 elif kind == "reply":
                     _, seq, result, error = msg
@@ -259,7 +277,9 @@ def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_thr
     w = instance.worker
     send(("ready", {"info": {"device": str(getattr(w, "device", "cpu")),
                              "dtype": str(getattr(w, "dtype", config.model.dtype)).removeprefix("torch."),
-                             "num_blocks": instance.num_blocks, "max_model_len": instance.max_model_len},
+                             "num_blocks": instance.num_blocks, "max_model_len": instance.max_model_len,
+                             "kv_bytes_per_token": (w.block_bytes() // config.cache.block_size
+                                                    if hasattr(w, "block_bytes") else 0)},
                     "load": loop.load()}))
 
     def reply(seq: int, fut: Future) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from accordion.cluster.config import EngineConfig
 from accordion.cluster.engine import EngineCore
-from accordion.cluster.outputs import EngineOutput
+from accordion.cluster.migration import MigrationCandidate, MigrationState, NotMigratable
+from accordion.cluster.outputs import EngineOutput, RequestMoved
 from accordion.cluster.plan import SPPrefillBatch, SPPrefillJob
 from accordion.cluster.request import FinishReason, Request
 from accordion.cluster.scheduler import Scheduler
@@ -42,6 +43,8 @@ class EngineInstance:
                                    max_model_len=self.max_model_len)
         self.core = EngineCore(self.scheduler, self.worker, async_scheduling=config.scheduler.async_scheduling)
         self.rank: int | None = None
+        self.pair_groups: dict[tuple[int, int], object] = {}
+        """One gloo group per ordered (rank, rank) pair while in a group (multi-master traffic, migration)."""
         self.slice_server = None
         """Multi-master decoding's holder side (``accordion.workers.multi_master.SliceServer``) while in a group."""
         self._posted: queue.SimpleQueue = queue.SimpleQueue()
@@ -69,7 +72,7 @@ class EngineInstance:
         backend = backend or ("nccl" if self.worker.device.type == "cuda" else "gloo")
         init_instance_group(init_method, world_size, rank, backend=backend)
         self.rank = rank
-        groups = pair_groups(world_size)
+        groups = self.pair_groups = pair_groups(world_size)
         cap = self.config.scheduler.max_num_seqs
         self.worker.spread = SpreadExchange(rank, groups, cap, self.worker.device)
         self.slice_server = SliceServer(self.worker, rank, groups, cap, self._release_later)
@@ -97,7 +100,7 @@ class EngineInstance:
             self.worker.spread.stop()
             self.slice_server.join()
         finally:
-            self.worker.spread, self.slice_server = None, None
+            self.worker.spread, self.slice_server, self.pair_groups = None, None, {}
             leave_instance_group()
             self.rank = None
         return lost
@@ -135,6 +138,65 @@ class EngineInstance:
     def held_slices(self) -> int:
         """KV slices kept here for other masters' requests (an instance drains only once they are gone)."""
         return 0 if self.slice_server is None else self.slice_server.num_slices
+
+    # ------------------------------------------------------------------ live migration (accordion.cluster.migration)
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        return self.scheduler.migration_candidates()
+
+    def export_request(self, request_id: str) -> MigrationState | NotMigratable | None:
+        """Source: pause the request and describe it (None: a step in flight still computes it; ask again)."""
+        return self.scheduler.export_request(request_id, self.core.inflight_request_ids())
+
+    def resume_migration(self, request_id: str) -> None:
+        self.scheduler.resume_migration(request_id)
+
+    def send_kv(self, block_ids: list[int], dst_rank: int) -> int:
+        """Source: send the KV of these blocks, all layers, to ``dst_rank`` (which runs :meth:`receive_request`).
+        Sent even if the request ended meanwhile (the destination is waiting for it); returns the bytes."""
+        from accordion.workers.kv_transfer import send_blocks
+
+        return send_blocks(self.worker.kv_caches, block_ids, dst_rank, self._pair_group(self.rank, dst_rank))
+
+    def kv_room(self) -> tuple[int, int]:
+        """``(free blocks, spare blocks)`` now, on the engine thread: unlike a load report (sent after the next
+        step), it reflects the engine calls that ran before it (a migration's commit, a reservation)."""
+        return self.scheduler.kv.num_free_blocks, self.scheduler.num_spare_blocks
+
+    def reserve_migration(self, state: MigrationState) -> list[int] | None:
+        """Destination: blocks for the request's KV, if it and the requests here can all finish here
+        (:meth:`~accordion.cluster.scheduler.Scheduler.reserve_migration`); None otherwise."""
+        return self.scheduler.reserve_migration(state)
+
+    def receive_request(self, state: MigrationState, block_ids: list[int], src_rank: int) -> None:
+        """Destination: receive the request's KV into ``block_ids`` (reserved by :meth:`reserve_slice`), then run
+        it as a decoding request. On failure the blocks are freed and the error raised."""
+        from accordion.workers.input_batch import CachedRequestState
+        from accordion.workers.kv_transfer import recv_blocks
+
+        try:
+            recv_blocks(self.worker.kv_caches, block_ids, src_rank, self._pair_group(src_rank, self.rank))
+            self.scheduler.import_request(state)
+        except Exception:
+            self.scheduler.release_slice(state.request_id)
+            raise
+        self.worker.batch.states[state.request_id] = CachedRequestState(
+            state.request_id, list(state.prompt_token_ids), list(state.output_token_ids), state.sampling_params,
+            list(block_ids), tuple(state.eos_token_ids))
+        logger.info("request %s migrated in from rank %d (%d tokens of KV)", state.request_id, src_rank,
+                    state.num_computed_tokens)
+
+    def commit_migration(self, request_id: str, dst_instance: str) -> RequestMoved | None:
+        """Source: the destination runs the request now; free it here. The returned marker goes out on this
+        instance's output stream after the request's last tokens. None if the request ended here meanwhile."""
+        if not self.scheduler.release_migrated(request_id):
+            return None
+        return RequestMoved(request_id, dst_instance)
+
+    def _pair_group(self, src: int, dst: int):
+        group = self.pair_groups.get((src, dst))
+        if group is None:
+            raise RuntimeError(f"rank {self.rank}: no pair group ({src}, {dst}); is the instance group formed?")
+        return group
 
     def spill_failed(self, request_id: str) -> None:
         self.scheduler.spill_failed(request_id)

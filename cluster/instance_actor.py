@@ -194,6 +194,11 @@ class InstanceActor:
     async def release_slice(self, request_id: str) -> None:
         await asyncio.wrap_future(self._require().call("release_slice", request_id))
 
+    async def receive_request(self, state, block_ids: list[int], src_rank: int) -> None:
+        """Live migration's destination side: receive a request's KV from ``src_rank`` into the reserved
+        ``block_ids`` and run it here (:mod:`accordion.cluster.migration`)."""
+        await asyncio.wrap_future(self._require().receive_request(state, block_ids, src_rank))
+
     async def run_sp_batch(self, batch, requests: list[Request] | None) -> None:
         """Run this instance's share of a sequence-parallel prefill batch on the engine thread (in the manager's
         order); returns when it ran. The master, given the ``requests``, emits their outputs on the normal output

@@ -17,6 +17,9 @@ class LoadReport:
     """Fraction of KV blocks in use (0..1)."""
     num_free_blocks: int = 0
     num_blocks: int = 0
+    num_spare_blocks: int = 0
+    """Free blocks less those the requests here still need to finish (may be negative): the room a migrated
+    request can take without making anyone here preempt or scale up."""
     num_preemptions: int = 0
     num_added: int = 0
     """Engine requests accepted since start (cumulative): lets a front end count what it sent but the instance

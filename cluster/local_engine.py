@@ -34,7 +34,8 @@ class LocalEngineClient(EngineFrontend):
         self.config = config
         self.instance = instance
         self._loop = asyncio.get_running_loop()
-        self._load = LoadReport(ROUTE, num_blocks=instance.num_blocks, num_free_blocks=instance.num_blocks)
+        self._load = LoadReport(ROUTE, num_blocks=instance.num_blocks, num_free_blocks=instance.num_blocks,
+                                num_spare_blocks=instance.num_blocks)
         self.engine_loop = EngineLoop(instance, self._from_thread, ROUTE)
         self.engine_loop.start()
 

@@ -62,21 +62,32 @@ class EngineOutput:
 
 
 @dataclass(slots=True)
+class RequestMoved:
+    """In an instance's output stream, after a request's last tokens there: the request migrated to
+    ``to_instance`` and its outputs continue on that instance's stream (:mod:`accordion.cluster.migration`)."""
+
+    request_id: str
+    to_instance: str
+
+
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
 
 
-def to_wire(outputs: list[EngineOutput]) -> list:
+def to_wire(outputs: list[EngineOutput | RequestMoved]) -> list:
     """Outputs as they cross Ray: a plain token output (no logprobs, not finished) as a tuple of primitives,
-    which pickles ~20x faster than the dataclass; the rest as is. :func:`from_wire` reverses it."""
+    which pickles ~20x faster than the dataclass; the rest (and :class:`RequestMoved` markers) as is.
+    :func:`from_wire` reverses it."""
     return [(o.request_id, o.new_token_ids, o.num_prompt_tokens, o.num_cached_tokens)
-            if o.finish_reason is None and o.new_logprobs is None and o.error is None and o.timings is None else o
+            if type(o) is EngineOutput and o.finish_reason is None and o.new_logprobs is None and o.error is None
+            and o.timings is None else o
             for o in outputs]
 
 
-def from_wire(items: list) -> list[EngineOutput]:
+def from_wire(items: list) -> list[EngineOutput | RequestMoved]:
     return [EngineOutput(i[0], i[1], num_prompt_tokens=i[2], num_cached_tokens=i[3]) if type(i) is tuple else i
             for i in items]
 

@@ -98,8 +98,19 @@ class RayEngineClient(EngineFrontend):
         self._loads: dict[str, LoadReport] = {}
         self._planned: dict[str, int] = {}
         """KV blocks of multi-master placements planned since each instance's last load report."""
-        self._scaling: set[str] = set()  # engine request ids whose scale-up is being arranged
+        self._spills_seen: dict[str, set[tuple[str, int]]] = {}
+        """Instance -> (engine request id, first position) of the scale-ups asked for in its load reports and
+        arranged from here: one arrangement per spill, however many reports (later ones may predate its end) list
+        it (:meth:`_on_spills`)."""
         self._sp_waiting: set[str] = set()  # engine request ids queued at the manager for a prefill
+        self._compactions: dict[str, tuple[list[str], int, float]] = {}
+        """Engine request id -> (instances, KV blocks it needs, prefill seconds saved) of a compaction to run before
+        placing it again (:meth:`_compaction`)."""
+        self._compacted: set[str] = set()
+        """Engine request ids whose compaction was tried (once per request: kept until it is placed)."""
+        self._rooms: dict[str, str] = {}
+        """Engine request id -> the instance its compaction made room on: its master when it is placed again (the
+        manager saw the room after the moves; load reports here may not show it yet)."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
@@ -178,15 +189,12 @@ class RayEngineClient(EngineFrontend):
                 outputs = from_wire(wire)
                 self._loads[iid] = load
                 self._planned.pop(iid, None)
-                for spill in load.spills:
-                    if spill[0] not in self._scaling:
-                        self._scaling.add(spill[0])
-                        asyncio.get_running_loop().create_task(self._scale_up(iid, *spill))
+                self._on_spills(iid, load.spills)
                 if iid not in self._subscribed:
                     self._subscribed.add(iid)
                     self._changed.set()
                     logger.info("subscribed to %s", iid)
-                self._on_outputs(outputs)
+                self._on_route_outputs(iid, outputs)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -194,8 +202,21 @@ class RayEngineClient(EngineFrontend):
         finally:
             self._subscribed.discard(iid)
             self._pumps.pop(iid, None)
+            self._spills_seen.pop(iid, None)
             self._changed.set()
         self._fail_route(iid, f"engine instance {iid} failed ({reason}); request aborted")
+
+    def _on_spills(self, iid: str, spills: tuple[tuple[str, int, int], ...]) -> None:
+        """Arrange the scale-ups an instance's load report asks for, each once: a report made before the
+        arrangement ended (the stream runs a report or two behind the engine) lists it again, and arranging it
+        twice would reserve a second slice for the same request on its holder. A spill that a report no longer
+        lists has ended; if it is listed again later, that is a new one."""
+        seen = self._spills_seen.setdefault(iid, set())
+        seen.intersection_update((rid, start) for rid, start, _ in spills)
+        for rid, start, num_tokens in spills:
+            if (rid, start) not in seen:
+                seen.add((rid, start))
+                asyncio.get_running_loop().create_task(self._scale_up(iid, rid, start, num_tokens))
 
     # ---- EngineFrontend hooks ----------------------------------------------------------------------------------
 
@@ -221,7 +242,9 @@ class RayEngineClient(EngineFrontend):
 
         The degree comes from the cost model over the routable instances; the master is the least busy one with
         room for the whole request's KV (decoding continues there alone: proactive scale-down). When no instance
-        has room for it, the KV is spread over the freest instances and decoded in place (multi-master).
+        has room for it, decoding requests first migrate off one to make room (compaction, :meth:`_compaction`;
+        the request is then placed again); failing that, the KV is spread over the freest instances and decoded
+        in place (multi-master).
         """
         esp = self.esp
         if esp is None or len(requests) != 1 or requests[0].num_prompt_tokens < esp.min_prompt_tokens:
@@ -239,7 +262,10 @@ class RayEngineClient(EngineFrontend):
         block = self.config.cache.block_size
         new_tokens = min(req.max_tokens, self._model_info.max_model_len - req.num_prompt_tokens)
         need = -(-(req.num_prompt_tokens + new_tokens) // block)
-        masters = [i for i in cands if self._free_blocks(i) >= need]
+        room = self._rooms.pop(req.request_id, None)
+        masters = [room] if room in cands else [i for i in cands if self._free_blocks(i) >= need]
+        if not masters and degree >= 2 and self._compaction(req, cands, need, degree):
+            return cands[:degree], None  # a placeholder: _send compacts, then the request is placed again
         if not masters:
             if not esp.multi_master or len(cands) < 2:
                 return None
@@ -257,6 +283,40 @@ class RayEngineClient(EngineFrontend):
             return None
         master = min(masters, key=busy)
         return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1], None
+
+    def _compaction(self, req: Request, cands: list[str], need: int, degree: int) -> bool:
+        """Whether to make room for ``req``'s KV by migrating decoding requests away first (once per request).
+
+        The rule: the room lets the prompt be prefilled at ``degree`` instead of alone, which saves
+        ``T(1, l) - T(degree, l)`` by the cost model; the manager moves requests (fewest tokens first) only while
+        their estimated transfer time stays under that (:func:`~accordion.cluster.migration.plan_compaction`). Here
+        only the cheap checks: compaction is on, it saves time, and the instances have the room between them."""
+        esp = self.esp
+        if not esp.compaction or req.request_id in self._compacted:
+            return False
+        saved = self._cost.predict(1, [req.num_prompt_tokens]) - self._cost.predict(degree, [req.num_prompt_tokens])
+        if saved <= 0 or sum(self._free_blocks(i) for i in self._routable()) < need:
+            return False
+        self._compacted.add(req.request_id)
+        self._compactions[req.request_id] = (list(cands), need, saved)
+        return True
+
+    async def _compact(self, request_id: str) -> None:
+        """Run the compaction planned for a request, then have it placed again: with the instance the manager made
+        room on as its master, the other instances by load reports sent after the moves."""
+        instances, need, saved = self._compactions.pop(request_id)
+        try:
+            master = await self.manager.compact.remote(instances, need, saved)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("compaction for %s failed: %s", request_id, _short(unwrap_ray_error(e)))
+            master = None
+        logger.info("request %s: compaction %s", request_id, f"made room on {master}" if master else "found no room")
+        if master is not None:
+            self._rooms[request_id] = master
+        await self._fresh_reports(instances)
+        raise RetryElsewhere("placing it again after compaction", replan=True)
 
     def _free_blocks(self, iid: str) -> int:
         """Free KV blocks by the instance's last load report, less the placements planned since."""
@@ -284,7 +344,9 @@ class RayEngineClient(EngineFrontend):
                 return
             holder = max(holders, key=free.get)
             self._planned[holder] = self._planned.get(holder, 0) + need
-            await self.manager.scale_up.remote(master, request_id, holder, start, num_tokens)
+            if not await self.manager.scale_up.remote(master, request_id, holder, start, num_tokens):
+                # refused, or the request moved on: either way the master must not wait for it any more
+                await self._records[master].handle.engine_call.remote("spill_failed", request_id)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the master must not wait forever: it preempts instead
@@ -292,8 +354,6 @@ class RayEngineClient(EngineFrontend):
             rec = self._records.get(master)
             if rec is not None:
                 rec.handle.engine_call.remote("spill_failed", request_id)
-        finally:
-            self._scaling.discard(request_id)
 
     async def _send_sp(self, group: list[str], request: Request,
                        placement: list[tuple[str, int, int, int]] | None) -> None:
@@ -308,7 +368,8 @@ class RayEngineClient(EngineFrontend):
                 if placement is not None:  # slices taken since the load reports: plan again from fresh ones
                     await self._fresh_reports([i for i, *_ in placement])
                     raise RetryElsewhere(str(cause), replan=True) from None
-                raise RetryElsewhere(str(cause)) from None  # the group is re-forming: run it on one instance
+                # the group is re-forming, or the master had no room after all: not there, then
+                raise RetryElsewhere(str(cause)) from None
             raise cause from None
         finally:
             self._sp_waiting.discard(request.request_id)
@@ -316,7 +377,11 @@ class RayEngineClient(EngineFrontend):
         self.routed[group[0]] = self.routed.get(group[0], 0) + 1
 
     async def _send(self, route: str, requests: list[Request]) -> None:
-        plan = self._sp_groups.pop(requests[0].request_id, None)
+        rid = requests[0].request_id
+        if rid in self._compactions:
+            self._sp_groups.pop(rid, None)
+            return await self._compact(rid)
+        plan = self._sp_groups.pop(rid, None)
         if plan is not None:
             return await self._send_sp(plan[0], requests[0], plan[1])
         rec = self._records.get(route)
@@ -344,6 +409,17 @@ class RayEngineClient(EngineFrontend):
             if not ok:
                 self._sent[route] -= len(requests)
         self.routed[route] = self.routed.get(route, 0) + 1
+
+    async def _place(self, stream, requests: list[Request]) -> None:
+        try:
+            await super()._place(stream, requests)
+        finally:  # placed or given up: forget its placement's state
+            for r in requests:
+                rid = r.request_id
+                self._compacted.discard(rid)
+                self._rooms.pop(rid, None)
+                self._compactions.pop(rid, None)
+                self._sp_groups.pop(rid, None)
 
     def _send_abort(self, route: str, request_ids: list[str]) -> None:
         queued = [i for i in request_ids if i in self._sp_waiting]

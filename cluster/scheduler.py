@@ -21,6 +21,7 @@ import time
 from accordion.cluster.block_manager import KVCacheManager
 from accordion.cluster.config import CacheConfig, SchedulerConfig
 from accordion.cluster.errors import EngineOverloadedError, RequestTooLargeError
+from accordion.cluster.migration import MigrationCandidate, MigrationState, NotMigratable
 from accordion.cluster.outputs import EngineOutput, RequestTimings
 from accordion.cluster.plan import NewRequestData, ScheduledChunk, StepPlan, StepResult
 from accordion.cluster.request import Request, RequestStatus, SamplingParams
@@ -48,6 +49,7 @@ class Scheduler:
         tokens' KV (see :attr:`spill_requests`) instead of preempting. Set while the instance is in a group."""
         self._spilling: dict[str, tuple[int, int]] = {}  # request id -> (first position elsewhere, tokens)
         self._no_spill: set[str] = set()  # refused once: preempt as usual
+        self._migrating: set[str] = set()  # paused for a live migration: not scheduled until resumed or released
 
     # ------------------------------------------------------------------ requests in and out
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -114,7 +116,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.in_prefill or req.request_id in self._spilling:
+            if req.in_prefill or req.request_id in self._spilling or req.request_id in self._migrating:
                 i += 1
                 continue
             new_blocks = self._grow(req, req.num_tokens)
@@ -204,6 +206,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._spilling.pop(req.request_id, None)
+        self._migrating.discard(req.request_id)
         self._no_spill.discard(req.request_id)
         self.running.remove(req)
         self.kv.free(req.request_id)
@@ -256,6 +259,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self._spilling.pop(req.request_id, None)
+        self._migrating.discard(req.request_id)
         self._no_spill.discard(req.request_id)
         if req in self.running:
             self.running.remove(req)
@@ -288,7 +292,7 @@ class Scheduler:
         Only the steady state qualifies: nothing waiting, every running request in ``inflight``, no request near
         its length limit, and blocks for every row without preempting anyone.
         """
-        if self.waiting or inflight.num_decodes != len(inflight.chunks) or not inflight.chunks:
+        if self.waiting or self._migrating or inflight.num_decodes != len(inflight.chunks) or not inflight.chunks:
             return None
         rows = [self.requests.get(c.request_id) for c in inflight.chunks]
         if any(r is None or r.status != RequestStatus.RUNNING for r in rows) or len(rows) != len(self.running):
@@ -369,6 +373,118 @@ class Scheduler:
         preempted)."""
         if self._spilling.pop(request_id, None) is not None:
             self._no_spill.add(request_id)
+
+    # ------------------------------------------------------------------ live migration
+    def migration_candidates(self) -> list[MigrationCandidate]:
+        """Running requests that could move to another instance now, fewest tokens first."""
+        out = [MigrationCandidate(r.request_id, r.num_tokens, min(r.num_prompt_tokens + r.max_tokens,
+                                                                  self.max_model_len))
+               for r in self.running if self._why_not_migratable(r) is None]
+        return sorted(out, key=lambda c: c.num_tokens)
+
+    def _why_not_migratable(self, req: Request | None) -> str | None:
+        if req is None or req.is_finished:
+            return "not running here"
+        if req.status != RequestStatus.RUNNING or req.in_prefill or not req.output_token_ids:
+            return "not decoding"
+        if req.spread_local_tokens is not None or req.request_id in self._spilling:
+            return "its KV is spread over instances"
+        if req.request_id in self._migrating:
+            return "already migrating"
+        return None
+
+    def export_request(self, request_id: str, in_flight: set[str]) -> MigrationState | NotMigratable | None:
+        """Stop scheduling a decoding request and describe it for another instance (its blocks stay held until
+        :meth:`release_migrated` or :meth:`resume_migration`). None while a step in flight (``in_flight``: its
+        request ids) still computes it: ask again after the next step."""
+        req = self.requests.get(request_id)
+        if request_id not in self._migrating:
+            why = self._why_not_migratable(req)
+            if why is not None:
+                return NotMigratable(why)
+            self._migrating.add(request_id)
+        if request_id in in_flight:
+            return None
+        assert req.num_computed_tokens == req.num_tokens - 1, "a paused decode has all but its last token's KV"
+        now = time.monotonic()
+        held = self.kv.req_blocks.get(request_id, [])
+        return MigrationState(
+            request_id, list(req.prompt_token_ids), list(req.output_token_ids), req.sampling_params,
+            tuple(req.eos_token_ids), req.priority, req.num_computed_tokens, req.num_cached_tokens,
+            req.num_preemptions, list(held[:self.kv.blocks_for(req.num_computed_tokens)]), now - req.arrival_time,
+            None if req.first_scheduled_time is None else now - req.first_scheduled_time,
+            None if req.first_token_time is None else now - req.first_token_time)
+
+    def blocks_to_finish(self) -> int:
+        """KV blocks the requests here still need, beyond those they hold, to reach their final length (prompt +
+        max_tokens, capped by max_model_len; the last token has no KV). Waiting requests count in full; spread
+        requests not at all (their new KV goes to another instance)."""
+        total = 0
+        for req in self.requests.values():
+            if req.is_finished or req.spread_local_tokens is not None:
+                continue
+            final = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len) - 1
+            total += max(0, self.kv.blocks_for(final) - len(self.kv.req_blocks.get(req.request_id, ())))
+        return total
+
+    @property
+    def num_spare_blocks(self) -> int:
+        """Free blocks less :meth:`blocks_to_finish` (negative: the requests here may not all finish without
+        preempting or scaling up)."""
+        return self.kv.num_free_blocks - self.blocks_to_finish()
+
+    def reserve_migration(self, state: MigrationState) -> list[int] | None:
+        """Destination of a live migration: blocks for the request's KV so far, but only if the request can also
+        finish here (prompt + max_tokens) with the requests already here still able to finish too
+        (:attr:`num_spare_blocks`): taking a request in must not make anyone here preempt or scale up."""
+        final = min(len(state.prompt_token_ids) + (state.sampling_params.max_tokens or self.max_model_len),
+                    self.max_model_len) - 1
+        if self.num_spare_blocks < self.kv.blocks_for(final):
+            return None
+        return self.reserve_slice(state.request_id, state.num_computed_tokens)
+
+    def resume_migration(self, request_id: str) -> None:
+        """The migration failed: schedule the request here again."""
+        self._migrating.discard(request_id)
+
+    def release_migrated(self, request_id: str) -> bool:
+        """The destination runs the request now: forget it here and free its blocks, without an output. False if
+        it is no longer paused for migration here (it finished, was aborted or preempted meanwhile)."""
+        req = self.requests.get(request_id)
+        if req is None or request_id not in self._migrating or req.status != RequestStatus.RUNNING:
+            return False
+        self._migrating.discard(request_id)
+        self.running.remove(req)
+        self.kv.free(request_id)
+        self._forget.append(request_id)
+        del self.requests[request_id]
+        del self._keys[request_id]
+        return True
+
+    def import_request(self, state: MigrationState) -> Request:
+        """Add a migrated request as running, its KV already in the blocks reserved for it
+        (:meth:`reserve_slice` of ``state.num_computed_tokens`` tokens)."""
+        rid = state.request_id
+        held = self.kv.req_blocks.get(rid, [])
+        assert len(held) * self.kv.block_size >= state.num_computed_tokens, "imported request lacks KV blocks"
+        assert rid not in self.requests, f"request {rid!r} is already here"
+        now = time.monotonic()
+        req = Request(request_id=rid, prompt_token_ids=list(state.prompt_token_ids),
+                      sampling_params=state.sampling_params, eos_token_ids=tuple(state.eos_token_ids),
+                      priority=state.priority, arrival_time=now - state.arrival_age_s,
+                      output_token_ids=list(state.output_token_ids), num_computed_tokens=state.num_computed_tokens,
+                      num_cached_tokens=state.num_cached_tokens, num_preemptions=state.num_preemptions,
+                      status=RequestStatus.RUNNING)
+        req.first_scheduled_time = None if state.scheduled_age_s is None else now - state.scheduled_age_s
+        req.first_token_time = None if state.first_token_age_s is None else now - state.first_token_age_s
+        if rid in self._forget:  # it left this instance earlier: the worker's new state must not be dropped
+            self._forget.remove(rid)
+        prio = req.priority if self.config.policy == "priority" else 0
+        self._keys[rid] = (prio, req.arrival_time, next(self._seq))
+        self.requests[rid] = req
+        self._insert_running(req)
+        self.kv.cache_computed_blocks(req)
+        return req
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()
