@@ -148,32 +148,43 @@ def run_prefill(dev, dtype, lengths):
     return rows
 
 
+def hybrid_batch(chunk: int, p_ctx: int, bd: int, d_ctx: int, dtype, dev):
+    """One hybrid batch: a ``chunk``-query prefill over ``p_ctx`` keys and ``bd`` decodes over ``d_ctx`` keys each,
+    in one paged cache. Returns (kv [2, N, PAGE, HKV, D], PrefillArgs, DecodeArgs, prefill_only, decode_only) where
+    the last two run the halves through their own kernels."""
+    nbp, nbd = -(-p_ctx // PAGE), -(-d_ctx // PAGE)
+    kv = torch.empty(2, nbp + bd * nbd, PAGE, HKV, D, dtype=dtype, device=dev).normal_()
+    p_table = torch.arange(nbp, dtype=torch.int32, device=dev).view(1, nbp)
+    d_table = (nbp + torch.arange(bd * nbd, dtype=torch.int32, device=dev)).view(bd, nbd)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
+    pq, dq = torch.randn(chunk, HQ, D, dtype=dtype, device=dev), torch.randn(bd, HQ, D, dtype=dtype, device=dev)
+    pa = PrefillArgs(pq, p_table, cu, torch.tensor([p_ctx], dtype=torch.int32, device=dev), chunk,
+                     out=torch.empty_like(pq), lse=torch.empty(chunk, HQ, dtype=torch.float32, device=dev))
+    da = DecodeArgs(dq, d_table, torch.full((bd,), d_ctx, dtype=torch.int32, device=dev), out=torch.empty_like(dq),
+                    lse=torch.empty(bd, HQ, dtype=torch.float32, device=dev), max_seq_len=d_ctx)
+
+    def prefill_only():
+        paged_prefill_attention(pa.q, kv[0], kv[1], pa.block_table, pa.cu_seqlens_q, pa.seq_lens, scale=D**-0.5,
+                                max_seqlen_q=chunk, out=pa.out, lse=pa.lse)
+
+    def decode_only():
+        paged_decode_attention(da.q, kv[0], kv[1], da.block_table, da.seq_lens, scale=D**-0.5, out=da.out,
+                               lse=da.lse, max_seq_len=d_ctx)
+
+    return kv, pa, da, prefill_only, decode_only
+
+
 def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
     rows = []
     for chunk, p_ctx in chunks:
         for bd in decode_batches:
             for d_ctx in decode_contexts:
                 B = 1 + bd
-                nbp, nbd = -(-p_ctx // PAGE), -(-d_ctx // PAGE)
-                kv = torch.empty(2, nbp + bd * nbd, PAGE, HKV, D, dtype=dtype, device=dev).normal_()
-                p_table = torch.arange(nbp, dtype=torch.int32, device=dev).view(1, nbp)
-                d_table = (nbp + torch.arange(bd * nbd, dtype=torch.int32, device=dev)).view(bd, nbd)
-                p_sl = torch.tensor([p_ctx], dtype=torch.int32, device=dev)
-                cu = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
-                d_sl = torch.full((bd,), d_ctx, dtype=torch.int32, device=dev)
-                pq = torch.randn(chunk, HQ, D, dtype=dtype, device=dev)
-                dq = torch.randn(bd, HQ, D, dtype=dtype, device=dev)
-                po, do = torch.empty_like(pq), torch.empty_like(dq)
-                plse = torch.empty(chunk, HQ, dtype=torch.float32, device=dev)
-                dlse = torch.empty(bd, HQ, dtype=torch.float32, device=dev)
-                pa = PrefillArgs(pq, p_table, cu, p_sl, chunk, out=po, lse=plse)
-                da = DecodeArgs(dq, d_table, d_sl, out=do, lse=dlse, max_seq_len=d_ctx)
+                kv, pa, da, prefill_only, decode_only = hybrid_batch(chunk, p_ctx, bd, d_ctx, dtype, dev)
 
                 def seq():
-                    paged_prefill_attention(pq, kv[0], kv[1], p_table, cu, p_sl, scale=D**-0.5, max_seqlen_q=chunk,
-                                            out=po, lse=plse)
-                    paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=D**-0.5, out=do, lse=dlse,
-                                           max_seq_len=d_ctx)
+                    prefill_only()
+                    decode_only()
 
                 ms_seq = bench(seq, dev)
                 ms_pod = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5), dev)

@@ -25,15 +25,12 @@ if "--quick" in sys.argv:
 import torch  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
-    DecodeArgs,
-    PrefillArgs,
     paged_decode_attention,
-    paged_prefill_attention,
     pod_attention,
 )
 from accordion.kernels.attention.decode import choose_num_splits  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
-from bench.kernels import D, HKV, HQ, PAGE, bench, identity_cache, sdpa, unpaged  # noqa: E402
+from bench.kernels import D, HKV, HQ, bench, hybrid_batch, identity_cache, sdpa, unpaged  # noqa: E402
 
 DECODE_CONFIGS = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=4),
                   dict(BLOCK_N=128, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
@@ -74,24 +71,8 @@ def tune_decode(dev, dtype, shapes) -> list[dict]:
 def tune_pod(dev, dtype, hybrids) -> list[dict]:
     rows = []
     for chunk, p_ctx, bd, d_ctx in hybrids:
-        nbp, nbd = -(-p_ctx // PAGE), -(-d_ctx // PAGE)
-        kv = torch.empty(2, nbp + bd * nbd, PAGE, HKV, D, dtype=dtype, device=dev).normal_()
-        p_table = torch.arange(nbp, dtype=torch.int32, device=dev).view(1, nbp)
-        d_table = (nbp + torch.arange(bd * nbd, dtype=torch.int32, device=dev)).view(bd, nbd)
-        p_sl = torch.tensor([p_ctx], dtype=torch.int32, device=dev)
-        cu = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
-        d_sl = torch.full((bd,), d_ctx, dtype=torch.int32, device=dev)
-        pq = torch.randn(chunk, HQ, D, dtype=dtype, device=dev)
-        dq = torch.randn(bd, HQ, D, dtype=dtype, device=dev)
-        po, do = torch.empty_like(pq), torch.empty_like(dq)
-        plse = torch.empty(chunk, HQ, dtype=torch.float32, device=dev)
-        dlse = torch.empty(bd, HQ, dtype=torch.float32, device=dev)
-        pa = PrefillArgs(pq, p_table, cu, p_sl, chunk, out=po, lse=plse)
-        da = DecodeArgs(dq, d_table, d_sl, out=do, lse=dlse, max_seq_len=d_ctx)
-        ms_p = bench(lambda: paged_prefill_attention(pq, kv[0], kv[1], p_table, cu, p_sl, scale=D**-0.5,
-                                                     max_seqlen_q=chunk, out=po, lse=plse), dev)
-        ms_d = bench(lambda: paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=D**-0.5, out=do, lse=dlse,
-                                                    max_seq_len=d_ctx), dev)
+        kv, pa, da, prefill_only, decode_only = hybrid_batch(chunk, p_ctx, bd, d_ctx, dtype, dev)
+        ms_p, ms_d = bench(prefill_only, dev), bench(decode_only, dev)
         for cfg in POD_CONFIGS:
             try:
                 ms = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, config=cfg), dev)
