@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import git_commit  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
     DecodeArgs,
@@ -195,14 +197,6 @@ def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
                       f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f})", flush=True)
                 kv = None  # free the GPU memory before the next shape
     return rows
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def main() -> None:
