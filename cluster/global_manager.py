@@ -16,49 +16,18 @@ arranges multi-master scale-up (:meth:`GlobalManager.scale_up`) and live migrati
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
 from accordion.cluster.config import ClusterConfig
 from accordion.cluster.errors import EngineUnavailableError
+from accordion.cluster.instance_record import InstanceRecord, InstanceState
 from accordion.cluster.migration import (MigrationState, NotMigratable, blocks_for, choose_destination,
                                          plan_compaction, transfer_seconds)
 from accordion.cluster.request import Request
 from accordion.cluster.sp_queue import PendingPrefill, PrefillQueue
 
 logger = logging.getLogger(__name__)
-
-
-class InstanceState(str, enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    """Routable."""
-    DRAINING = "draining"
-    """Finishing its requests; gets no new ones."""
-    DEAD = "dead"
-    """Failed a health check or crashed; its requests were failed by the front end."""
-
-
-@dataclass
-class InstanceRecord:
-    """One instance as the manager (and a front end, from :meth:`GlobalManager.watch`) sees it."""
-
-    instance_id: str
-    handle: Any  # ray.actor.ActorHandle of an InstanceActor
-    state: InstanceState = InstanceState.STARTING
-    device: str = ""
-    dtype: str = ""
-    num_blocks: int = 0
-    max_model_len: int = 0
-    error: str | None = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def routable(self) -> bool:
-        return self.state == InstanceState.SERVING
 
 
 class GlobalManager:
