@@ -8,57 +8,33 @@ or times out dead (removed from routing, killed). Front ends (``RayEngineClient`
 Elastic sequence parallelism: with ``esp.enabled`` the manager forms the instances' torch.distributed group
 (re-formed whenever membership changes) and starts sequence-parallel prefills on instance groups, batching those
 for the same group, one batch in flight per instance, in one global order (:meth:`GlobalManager.run_sp_prefill`,
-:mod:`accordion.cluster.sp_queue`); front ends choose the groups with :mod:`accordion.cluster.esp_planner`. It also
-arranges multi-master scale-up (:meth:`GlobalManager.scale_up`) and live migration of decoding requests
-(:meth:`GlobalManager.migrate`, :mod:`accordion.cluster.migration`), which draining uses to empty an instance.
+:mod:`accordion.cluster.sp_dispatch` over the queue of :mod:`accordion.cluster.sp_queue`); front ends choose the
+groups with :mod:`accordion.cluster.esp_planner`. It also arranges multi-master scale-up
+(:meth:`GlobalManager.scale_up`) and live migration of decoding requests (:meth:`GlobalManager.migrate`,
+:mod:`accordion.cluster.migration_runner` over the rules of :mod:`accordion.cluster.migration`), which draining uses
+to empty an instance.
+
+This module keeps the actor, the registry (:mod:`accordion.cluster.instance_record`), health checks and the
+instances' group; the prefill dispatch (:class:`~accordion.cluster.sp_dispatch.PrefillDispatcher`) and the migration
+procedures (:class:`~accordion.cluster.migration_runner.Migrator`) are helpers it constructs with the state they
+need (the live registry, the ranks, the group lock), its remote methods delegating to them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
 from accordion.cluster.config import ClusterConfig
-from accordion.cluster.errors import EngineUnavailableError
-from accordion.cluster.migration import (MigrationState, NotMigratable, blocks_for, choose_destination,
-                                         plan_compaction, transfer_seconds)
+from accordion.cluster.instance_record import InstanceRecord, InstanceState
+from accordion.cluster.migration_runner import Migrator
 from accordion.cluster.request import Request
-from accordion.cluster.sp_queue import PendingPrefill, PrefillQueue
+from accordion.cluster.sp_dispatch import PrefillDispatcher
+
+__all__ = ["GlobalManager", "InstanceRecord", "InstanceState", "get_manager", "start_manager"]
 
 logger = logging.getLogger(__name__)
-
-
-class InstanceState(str, enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    """Routable."""
-    DRAINING = "draining"
-    """Finishing its requests; gets no new ones."""
-    DEAD = "dead"
-    """Failed a health check or crashed; its requests were failed by the front end."""
-
-
-@dataclass
-class InstanceRecord:
-    """One instance as the manager (and a front end, from :meth:`GlobalManager.watch`) sees it."""
-
-    instance_id: str
-    handle: Any  # ray.actor.ActorHandle of an InstanceActor
-    state: InstanceState = InstanceState.STARTING
-    device: str = ""
-    dtype: str = ""
-    num_blocks: int = 0
-    max_model_len: int = 0
-    error: str | None = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def routable(self) -> bool:
-        return self.state == InstanceState.SERVING
 
 
 class GlobalManager:
@@ -74,17 +50,12 @@ class GlobalManager:
         self._health_task: asyncio.Task | None = None
         self._ranks: dict[str, int] = {}  # instance id -> rank in the instances' process group
         self._job_ids = itertools.count()
-        self._batch_ids = itertools.count()
+        """Ids of sequence-parallel prefill jobs and of scale-up slices: one namespace, since a job's id is also its
+        request's spread id on the instances (:mod:`accordion.workers.multi_master`)."""
         self._group_lock: asyncio.Lock | None = None
-        self._prefills: PrefillQueue | None = None
-        self._dispatcher: asyncio.Task | None = None
-        self._redispatch = False
-        self.num_sp_batches = 0
-        self.num_sp_prompts = 0
-        """Sequence-parallel prefill batches started, and the prompts in them."""
-        self.num_migrations = 0
-        self.num_failed_migrations = 0
-        """Requests moved between instances (:meth:`migrate`), and attempts that left them where they were."""
+        self._prefill = PrefillDispatcher(config.esp, self._registry, self._current_ranks, self._lock, self._job_ids)
+        self._migrator = Migrator(config.esp, config.engine.cache.block_size, self._registry, self._current_ranks,
+                                  self._lock)
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:
@@ -96,6 +67,14 @@ class GlobalManager:
         async with self._cond():
             self._version += 1
             self._cond().notify_all()
+
+    def _registry(self) -> dict[str, InstanceRecord]:
+        """The live registry (the helpers read it through this)."""
+        return self._instances
+
+    def _current_ranks(self) -> dict[str, int]:
+        """The current ranks in the instances' group (re-assigned whenever the group is re-formed)."""
+        return self._ranks
 
     # ---- membership --------------------------------------------------------------------------------------------
 
@@ -144,8 +123,8 @@ class GlobalManager:
         cleanly (False: timed out, or it was not drained).
 
         With elastic SP (the instances' group exists) its decoding requests meanwhile migrate to the other
-        serving instances that have room for them (:meth:`_evacuate`), so the drain waits only for what could
-        not move (prefills, spread requests, no room elsewhere)."""
+        serving instances that have room for them (:meth:`~accordion.cluster.migration_runner.Migrator.evacuate`),
+        so the drain waits only for what could not move (prefills, spread requests, no room elsewhere)."""
         import ray
 
         rec = self._instances.get(instance_id)
@@ -158,7 +137,7 @@ class GlobalManager:
             timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
             drained = asyncio.ensure_future(asyncio.wait_for(rec.handle.drain.remote(timeout), timeout + 5.0))
             if self.config.esp.enabled:
-                await self._evacuate(instance_id, drained)
+                await self._migrator.evacuate(instance_id, drained)
             try:
                 clean = await drained
             except Exception as e:
@@ -201,121 +180,27 @@ class GlobalManager:
     async def ranks(self) -> dict[str, int]:
         return dict(self._ranks)
 
-    def _sp_queue(self) -> PrefillQueue:
-        if self._prefills is None:
-            from accordion.cluster.esp_planner import PrefillCostModel
-
-            esp = self.config.esp
-            self._prefills = PrefillQueue(esp.max_batch_tokens, PrefillCostModel.for_config(esp).predict)
-        return self._prefills
-
     async def run_sp_prefill(self, request: Request, group: list[str],
                              placement: list[tuple[str, int, int, int]] | None = None) -> None:
         """Prefill ``request`` across the instances ``group``; ``group[0]`` decodes it afterwards. Returns once
         the prefill has started (queued behind earlier ones on the same instances, possibly batched with others
-        for the same group: :mod:`accordion.cluster.sp_queue`).
+        for the same group: :mod:`accordion.cluster.sp_queue`, dispatched by
+        :class:`~accordion.cluster.sp_dispatch.PrefillDispatcher`).
 
         Without ``placement`` the master keeps the whole KV (proactive scale-down to one instance). With one,
         ``(instance, start, end, extra_tokens)`` slices (the master's first, the tail's last with room for the new
         tokens) are reserved on their instances first, and the request is decoded with its KV where the slices
         are (multi-master decoding). EngineUnavailableError when it cannot start: an instance of the group left,
         or the KV blocks (the master's, or a slice) could not be reserved."""
-        done = asyncio.get_running_loop().create_future()
-        self._sp_queue().add(PendingPrefill(request, list(group), placement, done))
-        self._kick()
-        await done
+        await self._prefill.run(request, group, placement)
 
     async def sp_stats(self) -> dict[str, int]:
         """Sequence-parallel prefills so far: batches started, prompts in them, prompts queued."""
-        return {"batches": self.num_sp_batches, "prompts": self.num_sp_prompts,
-                "queued": len(self._sp_queue().pending)}
+        return self._prefill.stats()
 
     async def cancel_sp_prefill(self, request_ids: list[str]) -> None:
         """Drop queued prefills whose requests were cancelled before they started."""
-        for p in self._sp_queue().remove(set(request_ids)):
-            if not p.done.done():
-                p.done.set_result(None)
-
-    def _kick(self) -> None:
-        """Start what can start now (on a task of its own: callers never wait for other requests' dispatch)."""
-        self._redispatch = True
-        if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
-
-    async def _dispatch(self) -> None:
-        while self._redispatch:
-            self._redispatch = False
-            async with self._lock():
-                for batch in self._sp_queue().take_ready():
-                    try:
-                        await self._start_batch(batch)
-                    except Exception as e:  # never leave a caller waiting, nor an instance marked busy
-                        self._sp_queue().finished(batch[0].group)
-                        for p in batch:
-                            if not p.done.done():
-                                p.done.set_exception(e)
-
-    async def _start_batch(self, entries: list[PendingPrefill]) -> None:
-        """Reserve each prompt's KV blocks (on the master, or the slices of a spread placement), then send the batch
-        to every member (in the manager's one order)."""
-        from accordion.cluster.plan import SPPrefillBatch, SPPrefillJob
-
-        group = entries[0].group
-        missing = [i for i in group if i not in self._ranks]
-        if missing:
-            raise EngineUnavailableError(f"instances {missing} are not in the instance group")
-        ranks = [self._ranks[i] for i in group]
-        started: list[tuple[PendingPrefill, SPPrefillJob]] = []
-        for p in entries:
-            req = p.request
-            whole = [(group[0], 0, req.num_prompt_tokens, 0)]  # the master keeps it all
-            try:  # reserved before the batch goes out: no room now fails it here, cleanly, not at the master
-                slices = await self._reserve(req.request_id, whole if not p.placement or len(p.placement) < 2
-                                             else p.placement)
-            except EngineUnavailableError as e:
-                p.done.set_exception(e)
-                continue
-            started.append((p, SPPrefillJob(next(self._job_ids), req.request_id, list(req.prompt_token_ids),
-                                            req.sampling_params, tuple(req.eos_token_ids), slices)))
-        if not started:
-            self._sp_queue().finished(group)
-            return
-        batch = SPPrefillBatch(next(self._batch_ids), ranks, [job for _, job in started])
-        self.num_sp_batches += 1
-        self.num_sp_prompts += len(started)
-        requests = [p.request for p, _ in started]
-        refs = [self._instances[iid].handle.run_sp_batch.remote(batch, requests if iid == group[0] else None)
-                for iid in group]
-        for p, job in started:
-            p.done.set_result(None)
-            logger.info("request %s: sequence-parallel prefill (batch %d of %d) on %s, KV on %s",
-                        p.request.request_id, batch.batch_id, len(started), group,
-                        [(s.rank, s.start, s.end) for s in job.placement])
-        asyncio.get_running_loop().create_task(self._await_batch(group, refs))
-
-    async def _await_batch(self, group: list[str], refs: list) -> None:
-        try:
-            await asyncio.gather(*refs, return_exceptions=True)
-        finally:
-            self._sp_queue().finished(group)
-            self._kick()
-
-    async def _reserve(self, request_id: str, placement: list[tuple[str, int, int, int]]) -> list:
-        from accordion.cluster.plan import KVSlice
-
-        handles = [self._instances[iid].handle for iid, *_ in placement]
-        blocks = await asyncio.gather(*(h.reserve_slice.remote(request_id, end - start + extra)
-                                        for h, (_, start, end, extra) in zip(handles, placement)),
-                                      return_exceptions=True)
-        if any(b is None or isinstance(b, BaseException) for b in blocks):
-            errors = [b for b in blocks if isinstance(b, BaseException)]
-            logger.warning("request %s: reserving KV slices %s failed: %s", request_id, placement,
-                           errors[0] if errors else "no room")
-            await asyncio.gather(*(h.release_slice.remote(request_id) for h, b in zip(handles, blocks)
-                                   if isinstance(b, list)), return_exceptions=True)
-            raise EngineUnavailableError(f"request {request_id}: KV slices could not be reserved "
-                                         f"({errors[0] if errors else 'no room'}); retry")
-        return [KVSlice(self._ranks[iid], start, end, b) for (iid, start, end, _), b in zip(placement, blocks)]
+        self._prefill.cancel(request_ids)
 
     async def scale_up(self, master_id: str, request_id: str, holder_id: str, start: int, num_tokens: int) -> bool:
         """Multi-master scale-up: ``holder_id`` takes the KV of ``request_id``'s tokens from ``start`` on (room for
@@ -342,162 +227,25 @@ class GlobalManager:
 
     async def migrate(self, request_id: str, src_id: str, dst_id: str) -> bool:
         """Move a decoding request, with its KV, from instance ``src_id`` to ``dst_id``
-        (:mod:`accordion.cluster.migration`); its output stream continues from the destination.
+        (:meth:`Migrator.migrate <accordion.cluster.migration_runner.Migrator.migrate>`); its output stream continues
+        from the destination.
 
         False, with the request running on the source as before, when it cannot move (not decoding there, its KV
         spread, no room on the destination, a peer failed), and when it ended on the source meanwhile (then the
         destination's copy is aborted). Needs the instances' group (elastic SP)."""
-        dst = self._instances.get(dst_id)
-        if src_id == dst_id or dst is None or dst.state != InstanceState.SERVING:
-            return False
-        async with self._lock():  # one global order of engine calls across instances, as for SP batches
-            if src_id not in self._ranks or dst_id not in self._ranks or src_id not in self._instances:
-                return False
-            moved = await self._migrate(request_id, src_id, dst_id)
-        if moved:
-            self.num_migrations += 1
-        else:
-            self.num_failed_migrations += 1
-        return moved
+        return await self._migrator.migrate(request_id, src_id, dst_id)
 
     async def migration_stats(self) -> dict[str, int]:
         """Migrations so far: requests moved, attempts that left the request where it was."""
-        return {"migrated": self.num_migrations, "failed": self.num_failed_migrations}
-
-    async def _migrate(self, request_id: str, src_id: str, dst_id: str) -> bool:
-        src, dst = self._instances[src_id].handle, self._instances[dst_id].handle
-        state = await self._export(src, request_id)
-        if state is None:
-            return False
-        try:  # room for it to finish there, the requests already there still able to finish too
-            blocks = await dst.engine_call.remote("reserve_migration", state)
-        except Exception as e:
-            logger.warning("request %s: reserving blocks on %s failed: %s", request_id, dst_id, e)
-            blocks = None
-        if blocks is None:
-            logger.info("request %s stays on %s: no room to finish on %s", request_id, src_id, dst_id)
-            await self._resume(src, request_id)
-            return False
-        sent, received = await asyncio.gather(
-            src.engine_call.remote("send_kv", state.block_ids, self._ranks[dst_id]),
-            dst.receive_request.remote(state, blocks, self._ranks[src_id]), return_exceptions=True)
-        if isinstance(received, BaseException):  # the destination freed its blocks (or is gone)
-            logger.warning("request %s stays on %s: moving its KV to %s failed: %s / %s", request_id, src_id,
-                           dst_id, sent if isinstance(sent, BaseException) else "sent", received)
-            await self._resume(src, request_id)
-            return False
-        try:
-            moved = await src.engine_call.remote("commit_migration", request_id, dst_id)
-        except Exception as e:
-            logger.warning("request %s: committing its migration on %s failed: %s", request_id, src_id, e)
-            moved = None
-        if moved is None:  # it ended on the source meanwhile (or the source is gone): nobody wants this copy
-            logger.info("request %s ended on %s during its migration; aborting it on %s", request_id, src_id, dst_id)
-            await dst.abort.remote([request_id])
-            return False
-        logger.info("request %s migrated %s -> %s (%d tokens of KV)", request_id, src_id, dst_id,
-                    state.num_computed_tokens)
-        return True
-
-    async def _export(self, src, request_id: str, timeout_s: float = 10.0) -> MigrationState | None:
-        """Pause the request on the source and take its state, asking again while a step in flight computes it."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            try:
-                state = await src.engine_call.remote("export_request", request_id)
-            except Exception as e:
-                logger.warning("request %s: export failed: %s", request_id, e)
-                await self._resume(src, request_id)
-                return None
-            if isinstance(state, NotMigratable):
-                logger.info("request %s cannot migrate: %s", request_id, state.reason)
-                return None
-            if state is not None:
-                return state
-            if asyncio.get_running_loop().time() >= deadline:
-                await self._resume(src, request_id)
-                return None
-            await asyncio.sleep(0.002)
-
-    @staticmethod
-    async def _resume(src, request_id: str) -> None:
-        try:
-            await src.engine_call.remote("resume_migration", request_id)
-        except Exception as e:  # the source is gone: its requests fail with it
-            logger.warning("request %s: resuming it on its source failed: %s", request_id, e)
-
-    async def _kv_room(self, exclude: str = "") -> dict[str, tuple[int, int]]:
-        """``(free blocks, spare blocks)`` of each serving instance in the group but ``exclude``, asked of their
-        engine threads (a load report would not show the migrations just made yet)."""
-        recs = [r for r in self._instances.values()
-                if r.state == InstanceState.SERVING and r.instance_id in self._ranks and r.instance_id != exclude]
-        rooms = await asyncio.gather(*(r.handle.engine_call.remote("kv_room") for r in recs), return_exceptions=True)
-        return {r.instance_id: tuple(room) for r, room in zip(recs, rooms) if not isinstance(room, BaseException)}
+        return self._migrator.stats()
 
     async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float) -> str | None:
         """Make room for a new prompt's KV (``need_blocks``) on one of ``instance_ids`` by migrating decoding
-        requests off it (:func:`~accordion.cluster.migration.plan_compaction`: fewest tokens first, each to another
-        serving instance with room for it and its residents to finish, while the estimated transfer time stays
-        under ``budget_s``). Tries the freest first; returns the instance that has room now, as its engine says
-        after the moves (one with room already, without moving anything), or None when no plan within the budget frees
-        enough (then nothing moved), a migration of the plan failed, or the room was taken meanwhile."""
-        esp, block = self.config.esp, self.config.engine.cache.block_size
-        rooms = await self._kv_room()
-        free_all = {i: room[0] for i, room in rooms.items()}
-        for iid in sorted((i for i in instance_ids if i in free_all), key=lambda i: -free_all[i]):
-            if free_all[iid] >= need_blocks:
-                return iid
-            rec = self._instances[iid]
-            per_token = rec.info.get("kv_bytes_per_token", 0)
-            try:
-                candidates = await rec.handle.engine_call.remote("migration_candidates")
-            except Exception as e:
-                logger.warning("instance %s: listing requests to migrate failed: %s", iid, e)
-                continue
-            plan = plan_compaction(
-                candidates, free_all[iid], need_blocks,
-                {i: room[1] for i, room in rooms.items() if i != iid}, block,
-                lambda n: transfer_seconds(n, per_token, esp.migration_bytes_per_s, esp.migration_overhead_s),
-                budget_s)
-            if plan is None:
-                continue
-            logger.info("compacting %s for %d blocks: moving %s", iid, need_blocks,
-                        [(c.request_id, dst) for c, dst in plan])
-            for c, dst in plan:
-                if not await self.migrate(c.request_id, iid, dst):
-                    return None
-            try:
-                free, _ = await rec.handle.engine_call.remote("kv_room")
-            except Exception as e:
-                logger.warning("instance %s: its room after compaction is unknown: %s", iid, e)
-                return None
-            if free < need_blocks:
-                logger.info("compacted %s, but only %d of %d blocks are free now", iid, free, need_blocks)
-                return None
-            return iid
-        return None
-
-    async def _evacuate(self, instance_id: str, drained: asyncio.Future, poll_s: float = 0.2) -> None:
-        """While ``instance_id`` drains, migrate its decoding requests to the serving instances with room for
-        them, and for the requests already there, to finish (the most spare room first), until the drain completes. Requests still prefilling move once they
-        decode; those that fit nowhere finish where they are."""
-        block = self.config.engine.cache.block_size
-        while not drained.done():
-            rec = self._instances.get(instance_id)
-            if rec is None:
-                return
-            try:
-                candidates = await rec.handle.engine_call.remote("migration_candidates")
-            except Exception as e:
-                logger.warning("instance %s: listing requests to migrate failed: %s", instance_id, e)
-                return
-            rooms = await self._kv_room(exclude=instance_id) if candidates else {}
-            spare = {i: room[1] for i, room in rooms.items()}
-            for c in candidates:
-                dst = choose_destination(c, spare, block)
-                if dst is not None and await self.migrate(c.request_id, instance_id, dst):
-                    spare[dst] -= blocks_for(c.final_tokens, block)
-            await asyncio.wait({drained}, timeout=poll_s)
+        requests off it, while the estimated transfer time stays under ``budget_s``
+        (:meth:`Migrator.compact <accordion.cluster.migration_runner.Migrator.compact>`). Returns the instance that
+        has room now, or None when no plan within the budget frees enough (then nothing moved), a migration of the
+        plan failed, or the room was taken meanwhile."""
+        return await self._migrator.compact(instance_ids, need_blocks, budget_s)
 
     async def list_instances(self) -> list[InstanceRecord]:
         return list(self._instances.values())

@@ -2,8 +2,9 @@
 
 A request moves from a *source* instance to a *destination* (Llumnix-style; LoongServe compacts decoding KV onto
 fewer instances this way before a sequence-parallel prefill). The global manager drives it
-(:meth:`~accordion.cluster.global_manager.GlobalManager.migrate`); every step runs on an engine thread between
-steps, as an engine call::
+(:meth:`~accordion.cluster.global_manager.GlobalManager.migrate`, carried out by
+:class:`~accordion.cluster.migration_runner.Migrator`); every step runs on an engine thread between steps, as an
+engine call::
 
     source       export_request  -> MigrationState   (it stops scheduling the request; None while a step in
                                                       flight still computes it: ask again)
