@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 CALLS = frozenset({"join_group", "leave_group", "run_sp_prefill", "reserve_slice", "release_slice", "register_slice",
                    "drop_slice", "attach_tail", "spill_failed", "held_slices", "check_idle",
                    "migration_candidates", "export_request", "resume_migration", "reserve_migration", "kv_room",
-                   "send_kv", "receive_request", "commit_migration"})
+                   "hold_room", "send_kv", "receive_request", "commit_migration"})
 """EngineInstance methods the parent may run on the engine thread."""
 
 StepCallback = Callable[[list, LoadReport], None]

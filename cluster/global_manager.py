@@ -239,13 +239,16 @@ class GlobalManager:
         """Migrations so far: requests moved, attempts that left the request where it was."""
         return self._migrator.stats()
 
-    async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float) -> str | None:
+    async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float, request_id: str,
+                      hold_tokens: int) -> str | None:
         """Make room for a new prompt's KV (``need_blocks``) on one of ``instance_ids`` by migrating decoding
-        requests off it, while the estimated transfer time stays under ``budget_s``
-        (:meth:`Migrator.compact <accordion.cluster.migration_runner.Migrator.compact>`). Returns the instance that
-        has room now, or None when no plan within the budget frees enough (then nothing moved), a migration of the
-        plan failed, or the room was taken meanwhile."""
-        return await self._migrator.compact(instance_ids, need_blocks, budget_s)
+        requests off it, while the estimated transfer time stays under ``budget_s``, and hold the blocks for its
+        ``hold_tokens`` prompt tokens there under ``request_id`` until its prefill takes them
+        (:meth:`Migrator.compact <accordion.cluster.migration_runner.Migrator.compact>`). Returns the instance
+        holding the room (the caller releases it, ``release_slice``, if the request goes elsewhere), or None when no
+        plan within the budget frees enough (then nothing moved), a migration of the plan failed, or the room was
+        taken meanwhile."""
+        return await self._migrator.compact(instance_ids, need_blocks, budget_s, request_id, hold_tokens)
 
     async def list_instances(self) -> list[InstanceRecord]:
         return list(self._instances.values())

@@ -162,6 +162,11 @@ class EngineInstance:
         step), it reflects the engine calls that ran before it (a migration's commit, a reservation)."""
         return self.scheduler.kv.num_free_blocks, self.scheduler.num_spare_blocks
 
+    def hold_room(self, request_id: str, num_tokens: int) -> bool:
+        """Take the blocks for a request about to be prefilled here (compaction made the room), so decoding
+        requests cannot take them first (:meth:`~accordion.cluster.scheduler.Scheduler.hold_room`)."""
+        return self.scheduler.hold_room(request_id, num_tokens)
+
     def reserve_migration(self, state: MigrationState) -> list[int] | None:
         """Destination: blocks for the request's KV, if it and the requests here can all finish here
         (:meth:`~accordion.cluster.scheduler.Scheduler.reserve_migration`); None otherwise."""

@@ -142,20 +142,23 @@ class Migrator:
         rooms = await asyncio.gather(*(r.handle.engine_call.remote("kv_room") for r in recs), return_exceptions=True)
         return {r.instance_id: tuple(room) for r, room in zip(recs, rooms) if not isinstance(room, BaseException)}
 
-    async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float) -> str | None:
+    async def compact(self, instance_ids: list[str], need_blocks: int, budget_s: float, request_id: str,
+                      hold_tokens: int) -> str | None:
         """Make room for a new prompt's KV (``need_blocks``) on one of ``instance_ids`` by migrating decoding
         requests off it (:func:`~accordion.cluster.migration.plan_compaction`: fewest tokens first, each to another
         serving instance with room for it and its residents to finish, while the estimated transfer time stays
-        under ``budget_s``). Tries the freest first; returns the instance that has room now, as its engine says
-        after the moves (one with room already, without moving anything), or None when no plan within the budget frees
-        enough (then nothing moved), a migration of the plan failed, or the room was taken meanwhile."""
+        under ``budget_s``), then hold the blocks for the prompt's ``hold_tokens`` there under ``request_id``
+        (:meth:`~accordion.cluster.scheduler.Scheduler.hold_room`: its sequence-parallel prefill takes them;
+        decoding requests cannot take them first). Tries the freest first; returns the instance holding the room
+        (one with room already, without moving anything), or None when no plan within the budget frees enough
+        (then nothing moved), a migration of the plan failed, or the room was taken meanwhile."""
         esp, block = self._esp, self._block_size
         rooms = await self._kv_room()
         free_all = {i: room[0] for i, room in rooms.items()}
         for iid in sorted((i for i in instance_ids if i in free_all), key=lambda i: -free_all[i]):
-            if free_all[iid] >= need_blocks:
-                return iid
             rec = self._instances()[iid]
+            if free_all[iid] >= need_blocks:
+                return await self._hold(rec, request_id, hold_tokens)
             per_token = rec.info.get("kv_bytes_per_token", 0)
             try:
                 candidates = await rec.handle.engine_call.remote("migration_candidates")
@@ -174,16 +177,21 @@ class Migrator:
             for c, dst in plan:
                 if not await self.migrate(c.request_id, iid, dst):
                     return None
-            try:
-                free, _ = await rec.handle.engine_call.remote("kv_room")
-            except Exception as e:
-                logger.warning("instance %s: its room after compaction is unknown: %s", iid, e)
-                return None
-            if free < need_blocks:
-                logger.info("compacted %s, but only %d of %d blocks are free now", iid, free, need_blocks)
-                return None
-            return iid
+            return await self._hold(rec, request_id, hold_tokens)
         return None
+
+    @staticmethod
+    async def _hold(rec: InstanceRecord, request_id: str, num_tokens: int) -> str | None:
+        """Hold the room for ``num_tokens`` of ``request_id`` on the instance; its id, or None if it has no room."""
+        try:
+            held = await rec.handle.engine_call.remote("hold_room", request_id, num_tokens)
+        except Exception as e:
+            logger.warning("instance %s: holding room for %s failed: %s", rec.instance_id, request_id, e)
+            return None
+        if not held:
+            logger.info("instance %s: the room for %s was taken meanwhile", rec.instance_id, request_id)
+            return None
+        return rec.instance_id
 
     async def evacuate(self, instance_id: str, drained: asyncio.Future, poll_s: float = 0.2) -> None:
         """While ``instance_id`` drains, migrate its decoding requests to the serving instances with room for

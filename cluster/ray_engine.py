@@ -103,14 +103,17 @@ class RayEngineClient(EngineFrontend):
         arranged from here: one arrangement per spill, however many reports (later ones may predate its end) list
         it (:meth:`_on_spills`)."""
         self._sp_waiting: set[str] = set()  # engine request ids queued at the manager for a prefill
-        self._compactions: dict[str, tuple[list[str], int, float]] = {}
-        """Engine request id -> (instances, KV blocks it needs, prefill seconds saved) of a compaction to run before
-        placing it again (:meth:`_compaction`)."""
+        self._compactions: dict[str, tuple[list[str], int, float, int]] = {}
+        """Engine request id -> (instances, KV blocks it needs, prefill seconds saved, prompt tokens) of a compaction
+        to run before placing it again (:meth:`_compaction`)."""
         self._compacted: set[str] = set()
         """Engine request ids whose compaction was tried (once per request: kept until it is placed)."""
         self._rooms: dict[str, str] = {}
-        """Engine request id -> the instance its compaction made room on: its master when it is placed again (the
-        manager saw the room after the moves; load reports here may not show it yet)."""
+        """Engine request id -> the instance its compaction made room on, holding the blocks for its prompt there
+        (``hold_room``): its master when it is placed again; released if it goes elsewhere (:meth:`_release_room`)."""
+        self._holds: dict[str, str] = {}
+        """Engine request id -> the instance holding its room, while its sequence-parallel prefill is being started
+        there (the manager's reservation takes the held blocks)."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
@@ -263,7 +266,12 @@ class RayEngineClient(EngineFrontend):
         new_tokens = min(req.max_tokens, self._model_info.max_model_len - req.num_prompt_tokens)
         need = -(-(req.num_prompt_tokens + new_tokens) // block)
         room = self._rooms.pop(req.request_id, None)
-        masters = [room] if room in cands else [i for i in cands if self._free_blocks(i) >= need]
+        if room is not None:
+            if room in cands and degree >= 2:
+                self._holds[req.request_id] = room
+                return [room] + sorted((i for i in cands if i != room), key=busy)[: degree - 1], None
+            self._release_room(room, req.request_id)
+        masters = [i for i in cands if self._free_blocks(i) >= need]
         if not masters and degree >= 2 and self._compaction(req, cands, need, degree):
             return cands[:degree], None  # a placeholder: _send compacts, then the request is placed again
         if not masters:
@@ -298,15 +306,22 @@ class RayEngineClient(EngineFrontend):
         if saved <= 0 or sum(self._free_blocks(i) for i in self._routable()) < need:
             return False
         self._compacted.add(req.request_id)
-        self._compactions[req.request_id] = (list(cands), need, saved)
+        self._compactions[req.request_id] = (list(cands), need, saved, req.num_prompt_tokens)
         return True
+
+    def _release_room(self, iid: str, request_id: str) -> None:
+        """Give back the room a compaction holds for a request on ``iid`` (it was not placed there). Sent before
+        anything else this front end sends that instance about the request, so it runs first there."""
+        rec = self._records.get(iid)
+        if rec is not None and iid not in self._failed_routes:
+            rec.handle.release_slice.remote(request_id)
 
     async def _compact(self, request_id: str) -> None:
         """Run the compaction planned for a request, then have it placed again: with the instance the manager made
         room on as its master, the other instances by load reports sent after the moves."""
-        instances, need, saved = self._compactions.pop(request_id)
+        instances, need, saved, prompt_tokens = self._compactions.pop(request_id)
         try:
-            master = await self.manager.compact.remote(instances, need, saved)
+            master = await self.manager.compact.remote(instances, need, saved, request_id, prompt_tokens)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -363,6 +378,9 @@ class RayEngineClient(EngineFrontend):
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            held = self._holds.pop(request.request_id, None)
+            if held is not None:  # the reservation took the held room and gave it back, or never got to it
+                self._release_room(held, request.request_id)
             cause = unwrap_ray_error(e)
             if isinstance(cause, EngineUnavailableError):
                 if placement is not None:  # slices taken since the load reports: plan again from fresh ones
@@ -373,6 +391,7 @@ class RayEngineClient(EngineFrontend):
             raise cause from None
         finally:
             self._sp_waiting.discard(request.request_id)
+        self._holds.pop(request.request_id, None)
         self.sp_prefills.append(group)
         self.routed[group[0]] = self.routed.get(group[0], 0) + 1
 
@@ -417,7 +436,10 @@ class RayEngineClient(EngineFrontend):
             for r in requests:
                 rid = r.request_id
                 self._compacted.discard(rid)
-                self._rooms.pop(rid, None)
+                room = self._rooms.pop(rid, None)
+                if room is not None:  # cancelled or failed between the compaction and placing it again
+                    self._release_room(room, rid)
+                self._holds.pop(rid, None)  # cancelled while its prefill was queued: the manager releases it
                 self._compactions.pop(rid, None)
                 self._sp_groups.pop(rid, None)
 

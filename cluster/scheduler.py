@@ -50,6 +50,7 @@ class Scheduler:
         self._spilling: dict[str, tuple[int, int]] = {}  # request id -> (first position elsewhere, tokens)
         self._no_spill: set[str] = set()  # refused once: preempt as usual
         self._migrating: set[str] = set()  # paused for a live migration: not scheduled until resumed or released
+        self._held: set[str] = set()  # blocks taken ahead for a request to be placed here (hold_room)
 
     # ------------------------------------------------------------------ requests in and out
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -318,13 +319,30 @@ class Scheduler:
 
     # ------------------------------------------------------------------ sequence parallelism
     def reserve_slice(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Blocks for ``num_tokens`` of a request prefilled across instances; None if they do not fit."""
+        """Blocks for ``num_tokens`` of a request prefilled across instances; None if they do not fit. A request
+        with blocks held for it (:meth:`hold_room`) gets those, grown to ``num_tokens`` if needed."""
+        holder = Request(request_id=request_id, prompt_token_ids=[], sampling_params=SamplingParams())
+        if request_id in self._held:
+            self._held.discard(request_id)
+            if self.kv.allocate(holder, num_tokens) is None:
+                self.kv.free(request_id)
+                return None
+            return list(self.kv.req_blocks[request_id])
         if request_id in self.kv.req_blocks:
             raise ValueError(f"request id {request_id!r} already holds blocks here")
-        holder = Request(request_id=request_id, prompt_token_ids=[], sampling_params=SamplingParams())
         return self.kv.allocate(holder, num_tokens)
 
+    def hold_room(self, request_id: str, num_tokens: int) -> bool:
+        """Take the blocks for ``num_tokens`` of a request about to be placed here (the room a compaction made),
+        so that decoding requests cannot take them first; the request's :meth:`reserve_slice` gets them, and
+        :meth:`release_slice` gives them back. False (nothing held) when they do not fit."""
+        if self.reserve_slice(request_id, num_tokens) is None:
+            return False
+        self._held.add(request_id)
+        return True
+
     def release_slice(self, request_id: str) -> None:
+        self._held.discard(request_id)
         self.kv.free(request_id)
 
     def adopt(self, request: Request, first_token: int, local_tokens: int | None = None) -> EngineOutput:

@@ -80,8 +80,13 @@ class PrefillDispatcher:
                 "queued": len(self._sp_queue().pending)}
 
     def cancel(self, request_ids: list[str]) -> None:
-        """Drop queued prefills whose requests were cancelled before they started."""
+        """Drop queued prefills whose requests were cancelled before they started, giving back the room a
+        compaction may hold for them on their master."""
+        instances = self._instances()
         for p in self._sp_queue().remove(set(request_ids)):
+            master = instances.get(p.group[0])
+            if master is not None:
+                master.handle.release_slice.remote(p.request.request_id)
             if not p.done.done():
                 p.done.set_result(None)
 

@@ -162,3 +162,26 @@ def test_a_request_migrated_back_reserves_its_blocks_again():
         raise AssertionError("a second reservation for a request must be refused")
     b.abort(["a"])
     _assert_idle(b)
+
+
+def test_room_held_for_a_prompt_is_kept_from_decoding_requests_and_taken_by_its_reservation():
+    """64 blocks of 4. Compaction's room held for a 40-token prompt (10 blocks) is not free to the decoding
+    request that grows meanwhile; the prompt's reservation takes exactly those blocks (grown when asked for more),
+    and released or not, every path ends with all blocks free."""
+    s = make_scheduler()
+    assert s.hold_room("p", 40)
+    held = list(s.kv.req_blocks["p"])
+    assert len(held) == 10 and s.kv.num_free_blocks == 54
+    assert not s.hold_room("q", 4 * 55)  # more than is free: nothing held
+    assert "q" not in s.kv.req_blocks
+    _decoding(s, "d", max_tokens=20, steps=5)
+    assert s.kv.req_blocks["p"] == held
+    blocks = s.reserve_slice("p", 44)  # the prompt grew by a block since: the held ones first
+    assert blocks[:10] == held and len(blocks) == 11
+    s.release_slice("p")
+    assert s.hold_room("p2", 8)
+    s.release_slice("p2")  # the request went elsewhere
+    assert s.reserve_slice("p2", 8) is not None  # a later reservation is a fresh one, not the released hold
+    s.release_slice("p2")
+    s.abort(["d"])
+    _assert_idle(s)
