@@ -1,10 +1,12 @@
 """What does the serving path (gRPC front end + Ray instance actor) cost over the offline API? Same GPU, same run.
 
-1. Offline ``LLM``: 64 prompts x 512 in / 128 out (greedy, ignore_eos) -> output tok/s; low-load TTFT = latency of
-   one ``max_tokens=1`` request, p50 over sequential requests.
+1. Offline ``LLM`` with ``max_num_seqs=64``: 256 prompts x 512 in / 128 out (greedy, ignore_eos) -> output tok/s;
+   low-load TTFT = latency of one ``max_tokens=1`` request, p50 over sequential requests.
 2. ``accordion serve`` (a subprocess: Ray, global manager, one instance actor, gRPC on loopback), driven through
-   ``accordion.client.AsyncClient``: the same 64 requests as concurrent streams -> output tok/s; low-load TTFT =
-   time from sending a stream to its first chunk, p50 over sequential requests.
+   ``accordion.client.AsyncClient``: the same 256 requests at a concurrency of 64 streams (a new stream starts as one
+   ends, as ``vllm bench serve --max-concurrency 64``) -> output tok/s; low-load TTFT = time from sending a stream to
+   its first chunk, p50 over sequential requests. ``--num-prompts 64`` is one wave of 64 at once, whose short run
+   (about 0.4 s on an H100) the ramp-up and the last stragglers weigh on.
 
     python bench/serving_overhead.py [--shape 1b] [--quick]
 """
@@ -105,10 +107,16 @@ async def served(target: str, warm, prompts, ttft_prompts, args, server_pid: int
                 timings = chunk.timings or timings
             return first, n, timings
 
+        slots = asyncio.Semaphore(args.concurrency)
+
+        async def held(p):
+            async with slots:
+                return await one(p, args.output_len)
+
         await asyncio.gather(*(one(p, args.output_len) for p in warm))
         spy = start_py_spy(server_pid, args.py_spy) if args.py_spy else None
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(p, args.output_len) for p in prompts))
+        results = await asyncio.gather(*(held(p) for p in prompts))
         wall = time.perf_counter() - t0
         if spy is not None:
             spy.wait(timeout=60)
@@ -144,6 +152,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b", choices=list(PRESETS))
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=None, help="requests timed (default: 4 x concurrency)")
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -159,13 +168,14 @@ def main() -> None:
     if args.quick:
         args.shape, args.concurrency, args.input_len, args.output_len, args.ttft_requests = "tiny", 8, 32, 16, 5
         args.max_model_len = 256
+    args.num_prompts = args.num_prompts or 4 * args.concurrency
     cuda = torch.cuda.is_available()
     path = str(make_checkpoint(Path(tempfile.mkdtemp()) / args.shape, PRESETS[args.shape],
                                dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu"))
     rng = random.Random(0)
     vocab = 500 if args.shape == "tiny" else 120000
     mk = (lambda n, ln: [[rng.randrange(10, vocab) for _ in range(ln)] for _ in range(n)])
-    warm, prompts = mk(args.concurrency, args.input_len), mk(args.concurrency, args.input_len)
+    warm, prompts = mk(args.concurrency, args.input_len), mk(args.num_prompts, args.input_len)
     ttft_prompts = mk(args.ttft_requests, args.input_len)
     off = offline(path, warm, prompts, ttft_prompts, args)
     port = free_port()
@@ -192,7 +202,7 @@ def main() -> None:
                 ["path", "output tok/s", "p50 TTFT ms (low load)"])
     print("low-load TTFT ms, sorted: offline", off["ttft_ms_sorted"], "\n  served", srv["ttft_ms_sorted"],
           "\n  served, engine prefill", srv["server_prefill_ms_sorted"])
-    print(f"loaded TTFT (64 at once): offline -, served p50 {srv['loaded_ttft_p50_ms']:.1f} ms, "
+    print(f"loaded TTFT ({args.concurrency} streams): offline -, served p50 {srv['loaded_ttft_p50_ms']:.1f} ms, "
           f"max {srv['loaded_ttft_max_ms']:.1f} ms")
     print(f"served / offline throughput: {ratio:.3f}; added p50 TTFT: {added:.2f} ms "
           f"(server queue p50 {srv['server_queue_p50_ms']} ms, prefill p50 {srv['server_prefill_p50_ms']} ms)")
