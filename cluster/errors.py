@@ -1,4 +1,6 @@
-"""Errors the control plane raises toward the front end. The gRPC layer maps each to one status code."""
+"""Errors the control plane raises toward the front end. The gRPC layer maps each to one status code.
+
+:func:`short_error` gives any exception as one short line, for logs."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ __all__ = [
     "EngineUnavailableError",
     "ModelNotFoundError",
     "RequestTooLargeError",
+    "short_error",
 ]
 
 
@@ -34,3 +37,9 @@ class ModelNotFoundError(LookupError):
 
 class RequestTooLargeError(RequestValidationError):
     """The request can never fit: prompt plus max_tokens over max_model_len or over the KV pool."""
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """``Type: message``, its first line, at most ``limit`` characters."""
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text[:limit]

@@ -9,10 +9,10 @@ Elastic sequence parallelism: with ``esp.enabled`` the manager forms the instanc
 (re-formed whenever membership changes) and starts sequence-parallel prefills on instance groups, batching those
 for the same group, one batch in flight per instance, in one global order (:meth:`GlobalManager.run_sp_prefill`,
 :mod:`accordion.cluster.sp_dispatch` over the queue of :mod:`accordion.cluster.sp_queue`); front ends choose the
-groups with :mod:`accordion.cluster.esp_planner`. It also arranges multi-master scale-up
-(:meth:`GlobalManager.scale_up`) and live migration of decoding requests (:meth:`GlobalManager.migrate`,
-:mod:`accordion.cluster.migration_runner` over the rules of :mod:`accordion.cluster.migration`), which draining uses
-to empty an instance.
+groups (:mod:`accordion.cluster.sp_placement` over :mod:`accordion.cluster.esp_planner`). It also arranges
+multi-master scale-up (:meth:`GlobalManager.scale_up`) and live migration of decoding requests
+(:meth:`GlobalManager.migrate`, :mod:`accordion.cluster.migration_runner` over the rules of
+:mod:`accordion.cluster.migration`), which draining uses to empty an instance.
 
 This module keeps the actor, the registry (:mod:`accordion.cluster.instance_record`), health checks and the
 instances' group; the prefill dispatch (:class:`~accordion.cluster.sp_dispatch.PrefillDispatcher`) and the migration

@@ -7,6 +7,11 @@ new request with a :class:`Router` over the latest load reports. Submissions to 
 ``add_request_groups`` call is in flight per instance and whatever arrives meanwhile rides the next one, so a burst
 of N requests costs a few actor calls, not N. An instance whose stream breaks (it died) fails its requests with an
 ERROR delta.
+
+With elastic sequence parallelism on, an :class:`~accordion.cluster.sp_placement.SPPlacement` places long prompts
+(instance groups for sequence-parallel prefills, compaction before one, multi-master placements) and arranges the
+scale-ups that load reports ask for: the client asks it before routing a request and before submitting one, and
+passes it every load report.
 """
 
 from __future__ import annotations
@@ -19,24 +24,19 @@ import accordion
 from accordion.cluster.config import EngineConfig, ESPConfig
 from accordion.cluster.engine_client import InstanceInfo, ServerInfo
 from accordion.cluster.engine_frontend import EngineFrontend, RetryElsewhere, model_info_for
-from accordion.cluster.errors import EngineOverloadedError, EngineUnavailableError, RequestValidationError
-from accordion.cluster.esp_planner import PrefillCostModel, choose_degree, plan_placement
+from accordion.cluster.errors import EngineOverloadedError, EngineUnavailableError, RequestValidationError, short_error
 from accordion.cluster.global_manager import InstanceRecord
 from accordion.cluster.instance_actor import unwrap_ray_error
 from accordion.cluster.load import LoadReport
 from accordion.cluster.outputs import from_wire
 from accordion.cluster.request import Request
 from accordion.cluster.router import InstanceLoad, LeastLoaded, Router
+from accordion.cluster.sp_placement import SPPlacement
 from accordion.cluster.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 _TYPED_ERRORS = (RequestValidationError, EngineOverloadedError, EngineUnavailableError)
-
-
-def _short(e: BaseException, limit: int = 300) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-    return text[:limit]
 
 
 class SubmitBatcher:
@@ -83,12 +83,6 @@ class RayEngineClient(EngineFrontend):
                  watch_timeout_s: float = 30.0, esp: ESPConfig | None = None):
         super().__init__(tokenizer, model_info_for(config, tokenizer))
         self.esp = esp if esp is not None and esp.enabled else None
-        self._cost: PrefillCostModel | None = None
-        if self.esp is not None:
-            self._cost = PrefillCostModel.for_config(self.esp)
-        self._sp_groups: dict[str, tuple[list[str], list[tuple[str, int, int, int]] | None]] = {}
-        self.sp_prefills: list[list[str]] = []
-        """Instance groups of the sequence-parallel prefills sent from here (for tests and debugging)."""
         self.manager = manager
         self.config = config
         self.router: Router = router or LeastLoaded()
@@ -96,24 +90,6 @@ class RayEngineClient(EngineFrontend):
         self._records: dict[str, InstanceRecord] = {}
         self._pumps: dict[str, asyncio.Task] = {}
         self._loads: dict[str, LoadReport] = {}
-        self._planned: dict[str, int] = {}
-        """KV blocks of multi-master placements planned since each instance's last load report."""
-        self._spills_seen: dict[str, set[tuple[str, int]]] = {}
-        """Instance -> (engine request id, first position) of the scale-ups asked for in its load reports and
-        arranged from here: one arrangement per spill, however many reports (later ones may predate its end) list
-        it (:meth:`_on_spills`)."""
-        self._sp_waiting: set[str] = set()  # engine request ids queued at the manager for a prefill
-        self._compactions: dict[str, tuple[list[str], int, float, int]] = {}
-        """Engine request id -> (instances, KV blocks it needs, prefill seconds saved, prompt tokens) of a compaction
-        to run before placing it again (:meth:`_compaction`)."""
-        self._compacted: set[str] = set()
-        """Engine request ids whose compaction was tried (once per request: kept until it is placed)."""
-        self._rooms: dict[str, str] = {}
-        """Engine request id -> the instance its compaction made room on, holding the blocks for its prompt there
-        (``hold_room``): its master when it is placed again; released if it goes elsewhere (:meth:`_release_room`)."""
-        self._holds: dict[str, str] = {}
-        """Engine request id -> the instance holding its room, while its sequence-parallel prefill is being started
-        there (the manager's reservation takes the held blocks)."""
         self._subscribed: set[str] = set()
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
@@ -123,6 +99,18 @@ class RayEngineClient(EngineFrontend):
         self._changed = asyncio.Event()
         self._version = -1
         self._watch_task: asyncio.Task | None = None
+        self.sp_placement: SPPlacement | None = None
+        """Placement of long prompts and scale-ups under elastic sequence parallelism; None when it is off."""
+        if self.esp is not None:
+            self.sp_placement = SPPlacement(
+                self.esp, manager, block_size=config.cache.block_size, max_model_len=self._model_info.max_model_len,
+                records=lambda: self._records, loads=self._loads, streaming=self._pumps, failed=self._failed_routes,
+                routable=self._routable, outstanding=self._outstanding)
+
+    @property
+    def sp_prefills(self) -> list[list[str]]:
+        """Instance groups of the sequence-parallel prefills sent from here (for tests and debugging)."""
+        return self.sp_placement.prefills if self.sp_placement is not None else []
 
     @classmethod
     async def create(cls, manager, config: EngineConfig, *, router: Router | None = None,
@@ -144,7 +132,7 @@ class RayEngineClient(EngineFrontend):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # manager gone: keep serving on the instances we know
-                logger.error("global manager watch failed: %s; retrying in 1s", _short(e))
+                logger.error("global manager watch failed: %s; retrying in 1s", short_error(e))
                 await asyncio.sleep(1.0)
                 continue
             self._apply(version, records)
@@ -191,8 +179,8 @@ class RayEngineClient(EngineFrontend):
                 wire, load = await ref
                 outputs = from_wire(wire)
                 self._loads[iid] = load
-                self._planned.pop(iid, None)
-                self._on_spills(iid, load.spills)
+                if self.sp_placement is not None:
+                    self.sp_placement.on_load(iid, load)
                 if iid not in self._subscribed:
                     self._subscribed.add(iid)
                     self._changed.set()
@@ -201,33 +189,22 @@ class RayEngineClient(EngineFrontend):
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            reason = _short(unwrap_ray_error(e))
+            reason = short_error(unwrap_ray_error(e))
         finally:
             self._subscribed.discard(iid)
             self._pumps.pop(iid, None)
-            self._spills_seen.pop(iid, None)
+            if self.sp_placement is not None:
+                self.sp_placement.stream_ended(iid)
             self._changed.set()
         self._fail_route(iid, f"engine instance {iid} failed ({reason}); request aborted")
-
-    def _on_spills(self, iid: str, spills: tuple[tuple[str, int, int], ...]) -> None:
-        """Arrange the scale-ups an instance's load report asks for, each once: a report made before the
-        arrangement ended (the stream runs a report or two behind the engine) lists it again, and arranging it
-        twice would reserve a second slice for the same request on its holder. A spill that a report no longer
-        lists has ended; if it is listed again later, that is a new one."""
-        seen = self._spills_seen.setdefault(iid, set())
-        seen.intersection_update((rid, start) for rid, start, _ in spills)
-        for rid, start, num_tokens in spills:
-            if (rid, start) not in seen:
-                seen.add((rid, start))
-                asyncio.get_running_loop().create_task(self._scale_up(iid, rid, start, num_tokens))
 
     # ---- EngineFrontend hooks ----------------------------------------------------------------------------------
 
     def _choose_route(self, requests: list[Request], exclude: set[str]) -> str:
-        plan = self._sp_group(requests, exclude)
-        if plan is not None:
-            self._sp_groups[requests[0].request_id] = plan
-            return plan[0][0]
+        if self.sp_placement is not None:
+            route = self.sp_placement.choose(requests, exclude)
+            if route is not None:
+                return route
         cands = [InstanceLoad(i, self._loads.get(i), self._outstanding(i))
                  for i in self._routable() if i not in exclude]
         if not cands:
@@ -238,171 +215,10 @@ class RayEngineClient(EngineFrontend):
         ld = self._loads.get(iid)
         return max(0, self._sent.get(iid, 0) - (ld.num_added if ld else 0))
 
-    def _sp_group(self, requests: list[Request], exclude: set[str]
-                  ) -> tuple[list[str], list[tuple[str, int, int, int]] | None] | None:
-        """Instances to prefill a long prompt together (master first) and, when its KV is to stay spread, the
-        placement; None for a one-instance request.
-
-        The degree comes from the cost model over the routable instances; the master is the least busy one with
-        room for the whole request's KV (decoding continues there alone: proactive scale-down). When no instance
-        has room for it, decoding requests first migrate off one to make room (compaction, :meth:`_compaction`;
-        the request is then placed again); failing that, the KV is spread over the freest instances and decoded
-        in place (multi-master).
-        """
-        esp = self.esp
-        if esp is None or len(requests) != 1 or requests[0].num_prompt_tokens < esp.min_prompt_tokens:
-            return None
-        req = requests[0]
-        cands = [i for i in self._routable() if i not in exclude]
-        limit = min(len(cands), esp.max_degree)
-        degree = min(esp.force_degree, limit) if esp.force_degree else choose_degree(self._cost, req.num_prompt_tokens,
-                                                                                      limit)
-
-        def busy(i: str) -> int:
-            ld = self._loads.get(i)
-            return (ld.num_running + ld.num_waiting if ld else 0) + self._outstanding(i)
-
-        block = self.config.cache.block_size
-        new_tokens = min(req.max_tokens, self._model_info.max_model_len - req.num_prompt_tokens)
-        need = -(-(req.num_prompt_tokens + new_tokens) // block)
-        room = self._rooms.pop(req.request_id, None)
-        if room is not None:
-            if room in cands and degree >= 2:
-                self._holds[req.request_id] = room
-                return [room] + sorted((i for i in cands if i != room), key=busy)[: degree - 1], None
-            self._release_room(room, req.request_id)
-        masters = [i for i in cands if self._free_blocks(i) >= need]
-        if not masters and degree >= 2 and self._compaction(req, cands, need, degree):
-            return cands[:degree], None  # a placeholder: _send compacts, then the request is placed again
-        if not masters:
-            if not esp.multi_master or len(cands) < 2:
-                return None
-            by_free = sorted(cands, key=lambda i: (-self._free_blocks(i), busy(i)))[:limit]
-            placement = plan_placement(req.num_prompt_tokens, max(0, new_tokens - 1), block, by_free,
-                                       {i: self._free_blocks(i) for i in by_free})
-            if placement is None:
-                return None
-            holders = [i for i, *_ in placement]
-            for i, start, end, extra in placement:  # until the instance's next load report shows them taken
-                self._planned[i] = self._planned.get(i, 0) + -(-(end - start + extra) // block)
-            rest = sorted((i for i in cands if i not in holders), key=busy)
-            return holders + rest[:max(0, degree - len(holders))], placement
-        if degree < 2:
-            return None
-        master = min(masters, key=busy)
-        return [master] + sorted((i for i in cands if i != master), key=busy)[: degree - 1], None
-
-    def _compaction(self, req: Request, cands: list[str], need: int, degree: int) -> bool:
-        """Whether to make room for ``req``'s KV by migrating decoding requests away first (once per request).
-
-        The rule: the room lets the prompt be prefilled at ``degree`` instead of alone, which saves
-        ``T(1, l) - T(degree, l)`` by the cost model; the manager moves requests (fewest tokens first) only while
-        their estimated transfer time stays under that (:func:`~accordion.cluster.migration.plan_compaction`). Here
-        only the cheap checks: compaction is on, it saves time, and the instances have the room between them."""
-        esp = self.esp
-        if not esp.compaction or req.request_id in self._compacted:
-            return False
-        saved = self._cost.predict(1, [req.num_prompt_tokens]) - self._cost.predict(degree, [req.num_prompt_tokens])
-        if saved <= 0 or sum(self._free_blocks(i) for i in self._routable()) < need:
-            return False
-        self._compacted.add(req.request_id)
-        self._compactions[req.request_id] = (list(cands), need, saved, req.num_prompt_tokens)
-        return True
-
-    def _release_room(self, iid: str, request_id: str) -> None:
-        """Give back the room a compaction holds for a request on ``iid`` (it was not placed there). Sent before
-        anything else this front end sends that instance about the request, so it runs first there."""
-        rec = self._records.get(iid)
-        if rec is not None and iid not in self._failed_routes:
-            rec.handle.release_slice.remote(request_id)
-
-    async def _compact(self, request_id: str) -> None:
-        """Run the compaction planned for a request, then have it placed again: with the instance the manager made
-        room on as its master, the other instances by load reports sent after the moves."""
-        instances, need, saved, prompt_tokens = self._compactions.pop(request_id)
-        try:
-            master = await self.manager.compact.remote(instances, need, saved, request_id, prompt_tokens)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            logger.warning("compaction for %s failed: %s", request_id, _short(unwrap_ray_error(e)))
-            master = None
-        logger.info("request %s: compaction %s", request_id, f"made room on {master}" if master else "found no room")
-        if master is not None:
-            self._rooms[request_id] = master
-        await self._fresh_reports(instances)
-        raise RetryElsewhere("placing it again after compaction", replan=True)
-
-    def _free_blocks(self, iid: str) -> int:
-        """Free KV blocks by the instance's last load report, less the placements planned since."""
-        ld = self._loads.get(iid)
-        return ld.num_free_blocks - self._planned.get(iid, 0) if ld is not None else 0
-
-    async def _fresh_reports(self, instance_ids: list[str], timeout_s: float = 0.5) -> None:
-        """Wait until each instance has sent a load report newer than the current one (or ``timeout_s``)."""
-        seen = {i: self._loads.get(i) for i in instance_ids}
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while any(self._loads.get(i) is seen[i] for i in instance_ids if i in self._pumps):
-            if asyncio.get_running_loop().time() >= deadline:
-                return
-            await asyncio.sleep(0.01)
-
-    async def _scale_up(self, master: str, request_id: str, start: int, num_tokens: int) -> None:
-        """A decoding request on ``master`` found no free block: the freest other instance with room takes its
-        new tokens' KV (multi-master scale-up), else the master preempts as usual."""
-        try:
-            need = -(-num_tokens // self.config.cache.block_size)
-            free = {i: self._free_blocks(i) for i in self._routable() if i != master}
-            holders = [i for i, f in free.items() if f >= need]
-            if self.esp is None or not self.esp.multi_master or not holders:
-                await self._records[master].handle.engine_call.remote("spill_failed", request_id)
-                return
-            holder = max(holders, key=free.get)
-            self._planned[holder] = self._planned.get(holder, 0) + need
-            if not await self.manager.scale_up.remote(master, request_id, holder, start, num_tokens):
-                # refused, or the request moved on: either way the master must not wait for it any more
-                await self._records[master].handle.engine_call.remote("spill_failed", request_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the master must not wait forever: it preempts instead
-            logger.warning("scale-up of %s failed: %s", request_id, _short(unwrap_ray_error(e)))
-            rec = self._records.get(master)
-            if rec is not None:
-                rec.handle.engine_call.remote("spill_failed", request_id)
-
-    async def _send_sp(self, group: list[str], request: Request,
-                       placement: list[tuple[str, int, int, int]] | None) -> None:
-        self._sp_waiting.add(request.request_id)
-        try:  # returns once the prefill started (the manager may queue it behind others on these instances)
-            await self.manager.run_sp_prefill.remote(request, group, placement)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            held = self._holds.pop(request.request_id, None)
-            if held is not None:  # the reservation took the held room and gave it back, or never got to it
-                self._release_room(held, request.request_id)
-            cause = unwrap_ray_error(e)
-            if isinstance(cause, EngineUnavailableError):
-                if placement is not None:  # slices taken since the load reports: plan again from fresh ones
-                    await self._fresh_reports([i for i, *_ in placement])
-                    raise RetryElsewhere(str(cause), replan=True) from None
-                # the group is re-forming, or the master had no room after all: not there, then
-                raise RetryElsewhere(str(cause)) from None
-            raise cause from None
-        finally:
-            self._sp_waiting.discard(request.request_id)
-        self._holds.pop(request.request_id, None)
-        self.sp_prefills.append(group)
-        self.routed[group[0]] = self.routed.get(group[0], 0) + 1
-
     async def _send(self, route: str, requests: list[Request]) -> None:
-        rid = requests[0].request_id
-        if rid in self._compactions:
-            self._sp_groups.pop(rid, None)
-            return await self._compact(rid)
-        plan = self._sp_groups.pop(rid, None)
-        if plan is not None:
-            return await self._send_sp(plan[0], requests[0], plan[1])
+        if self.sp_placement is not None and await self.sp_placement.send(requests):
+            self.routed[route] = self.routed.get(route, 0) + 1  # its prefill started; the route is its master
+            return
         rec = self._records.get(route)
         if rec is None:
             raise RetryElsewhere("no longer a member")
@@ -422,7 +238,7 @@ class RayEngineClient(EngineFrontend):
                 self._refused.add(route)  # draining: stop routing there until membership says otherwise
                 raise RetryElsewhere(str(cause)) from None
             if cause is e and not isinstance(e, _TYPED_ERRORS):  # not raised by the instance: the actor is gone
-                raise EngineUnavailableError(f"engine instance {route} is unavailable ({_short(e)})") from None
+                raise EngineUnavailableError(f"engine instance {route} is unavailable ({short_error(e)})") from None
             raise cause from None
         finally:
             if not ok:
@@ -433,20 +249,13 @@ class RayEngineClient(EngineFrontend):
         try:
             await super()._place(stream, requests)
         finally:  # placed or given up: forget its placement's state
-            for r in requests:
-                rid = r.request_id
-                self._compacted.discard(rid)
-                room = self._rooms.pop(rid, None)
-                if room is not None:  # cancelled or failed between the compaction and placing it again
-                    self._release_room(room, rid)
-                self._holds.pop(rid, None)  # cancelled while its prefill was queued: the manager releases it
-                self._compactions.pop(rid, None)
-                self._sp_groups.pop(rid, None)
+            if self.sp_placement is not None:
+                for r in requests:
+                    self.sp_placement.forget(r.request_id)
 
     def _send_abort(self, route: str, request_ids: list[str]) -> None:
-        queued = [i for i in request_ids if i in self._sp_waiting]
-        if queued:  # not started yet: the manager drops them from its prefill queue
-            self.manager.cancel_sp_prefill.remote(queued)
+        if self.sp_placement is not None:  # prefills not started yet: the manager drops them from its queue
+            self.sp_placement.abort(request_ids)
         rec = self._records.get(route)
         if rec is not None and route not in self._failed_routes:
             rec.handle.abort.remote(request_ids)  # fire and forget; ordered after add_requests from this caller

@@ -1,7 +1,8 @@
 """The global manager's dispatch of sequence-parallel prefills onto instance groups.
 
-Front ends choose each long prompt's instance group (:mod:`accordion.cluster.esp_planner`) and hand the prompt to
-the manager (:meth:`~accordion.cluster.global_manager.GlobalManager.run_sp_prefill`), which queues it here. The
+Front ends choose each long prompt's instance group (:mod:`accordion.cluster.sp_placement` over
+:mod:`accordion.cluster.esp_planner`) and hand the prompt to the manager
+(:meth:`~accordion.cluster.global_manager.GlobalManager.run_sp_prefill`), which queues it here. The
 :class:`PrefillDispatcher` starts what the pure queue (:mod:`accordion.cluster.sp_queue`) says can start, one batch
 in flight per instance: it reserves each prompt's KV blocks (on the master, or the slices of a multi-master
 placement) and sends the batch to every member of the group, under the manager's group lock, so batches reach every

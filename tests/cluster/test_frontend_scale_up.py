@@ -68,13 +68,13 @@ def test_a_spill_listed_again_by_an_older_report_is_arranged_once(monkeypatch):
         manager = _Manager()
         client = _client(monkeypatch, manager)
         spill = ("z-0", 300, 150)
-        client._on_spills("a", (spill,))
+        client.sp_placement._on_spills("a", (spill,))
         await _settle()  # arranged and done: "a" attached the tail
-        client._on_spills("a", (spill,))  # a report made before the attach
+        client.sp_placement._on_spills("a", (spill,))  # a report made before the attach
         await _settle()
         assert manager.scale_ups == [("a", "z-0", "b", 300, 150)]
-        client._on_spills("a", ())  # the spill is over
-        client._on_spills("a", (("z-0", 460, 10),))  # a new one (of the same request) is arranged
+        client.sp_placement._on_spills("a", ())  # the spill is over
+        client.sp_placement._on_spills("a", (("z-0", 460, 10),))  # a new one (of the same request) is arranged
         await _settle()
         assert [s[:4] for s in manager.scale_ups] == [("a", "z-0", "b", 300), ("a", "z-0", "b", 460)]
         assert client._records["a"].handle.calls == []
@@ -87,9 +87,9 @@ def test_a_refused_scale_up_tells_the_master_to_stop_waiting(monkeypatch):
     async def main():
         manager = _Manager(result=False)
         client = _client(monkeypatch, manager)
-        client._on_spills("a", (("z-0", 300, 150),))
+        client.sp_placement._on_spills("a", (("z-0", 300, 150),))
         await _settle()
-        client._on_spills("a", (("z-0", 300, 150),))
+        client.sp_placement._on_spills("a", (("z-0", 300, 150),))
         await _settle()
         assert len(manager.scale_ups) == 1
         assert client._records["a"].handle.calls == [("spill_failed", "z-0")]

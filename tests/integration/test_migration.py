@@ -176,7 +176,7 @@ def test_compaction_moves_a_decode_away_to_place_a_long_prompt(tiny_ckpt):
     cluster = ESPCluster(path, 2, cpus_per_instance=0.5, num_blocks=48, max_model_len=1024)
     cluster.esp.min_prompt_tokens, cluster.esp.force_degree = 400, 2
     # a cost model under which degree 2 saves 2.4 s on this prompt: far more than moving Y costs
-    cluster.engine._cost = PrefillCostModel({1: (0.0, 1e-2, 0.0), 2: (0.0, 5e-3, 0.0)})
+    cluster.engine.sp_placement.cost = PrefillCostModel({1: (0.0, 1e-2, 0.0), 2: (0.0, 5e-3, 0.0)})
     try:
         a, b = _instances(cluster)
 
