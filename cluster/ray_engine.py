@@ -181,6 +181,9 @@ class RayEngineClient(EngineFrontend):
                 self._loads[iid] = load
                 if self.sp_placement is not None:
                     self.sp_placement.on_load(iid, load)
+                else:  # no one here arranges scale-ups: the spilling requests compete for blocks where they are
+                    for rid, _, _ in load.spills:
+                        rec.handle.engine_call.remote("spill_failed", rid)
                 if iid not in self._subscribed:
                     self._subscribed.add(iid)
                     self._changed.set()
