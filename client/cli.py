@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 
-from accordion.client.client import Client, ClientError, TLSConfig
+from accordion.client.client import Client
+from accordion.client.connection import TLSConfig
+from accordion.client.results import ClientError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,321 +15,22 @@ deadline; a stream is never retried once it has yielded a chunk. Nothing else is
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 
+from accordion.client.connection import TLSConfig, _Base
+from accordion.client.request import _abort_request, _detokenize_request, _tokenize_request, build_generate_request
+from accordion.client.results import Chunk, ClientError, GenerateResult
 from accordion.protos import llm_service_pb2 as pb
 
-__all__ = [
-    "AsyncClient",
-    "Chunk",
-    "Client",
-    "ClientError",
-    "Completion",
-    "GenerateResult",
-    "TLSConfig",
-    "Timings",
-    "Usage",
-]
+__all__ = ["AsyncClient", "Client"]
 
 _SERVICE = "/accordion.v1.LLMService/"
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-_SAMPLING_FIELDS = frozenset(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
-_FINISH_NAMES = {
-    pb.FINISH_REASON_UNSPECIFIED: None,
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_ABORT: "abort",
-    pb.FINISH_REASON_ERROR: "error",
-}
-
-# Paired with the server's settings: it accepts pings every 10 s or slower; we ping every 30 s while calls are open.
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 0),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-
-
-# ---- results ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    @classmethod
-    def from_proto(cls, u: pb.Usage) -> Usage:
-        return cls(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-
-
-@dataclass(slots=True)
-class Timings:
-    queue_ms: float = 0.0
-    prefill_ms: float = 0.0
-    decode_ms: float = 0.0
-
-
-def _matched_stop(msg) -> int | str | None:
-    which = msg.WhichOneof("matched_stop")
-    return None if which is None else getattr(msg, which)
-
-
-def _timings(msg) -> Timings | None:
-    if not msg.HasField("timings"):
-        return None
-    return Timings(msg.timings.queue_ms, msg.timings.prefill_ms, msg.timings.decode_ms)
-
-
-def _logprobs(msg) -> list[dict[int, float]] | None:
-    if not msg.logprobs:
-        return None
-    out = []
-    for lp in msg.logprobs:
-        d = {t.token_id: t.logprob for t in lp.top}
-        d[lp.token_id] = lp.logprob
-        out.append(d)
-    return out
-
-
-@dataclass(slots=True)
-class Chunk:
-    """One streamed piece of one completion (``index``). ``usage`` is cumulative for that completion."""
-
-    request_id: str
-    index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    """None until the completion's last chunk; then 'stop', 'length', 'abort' or 'error'."""
-    matched_stop: int | str | None = None
-    usage: Usage = field(default_factory=Usage)
-    timings: Timings | None = None
-    logprobs: list[dict[int, float]] | None = None
-    error: str | None = None
-
-    @classmethod
-    def from_proto(cls, m: pb.GenerateChunk) -> Chunk:
-        return cls(
-            m.request_id, m.index, list(m.token_ids), m.text, _FINISH_NAMES.get(m.finish_reason, "error"),
-            _matched_stop(m), Usage.from_proto(m.usage), _timings(m), _logprobs(m), m.error or None,
-        )
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(slots=True)
-class Completion:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    matched_stop: int | str | None = None
-    usage: Usage = field(default_factory=Usage)
-    timings: Timings | None = None
-    logprobs: list[dict[int, float]] | None = None
-    error: str | None = None
-
-    @classmethod
-    def from_proto(cls, m: pb.Completion) -> Completion:
-        return cls(
-            m.index, m.text, list(m.token_ids), _FINISH_NAMES.get(m.finish_reason, "error"), _matched_stop(m),
-            Usage.from_proto(m.usage), _timings(m), _logprobs(m), m.error or None,
-        )
-
-
-@dataclass(slots=True)
-class GenerateResult:
-    request_id: str
-    completions: list[Completion]
-    usage: Usage
-
-    @classmethod
-    def from_proto(cls, m: pb.GenerateResponse) -> GenerateResult:
-        return cls(m.request_id, [Completion.from_proto(c) for c in m.completions], Usage.from_proto(m.usage))
-
-    @property
-    def text(self) -> str:
-        """Text of the first completion."""
-        return self.completions[0].text if self.completions else ""
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.completions[0].token_ids if self.completions else []
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.completions[0].finish_reason if self.completions else None
-
-
-class ClientError(grpc.RpcError):
-    """A failed call. ``code()``, ``details()`` and ``trailing_metadata()`` as on ``grpc.RpcError``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: Sequence[tuple[str, Any]] = ()):
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details, self._trailers = code, details, tuple(trailing_metadata or ())
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self):
-        return self._trailers
-
-    @property
-    def retry_after_s(self) -> float | None:
-        """The server's retry hint (RESOURCE_EXHAUSTED), if any."""
-        for k, v in self._trailers:
-            if k == "retry-after-ms":
-                try:
-                    return int(v) / 1000.0
-                except ValueError:
-                    return None
-        return None
-
-    @classmethod
-    def wrap(cls, e: grpc.RpcError) -> ClientError:
-        if isinstance(e, ClientError):
-            return e
-        try:
-            code, details, trailers = e.code(), e.details() or "", e.trailing_metadata() or ()
-        except Exception:  # an RpcError that is not a call (should not happen)
-            code, details, trailers = grpc.StatusCode.UNKNOWN, str(e), ()
-        return cls(code, details, trailers)
-
-
-# ---- configuration --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TLSConfig:
-    """TLS settings; all paths are PEM files. ``ca_cert`` None means the system roots."""
-
-    ca_cert: str | Path | None = None
-    client_cert: str | Path | None = None
-    """With ``client_key``: present this certificate (mTLS)."""
-    client_key: str | Path | None = None
-    server_name: str | None = None
-    """Override the name checked against the server certificate (tests, IP targets)."""
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_cert), private_key=read(self.client_key),
-            certificate_chain=read(self.client_cert),
-        )
-
-
-def _channel_args(tls, max_receive_bytes: int) -> tuple[grpc.ChannelCredentials | None, list]:
-    options = [*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", max_receive_bytes)]
-    if tls is None or tls is False:
-        return None, options
-    if tls is True:
-        return grpc.ssl_channel_credentials(), options
-    if isinstance(tls, Mapping):
-        tls = TLSConfig(**tls)
-    if not isinstance(tls, TLSConfig):
-        raise TypeError(f"tls must be a bool, a TLSConfig or a dict of its fields, got {type(tls).__name__}")
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return tls.credentials(), options
-
-
-def build_generate_request(
-    prompt: str | None = None,
-    *,
-    token_ids: Sequence[int] | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
-    request_id: str = "",
-    model: str = "",
-    priority: int = 0,
-    add_special_tokens: bool | None = None,
-    add_generation_prompt: bool | None = None,
-    **sampling: Any,
-) -> pb.GenerateRequest:
-    """The request proto for ``generate``/``stream``. Sampling keywords are the fields of
-    ``accordion.v1.SamplingParams`` (temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
-    presence_penalty, max_tokens, min_tokens, seed, n, stop, stop_token_ids, ignore_eos, logprobs,
-    skip_special_tokens, include_stop_str_in_output); ``None`` means the server default."""
-    given = [x is not None for x in (prompt, token_ids, messages)]
-    if sum(given) != 1:
-        raise ValueError("give exactly one of prompt, token_ids or messages")
-    unknown = set(sampling) - _SAMPLING_FIELDS
-    if unknown:
-        raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-    req = pb.GenerateRequest(request_id=request_id, model=model, priority=priority)
-    if prompt is not None:
-        req.text = prompt
-    elif token_ids is not None:
-        req.token_ids.ids.extend(token_ids)
-    else:
-        req.messages.SetInParent()
-        for m in messages:
-            req.messages.messages.add(role=m["role"], content=m["content"])
-        if add_generation_prompt is not None:
-            req.messages.add_generation_prompt = add_generation_prompt
-    if add_special_tokens is not None:
-        req.add_special_tokens = add_special_tokens
-    sp = req.sampling_params
-    sp.SetInParent()
-    for k, v in sampling.items():
-        if v is None:
-            continue
-        if k == "stop":
-            sp.stop.extend([v] if isinstance(v, str) else v)
-        elif k == "stop_token_ids":
-            sp.stop_token_ids.extend(v)
-        else:
-            setattr(sp, k, v)
-    return req
-
-
-def _backoff(attempt: int, initial: float, maximum: float) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(0, min(maximum, initial * (2**attempt)))
-
-
-class _Base:
-    def __init__(self, target: str, api_key: str | None, tls, timeout: float | None, max_retries: int,
-                 initial_backoff_s: float, max_backoff_s: float, max_receive_bytes: int):
-        self.target = target
-        self.timeout = timeout
-        self.max_retries = max(0, int(max_retries))
-        self.initial_backoff_s = initial_backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._creds, self._options = _channel_args(tls, max_receive_bytes)
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        t = self.timeout if timeout is None else timeout
-        return None if t is None else time.monotonic() + t
-
-    @staticmethod
-    def _remaining(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-    def _retry_delay(self, e: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
-        """Seconds to wait before retrying, or None to give up."""
-        if attempt >= self.max_retries or e.code() != grpc.StatusCode.UNAVAILABLE:
-            return None
-        delay = _backoff(attempt, self.initial_backoff_s, self.max_backoff_s)
-        if deadline is not None and time.monotonic() + delay >= deadline:
-            return None
-        return delay
 
 
 class Client(_Base):
@@ -412,21 +113,14 @@ class Client(_Base):
             attempt += 1
 
     def abort(self, request_ids: str | Sequence[str], timeout: float | None = None) -> list[str]:
-        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        return list(self._unary(self._abort, pb.AbortRequest(request_ids=ids), timeout).aborted_request_ids)
+        return list(self._unary(self._abort, _abort_request(request_ids), timeout).aborted_request_ids)
 
     def tokenize(self, text: str, add_special_tokens: bool | None = None, timeout: float | None = None) -> list[int]:
-        req = pb.TokenizeRequest(text=text)
-        if add_special_tokens is not None:
-            req.add_special_tokens = add_special_tokens
-        return list(self._unary(self._tokenize, req, timeout).token_ids)
+        return list(self._unary(self._tokenize, _tokenize_request(text, add_special_tokens), timeout).token_ids)
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool | None = None,
                    timeout: float | None = None) -> str:
-        req = pb.DetokenizeRequest(token_ids=list(token_ids))
-        if skip_special_tokens is not None:
-            req.skip_special_tokens = skip_special_tokens
-        return self._unary(self._detokenize, req, timeout).text
+        return self._unary(self._detokenize, _detokenize_request(token_ids, skip_special_tokens), timeout).text
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
         return self._unary(self._model_info, pb.GetModelInfoRequest(), timeout)
@@ -527,22 +221,17 @@ class AsyncClient(_Base):
             attempt += 1
 
     async def abort(self, request_ids: str | Sequence[str], timeout: float | None = None) -> list[str]:
-        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        resp = await self._unary("Abort", pb.AbortRequest(request_ids=ids), pb.AbortResponse, timeout)
+        resp = await self._unary("Abort", _abort_request(request_ids), pb.AbortResponse, timeout)
         return list(resp.aborted_request_ids)
 
     async def tokenize(self, text: str, add_special_tokens: bool | None = None,
                        timeout: float | None = None) -> list[int]:
-        req = pb.TokenizeRequest(text=text)
-        if add_special_tokens is not None:
-            req.add_special_tokens = add_special_tokens
+        req = _tokenize_request(text, add_special_tokens)
         return list((await self._unary("Tokenize", req, pb.TokenizeResponse, timeout)).token_ids)
 
     async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool | None = None,
                          timeout: float | None = None) -> str:
-        req = pb.DetokenizeRequest(token_ids=list(token_ids))
-        if skip_special_tokens is not None:
-            req.skip_special_tokens = skip_special_tokens
+        req = _detokenize_request(token_ids, skip_special_tokens)
         return (await self._unary("Detokenize", req, pb.DetokenizeResponse, timeout)).text
 
     async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
