@@ -6,6 +6,7 @@ Used by :mod:`accordion.cluster.grpc_server`, which owns the server, security, h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -175,7 +176,9 @@ class LLMServicer:
                 aclose = getattr(it, "aclose", None)
                 if aclose is not None:  # closing the iterator aborts the request in the engine
                     await aclose()
-        except asyncio.CancelledError:  # client cancelled or deadline expired
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client cancelled or its deadline expired: the handler was cancelled while this waited for the
+            # engine (CancelledError), or while it was writing a chunk, and then it closed this (GeneratorExit).
             self.metrics.aborts.labels("cancel").inc()
             self.metrics.requests.labels("abort").inc()
             log.info("request %s cancelled by the client (or its deadline); aborted in the engine", request_id)
@@ -203,18 +206,22 @@ class LLMServicer:
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         acc = None
-        async for request_id, prep, delta in self._run(request, context):
-            if acc is None:
-                acc = conv.CompletionAccumulator(request_id, prep.params.n)
-            acc.add(delta)
+        async with contextlib.aclosing(self._run(request, context)) as deltas:
+            async for request_id, prep, delta in deltas:
+                if acc is None:
+                    acc = conv.CompletionAccumulator(request_id, prep.params.n)
+                acc.add(delta)
         if acc is None:  # an engine that finished without a single delta
             rid = request.request_id
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id={rid}): no output")
         return acc.response()
 
-    async def GenerateStream(self, request: pb.GenerateRequest, context):
-        async for request_id, _prep, delta in self._run(request, context):
-            yield conv.delta_to_chunk(delta, request_id)
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> None:
+        # Written here rather than yielded, so that a cancellation while writing lands in this frame and closes
+        # the request at once, instead of whenever grpc's abandoned generator is collected.
+        async with contextlib.aclosing(self._run(request, context)) as deltas:
+            async for request_id, _prep, delta in deltas:
+                await context.write(conv.delta_to_chunk(delta, request_id))
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         ids = list(dict.fromkeys(request.request_ids))
@@ -250,30 +257,15 @@ class _AlreadyExists(Exception):
     pass
 
 
-def _guard_unary(fn):
-    """Wrap a unary handler: reject unparsable requests, map exceptions to status codes (never UNKNOWN)."""
+def _guard(fn):
+    """Wrap a handler (unary, or server-streaming through ``context.write``): reject unparsable requests, map
+    exceptions to status codes (never UNKNOWN)."""
 
     async def handler(request, context):
         if isinstance(request, _BadMessage):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
         try:
             return await fn(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            code, details, trailers = _status_of(e, getattr(request, "request_id", "") or "-")
-            await context.abort(code, details, trailing_metadata=trailers)
-
-    return handler
-
-
-def _guard_stream(fn):
-    async def handler(request, context):
-        if isinstance(request, _BadMessage):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
-        try:
-            async for item in fn(request, context):
-                yield item
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -291,8 +283,6 @@ def method_handlers(servicer: LLMServicer) -> dict[str, grpc.RpcMethodHandler]:
         resp_cls = getattr(pb, md.output_type.name)
         fn = getattr(servicer, name)
         des, ser = _safe_deserializer(req_cls), resp_cls.SerializeToString
-        if md.server_streaming:
-            handlers[name] = grpc.unary_stream_rpc_method_handler(_guard_stream(fn), des, ser)
-        else:
-            handlers[name] = grpc.unary_unary_rpc_method_handler(_guard_unary(fn), des, ser)
+        make = grpc.unary_stream_rpc_method_handler if md.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[name] = make(_guard(fn), des, ser)
     return handlers
