@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from accordion import LLM, SamplingParams
+from accordion.cluster.migration import NotMigratable
 from tests.integration.conftest import MAX_MODEL_LEN, NUM_BLOCKS
 from tests.integration.test_elastic_sp import ESPCluster, _Only
 from tests.workers.test_hf_equality import random_prompts
@@ -84,12 +85,24 @@ def test_migrating_back_and_forth_mid_decode_equals_single_instance(tiny_ckpt):
         cluster.close()
 
 
+def _handle(cluster: ESPCluster, iid: str):
+    return next(r.handle for r in cluster.run(cluster.manager.list_instances.remote()) if r.instance_id == iid)
+
+
+async def _pause(handle, request_id: str) -> None:
+    """Stop scheduling a decoding request, its blocks kept (a migration's first step, taken alone): it cannot
+    finish until resumed (``resume_migration``) or migrated, so the test does not race its decoding."""
+    while (state := await handle.engine_call.remote("export_request", request_id)) is None:
+        await asyncio.sleep(0.002)  # a step in flight still computes it; it is paused from now on
+    assert not isinstance(state, NotMigratable), state.reason
+
+
 def test_migration_without_room_keeps_the_request_running(tiny_ckpt):
-    """16-block instances: B decodes a request that may grow to 250 tokens (all 16 blocks), so A's decoding request
+    """16-block instances: B holds a request that may grow to 250 tokens (all 16 blocks), so A's decoding request
     (it may grow to 240 tokens, 15 blocks) has room to finish there only after B's request finishes, although its
     KV so far would fit in B's free blocks. Migrating before fails (it keeps decoding on A), after succeeds; the
-    outputs are unaffected. Each side has about a hundred decode steps of slack: the filler decodes 120 tokens,
-    the mover 220."""
+    outputs are unaffected. The test pauses the requests between the steps (as a migration does), so no step
+    depends on how fast they decode."""
     path = tiny_ckpt("tiny-llama")
     filling, short = random_prompts(2, [130, 20], 500, seed=42)
     fill = SamplingParams(max_tokens=120, min_tokens=120, temperature=0)
@@ -101,17 +114,22 @@ def test_migration_without_room_keeps_the_request_running(tiny_ckpt):
     _local_only(cluster)
     try:
         a, b = _instances(cluster)
+        on_a, on_b = _handle(cluster, a), _handle(cluster, b)
 
         async def scenario():
             cluster.engine.router = _Only(b)
             filler = Follow(cluster, "fill", filling, fill)
             await filler.reach(1)
+            await _pause(on_b, filler.child)  # it holds its claim on B's blocks, and cannot finish meanwhile
             cluster.engine.router = _Only(a)
             mover = Follow(cluster, "mover", short, params)
             await mover.reach(5)
-            refused = await cluster.manager.migrate.remote(mover.child, a, b)
+            refused = await cluster.manager.migrate.remote(mover.child, a, b)  # refused: it decodes on A again
             at_refusal = len(mover.tokens)
             assert len(filler.tokens) < len(expected_fill), "the filler finished before the refusal"
+            await mover.reach(at_refusal + 2)
+            await _pause(on_a, mover.child)  # so that it cannot finish before B has room
+            await on_b.engine_call.remote("resume_migration", filler.child)
             filled = await filler.task
             moved = await cluster.manager.migrate.remote(mover.child, a, b)
             return refused, at_refusal, filled, moved, await mover.task
