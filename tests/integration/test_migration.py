@@ -177,34 +177,42 @@ def test_removal_migrates_a_long_decode_instead_of_waiting_for_it(tiny_ckpt):
 
 
 def test_compaction_moves_a_decode_away_to_place_a_long_prompt(tiny_ckpt):
-    """48-block instances. A decodes W (140-token prompt) and Y (160), B decodes Z (300): a 480-token prompt
-    (31 blocks with its new tokens) fits on neither, but moving Y (the fewest tokens that can finish on B) to B
-    makes room on A. The front end asks the manager to compact, then prefills the prompt on A and B with A as
-    master; every output equals the single-instance engine's."""
+    """48-block instances. A holds W (140-token prompt) and decodes Y (160), B holds Z (300): a 480-token prompt
+    (31 blocks with its new tokens) fits on neither, but moving Y (it can finish on B) to B makes room on A. The
+    front end asks the manager to compact, then prefills the prompt on A and B with A as master; every output
+    equals the single-instance engine's. W and Z are paused meanwhile (as a migration's first step pauses a
+    request), so that what fits where does not depend on how fast they decode."""
     from accordion.cluster.esp_planner import PrefillCostModel
 
     path = tiny_ckpt("tiny-llama")
     w, y, z, long = random_prompts(4, [140, 160, 300, 480], 500, seed=44)
     decode = SamplingParams(max_tokens=400, min_tokens=400, temperature=0)
-    short = SamplingParams(max_tokens=140, min_tokens=140, temperature=0)
-    z_params = SamplingParams(max_tokens=150, min_tokens=150, temperature=0)  # Z and Y can both finish on B
+    y_params = SamplingParams(max_tokens=250, min_tokens=250, temperature=0)  # 26 blocks: Y and Z can both
+    z_params = SamplingParams(max_tokens=30, min_tokens=30, temperature=0)  # (21 blocks) finish on B
     llm = LLM(path, device="cpu", max_model_len=1024, num_blocks=NUM_BLOCKS)
     expected = [llm.generate([p], sp)[0].outputs[0].token_ids
-                for p, sp in [(w, decode), (y, short), (z, z_params), (long, PARAMS_8)]]
+                for p, sp in [(w, decode), (z, z_params), (y, y_params), (long, PARAMS_8)]]
     cluster = ESPCluster(path, 2, cpus_per_instance=0.5, num_blocks=48, max_model_len=1024)
     cluster.esp.min_prompt_tokens, cluster.esp.force_degree = 400, 2
     # a cost model under which degree 2 saves 2.4 s on this prompt: far more than moving Y costs
     cluster.engine.sp_placement.cost = PrefillCostModel({1: (0.0, 1e-2, 0.0), 2: (0.0, 5e-3, 0.0)})
     try:
         a, b = _instances(cluster)
+        on = {a: _handle(cluster, a), b: _handle(cluster, b)}
 
         async def scenario():
-            follows = []
-            for name, prompt, params, at in [("w", w, decode, a), ("y", y, short, a), ("z", z, z_params, b)]:
+            follows, paused = [], []
+            for name, prompt, params, at in [("w", w, decode, a), ("z", z, z_params, b), ("y", y, y_params, a)]:
                 cluster.engine.router = _Only(at)
                 follows.append(Follow(cluster, name, prompt, params))
                 await follows[-1].reach(1)
+                if name != "y":
+                    await _pause(on[at], follows[-1].child)
+                    paused.append((on[at], follows[-1].child))
             follows.append(Follow(cluster, "long", long, PARAMS_8))
+            await follows[-1].task
+            for handle, child in paused:
+                await handle.engine_call.remote("resume_migration", child)
             outs = [await f.task for f in follows]
             return outs, [f.errors for f in follows]
 
