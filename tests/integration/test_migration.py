@@ -177,7 +177,7 @@ def test_removal_migrates_a_long_decode_instead_of_waiting_for_it(tiny_ckpt):
 
 
 def test_compaction_moves_a_decode_away_to_place_a_long_prompt(tiny_ckpt):
-    """48-block instances. A holds W (140-token prompt) and decodes Y (160), B holds Z (300): a 480-token prompt
+    """48-block instances. A holds W (140-token prompt) and decodes Y (160), B holds Z (280): a 480-token prompt
     (31 blocks with its new tokens) fits on neither, but moving Y (it can finish on B) to B makes room on A. The
     front end asks the manager to compact, then prefills the prompt on A and B with A as master; every output
     equals the single-instance engine's. W and Z are paused meanwhile (as a migration's first step pauses a
@@ -185,10 +185,10 @@ def test_compaction_moves_a_decode_away_to_place_a_long_prompt(tiny_ckpt):
     from accordion.cluster.esp_planner import PrefillCostModel
 
     path = tiny_ckpt("tiny-llama")
-    w, y, z, long = random_prompts(4, [140, 160, 300, 480], 500, seed=44)
+    w, y, z, long = random_prompts(4, [140, 160, 280, 480], 500, seed=44)
     decode = SamplingParams(max_tokens=400, min_tokens=400, temperature=0)
-    y_params = SamplingParams(max_tokens=250, min_tokens=250, temperature=0)  # 26 blocks: Y and Z can both
-    z_params = SamplingParams(max_tokens=30, min_tokens=30, temperature=0)  # (21 blocks) finish on B
+    y_params = SamplingParams(max_tokens=220, min_tokens=220, temperature=0)  # 24 blocks: Y and Z can both
+    z_params = SamplingParams(max_tokens=100, min_tokens=100, temperature=0)  # (24 blocks) finish on B
     llm = LLM(path, device="cpu", max_model_len=1024, num_blocks=NUM_BLOCKS)
     expected = [llm.generate([p], sp)[0].outputs[0].token_ids
                 for p, sp in [(w, decode), (z, z_params), (y, y_params), (long, PARAMS_8)]]
