@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -93,6 +94,17 @@ class Stack:
         import ray
 
         return ray.get([r.handle.check_idle.remote() for r in self.instances()], timeout=10)
+
+    def wait_idle(self, deadline: float) -> list:
+        """:meth:`check_idle` once it passes, polled until ``deadline`` (``time.monotonic()``); its last error
+        after that."""
+        while True:
+            try:
+                return self.check_idle()
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def stop(self) -> None:
         import ray

@@ -68,16 +68,7 @@ def test_killed_client_frees_every_block(stack):
     finally:
         if proc.poll() is None:
             proc.kill()
-    killed = time.monotonic()
-    deadline = killed + 2.0
-    while True:
-        try:
-            loads = stack.check_idle()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    loads = stack.wait_idle(time.monotonic() + 2.0)
     assert all(ld.num_free_blocks == ld.num_blocks for ld in loads)
     # They ended because the client went away, not because they ran out of tokens.
     assert _aborted_by_cancel(stack) - before == NUM_STREAMS

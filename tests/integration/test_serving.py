@@ -86,14 +86,7 @@ def test_cancel_30_of_100_streams_frees_every_block(stack, offline):
         if i not in cancel_at:
             assert res[i] == expect[i], f"stream {i} differs from the uncancelled run"
     deadline = last_end + 1.0
-    while True:
-        try:
-            loads = stack.check_idle()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    loads = stack.wait_idle(deadline)
     assert time.monotonic() <= deadline + 0.5
     assert all(ld.num_free_blocks == ld.num_blocks for ld in loads)
 
