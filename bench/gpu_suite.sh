@@ -31,7 +31,16 @@ for step in $steps; do
     serving) python3 bench/serving_overhead.py 2>&1 | grep -v "Loading weights" | tee "$OUT/serving.log" | tail -9 ;;
     sp) python3 bench/sp_prefill.py --shape 8b --lengths 32768,131072 --degrees 1,2,4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp.log" | tail -14 ;;
     sp-batch) python3 bench/sp_prefill.py --shape 8b --lengths 8192,16384 --degrees "$(python3 -c 'import torch; print("2,4" if torch.cuda.device_count() >= 4 else "2")')" --batch 4 2>&1 | grep -v "Loading weights" | tee "$OUT/sp-batch.log" | tail -14 ;;
-    mixed) python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" ${MIXED_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12
+    mixed) # Past MIXED_TIMEOUT seconds: dump the Python stacks of the server, its actors and engines (py-spy), stop the run
+           if [ -n "${MIXED_TIMEOUT:-}" ]; then
+             ( sleep "$MIXED_TIMEOUT"
+               for pid in $(pgrep -f "accordion|ray::Inst|multiprocessing|bench/serve.py"); do
+                 echo "=== pid $pid: $(tr '\0' ' ' < /proc/$pid/cmdline | head -c 160)"; timeout 15 py-spy dump --pid "$pid" 2>&1 | head -60
+               done > "$OUT/stacks.txt"; pkill -INT -f bench/mixed_workload.py ) >/dev/null 2>&1 &
+             watcher=$!
+           fi
+           python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" ${MIXED_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12
+           [ -n "${watcher:-}" ] && pkill -P "$watcher" sleep
            for f in /tmp/accordion-mixed-*/server-*.log; do [ -f "$f" ] && tail -c 4000000 "$f" > "$OUT/$(basename "$f")"; done ;;
     multi-master) python3 bench/multi_master.py 2>&1 | grep -v "Loading weights" | tee "$OUT/multi-master.log" | tail -6 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;
