@@ -303,6 +303,21 @@ def test_find_max_rate() -> None:
     assert 19.9 < res["max_rate"] <= 20.0
 
 
+def test_sustained_capacity_stops_at_the_first_failing_rate() -> None:
+    from bench.mixed_workload import sustained_capacity
+
+    def point(rate: float, ttft_ms: float) -> dict[str, float]:
+        return {"request_rate": rate, "p99_ttft_ms": ttft_ms, "p99_tpot_ms": 10.0, "failed": 0, "num_requests": 96}
+
+    slo = {"ttft": 20_000.0, "tpot": 150.0}
+    # a burst can pass at a higher rate after failing at a lower one; the capacity stops at the first failure
+    pts = [point(2.0, 15_000.0), point(0.75, 9_000.0), point(1.5, 25_000.0), point(1.0, 12_000.0)]
+    res = sustained_capacity(pts, slo)
+    assert res["max_rate"] == 1.0 and [p["rate"] for p in res["probes"]] == [0.75, 1.0, 1.5, 2.0]
+    assert sustained_capacity([point(0.75, 30_000.0)], slo)["max_rate"] is None
+    assert sustained_capacity([{**point(0.75, 1.0), "failed": 1}], slo)["max_rate"] is None
+
+
 def test_max_concurrency_caps_in_flight() -> None:
     reqs = [SampleRequest(f"r{i}", np.arange(8), 3) for i in range(12)]
     fake = FakeBackend(ttft_s=0.01, itl_s=0.002)
