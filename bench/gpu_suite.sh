@@ -40,7 +40,7 @@ for step in $steps; do
              watcher=$!
            fi
            python3 bench/mixed_workload.py --shape 8b --num-instances "$(python3 -c 'import torch; print(torch.cuda.device_count())')" ${MIXED_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/mixed.log" | tail -12
-           [ -n "${watcher:-}" ] && pkill -P "$watcher" sleep
+           [ -n "${watcher:-}" ] && kill "$watcher" 2>/dev/null  # finished in time: no dump (its idle sleep is left)
            for f in /tmp/accordion-mixed-*/server-*.log; do [ -f "$f" ] && tail -c 4000000 "$f" > "$OUT/$(basename "$f")"; done ;;
     multi-master) python3 bench/multi_master.py 2>&1 | grep -v "Loading weights" | tee "$OUT/multi-master.log" | tail -6 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;

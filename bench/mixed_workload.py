@@ -74,23 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def serve_command(path: str, port: int, mode: str, args) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accordion.cli",
-        "serve",
-        "--model",
-        path,
-        "--port",
-        str(port),
-        "--num-instances",
-        str(args.num_instances),
-        "--max-model-len",
-        str(args.max_model_len),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-        "--no-enable-prefix-caching",
-    ]  # probes replay the same prompts
+    cmd = [sys.executable, "-m", "accordion.cli", "serve", "--model", path, "--port", str(port), "--num-instances",
+           str(args.num_instances), "--max-model-len", str(args.max_model_len), "--max-num-batched-tokens",
+           str(args.max_num_batched_tokens), "--no-enable-prefix-caching"]  # probes replay the same prompts
     if not torch.cuda.is_available():
         cmd += ["--device", "cpu"]
     if mode == "esp":
@@ -104,9 +90,8 @@ def sustained_capacity(points: list[dict], slo_ms: dict[str, float]) -> dict:
     ``points``: ``bench/serve.py`` metrics, one per rate. Returns the shape of a capacity search:
     ``{"max_rate": float | None, "slo": ..., "percentile": 99.0, "probes": [{"rate", "ok"}, ...]}``.
     """
-    probes = sorted(
-        ({"rate": pt["request_rate"], "ok": meets_capacity_slo(pt, slo_ms)} for pt in points), key=lambda pr: pr["rate"]
-    )
+    probes = sorted(({"rate": pt["request_rate"], "ok": meets_capacity_slo(pt, slo_ms)} for pt in points),
+                    key=lambda pr: pr["rate"])
     max_rate = None
     for pr in probes:
         if not pr["ok"]:
@@ -118,40 +103,18 @@ def sustained_capacity(points: list[dict], slo_ms: dict[str, float]) -> dict:
 def capacity(target: str, mode: str, out_dir: Path, args) -> dict:
     """``bench/serve.py`` at ``--rates`` (or ``--find-max-rate``) against a running server; its result JSON, with
     ``capacity_search`` filled in either way."""
-    search = (
-        ["--find-max-rate", args.find_max_rate, "--search-iters", str(args.search_iters)]
-        if args.find_max_rate
-        else ["--request-rate", args.rates]
-    )
-    cmd = [
-        sys.executable,
-        str(Path(__file__).parent / "serve.py"),
-        "--target",
-        target,
-        "--workload",
-        "long-context-mix",
-        "--num-prompts",
-        str(args.num_prompts),
-        "--long-fraction",
-        str(args.long_fraction),
-        "--long-min-len",
-        str(args.long_min_len),
-        "--long-max-len",
-        str(args.long_max_len),
-        *search,
-        "--label",
-        f"mixed-{mode}",
-        "--result-dir",
-        str(out_dir),
-        "--slo",
-        *args.slo,
-    ]
+    search = (["--find-max-rate", args.find_max_rate, "--search-iters", str(args.search_iters)] if args.find_max_rate
+              else ["--request-rate", args.rates])
+    cmd = [sys.executable, str(Path(__file__).parent / "serve.py"), "--target", target, "--workload",
+           "long-context-mix", "--num-prompts", str(args.num_prompts), "--long-fraction", str(args.long_fraction),
+           "--long-min-len", str(args.long_min_len), "--long-max-len", str(args.long_max_len), *search,
+           "--label", f"mixed-{mode}", "--result-dir", str(out_dir), "--slo", *args.slo]
     env = {**os.environ, "OUT": ""}
     # Warm-up pass (discarded): the first long prompts compile kernels for new shapes, which would otherwise land
     # in the first probe's TTFT (seen on 2×H100: p50 5.6 s at the first rate, 0.2 s after).
     warm = [c if c != f"mixed-{mode}" else f"mixed-warmup-{mode}" for c in cmd]
     i = warm.index(search[0])
-    warm[i : i + len(search)] = ["--request-rate", "inf", "--seed", "1"]  # other prompts than the measured ones
+    warm[i:i + len(search)] = ["--request-rate", "inf", "--seed", "1"]  # other prompts than the measured ones
     subprocess.run(warm, check=True, env=env)
     subprocess.run(cmd, check=True, env=env)
     files = sorted(out_dir.glob(f"serve-mixed-{mode}-*.json"))
@@ -165,15 +128,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="accordion-mixed-"))
-    ckpt = str(
-        make_checkpoint(
-            work / args.shape,
-            PRESETS[args.shape],
-            dtype="bfloat16" if cuda else "float32",
-            device="cuda" if cuda else "cpu",
-            **({"max_position_embeddings": args.max_model_len} if args.quick else {}),
-        )
-    )
+    ckpt = str(make_checkpoint(work / args.shape, PRESETS[args.shape], dtype="bfloat16" if cuda else "float32",
+                               device="cuda" if cuda else "cpu",
+                               **({"max_position_embeddings": args.max_model_len} if args.quick else {})))
     results, rows = {}, []
     for mode in args.modes.split(","):
         port = free_port()
@@ -183,37 +140,19 @@ def main(argv=None) -> dict:
         finally:
             stop_server(proc)
         search = res.get("capacity_search", {})
-        best = max(
-            (pt for pt, pr in zip(res["points"], search.get("probes", [])) if pr["ok"]),
-            key=lambda pt: pt.get("request_rate") or 0.0,
-            default=None,
-        )
-        results[mode] = {
-            "max_rate": search.get("max_rate"),
-            "at_max_rate": best,
-            "probes": search.get("probes"),
-            "points": res["points"],
-            "workload": res.get("workload"),
-        }
+        max_rate = search.get("max_rate")
+        best = next((pt for pt in res["points"] if pt["request_rate"] == max_rate), None)  # the point at capacity
         kept_up = best and best["request_throughput"] / best["request_rate"]
-        results[mode]["completed_over_offered"] = kept_up
-        rows.append(
-            [
-                mode,
-                search.get("max_rate"),
-                kept_up,
-                best and best.get("p99_ttft_ms"),
-                best and best.get("p99_tpot_ms"),
-                best and best.get("output_throughput"),
-            ]
-        )
+        results[mode] = {"max_rate": max_rate, "at_max_rate": best, "completed_over_offered": kept_up,
+                         "probes": search.get("probes"), "points": res["points"], "workload": res.get("workload")}
+        rows.append([mode, max_rate, kept_up, best and best.get("p99_ttft_ms"), best and best.get("p99_tpot_ms"),
+                     best and best.get("output_throughput")])
     ratio = None
     if all(results.get(m, {}).get("max_rate") for m in MODES):
         ratio = results["esp"]["max_rate"] / results["static"]["max_rate"]
     path = write_result("mixed-workload", {"settings": vars(args), "results": results, "esp_over_static": ratio})
-    print_table(
-        rows, ["mode", "max req/s under SLOs", "completed/offered", "p99 TTFT ms", "p99 TPOT ms", "output tok/s"]
-    )
+    print_table(rows, ["mode", "max req/s under SLOs", "completed/offered", "p99 TTFT ms", "p99 TPOT ms",
+                       "output tok/s"])
     print(f"elastic SP / static capacity: {ratio if ratio is None else f'{ratio:.2f}x'}  ({path})")
     return results
 

@@ -62,7 +62,7 @@ def test_killed_client_frees_every_block(stack):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = _read_line(proc, 60)
-        assert line.strip() == "streaming", f"client did not start: {line!r} {proc.stderr.read() if proc.poll() else ''}"
+        assert line.strip() == "streaming", f"client did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
         proc.kill()
         proc.wait(10)
     finally:
