@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--ttft-requests", type=int, default=20)
+    ap.add_argument("--ttft-requests", type=int, default=50)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="both paths with async scheduling on (off); default: the engine's default")

@@ -23,6 +23,7 @@ if "--quick" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
     paged_decode_attention,
@@ -42,11 +43,23 @@ POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_s
                dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=32, num_warps=4, num_stages=2, maxnreg=168),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=4, num_stages=2, maxnreg=168),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168)]
+# --orders: the default tiles with the work order changed (kv heads fastest), each timed eagerly and in a CUDA graph
+ORDER_DECODE = [dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=False),
+                dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=True)]
+ORDER_POD = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3, D_HEADS_FASTEST=False),
+             dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3, D_HEADS_FASTEST=True)]
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
 
-def tune_decode(dev, dtype, shapes) -> list[dict]:
+def graph_bench(fn, dev) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph (no host launch cost, as the engine's decode steps)."""
+    if dev.type != "cuda":
+        return bench(fn, dev)
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def tune_decode(dev, dtype, shapes, auto_only=False) -> list[dict]:
     rows = []
     for B, ctx in shapes:
         kv, table, nb = identity_cache(B, ctx, dtype, dev)
@@ -55,15 +68,21 @@ def tune_decode(dev, dtype, shapes) -> list[dict]:
         out, lse = torch.empty_like(q), torch.empty(B, HQ, dtype=torch.float32, device=dev)
         k4, v4 = unpaged(kv[0], B, nb), unpaged(kv[1], B, nb)
         ms_sdpa = bench(lambda: sdpa(q.view(B, HQ, 1, D), k4, v4, False), dev)
+        graph_sdpa = graph_bench(lambda: sdpa(q.view(B, HQ, 1, D), k4, v4, False), dev) if auto_only else None
         for cfg in DECODE_CONFIGS:
             auto = choose_num_splits(B, HKV, ctx, dev, cfg["BLOCK_N"])
-            for splits in sorted({auto, 2 * auto, 4 * auto, max(1, auto // 2)}):
-                ms = bench(lambda: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
-                                                          num_splits=splits, max_seq_len=ctx, config=cfg), dev)
+            for splits in [auto] if auto_only else sorted({auto, 2 * auto, 4 * auto, max(1, auto // 2)}):
+                def run():
+                    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
+                                           num_splits=splits, max_seq_len=ctx, config=cfg)
+                ms = bench(run, dev)
                 rows.append(dict(batch=B, context=ctx, **cfg, splits=splits, auto_splits=auto, ms=ms,
                                  sdpa_ms=ms_sdpa, vs_sdpa=ms_sdpa / ms))
-                print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa",
-                      flush=True)
+                if graph_sdpa is not None:
+                    g = graph_bench(run, dev)
+                    rows[-1].update(graph_ms=g, graph_sdpa_ms=graph_sdpa, graph_vs_sdpa=graph_sdpa / g)
+                print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa"
+                      + (f"; graphs x{rows[-1]['graph_vs_sdpa']:.3f}" if graph_sdpa is not None else ""), flush=True)
         kv = k4 = v4 = None
     return rows
 
@@ -108,17 +127,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--orders", action="store_true",
+                    help="only the default tiles, kv heads fastest or not, auto splits, decode also in CUDA graphs")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    global DECODE_CONFIGS, POD_CONFIGS
+    if args.orders:
+        DECODE_CONFIGS, POD_CONFIGS = ORDER_DECODE, ORDER_POD
     if args.quick:
-        global DECODE_CONFIGS, POD_CONFIGS
         DECODE_CONFIGS, POD_CONFIGS = DECODE_CONFIGS[:1], POD_CONFIGS[:1]
         dshapes, hybrids = [(2, 64)], [(16, 64, 2, 48)]
     else:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (16, 131072)]
         hybrids = HYBRIDS
-    decode = [] if args.skip_decode else tune_decode(dev, dtype, dshapes)
+    if args.orders and not args.quick:
+        dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (256, 32768)]
+    decode = [] if args.skip_decode else tune_decode(dev, dtype, dshapes, auto_only=args.orders)
     pod = tune_pod(dev, dtype, hybrids)
     res = resources() if dev.type == "cuda" else []
     path = write_result("tune-attention", dict(decode=decode, pod=pod, resources=res, quick=args.quick))
@@ -127,9 +152,12 @@ def main() -> None:
         k = (r["batch"], r["context"])
         if k not in best or r["vs_sdpa"] > best[k]["vs_sdpa"]:
             best[k] = r
-    print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}",
-                  f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}"] for k, r in best.items()],
-                ["B@ctx", "best decode config", "splits (auto)", "x SDPA"])
+    print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
+                  + (" heads-fastest" if r.get("HEADS_FASTEST") else ""),
+                  f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}",
+                  f"{r.get('graph_vs_sdpa', float('nan')):.3f}"]
+                 for k, r in best.items()],
+                ["B@ctx", "best decode config", "splits (auto)", "x SDPA", "x SDPA, graphs"])
     bestp = {}
     for r in pod:
         k = (r["chunk"], r["prefill_context"], r["decodes"], r["decode_context"])
@@ -137,7 +165,9 @@ def main() -> None:
             bestp[k] = r
     print_table([[f"{k[0]}@{k[1]}+{k[2]}@{k[3]}",
                   f"M{r['P_BLOCK_M']} N{r['P_BLOCK_N']} dN{r['D_BLOCK_N']} w{r['num_warps']} "
-                  f"s{r['num_stages']} r{r.get('maxnreg', '-')}", f"{r['speedup']:.3f}", f"{r['ideal']:.2f}"] for k, r in bestp.items()],
+                  f"s{r['num_stages']} r{r.get('maxnreg', '-')}"
+                  + (" heads-fastest" if r.get("D_HEADS_FASTEST") else ""),
+                  f"{r['speedup']:.3f}", f"{r['ideal']:.2f}"] for k, r in bestp.items()],
                 ["hybrid", "best POD", "x sequential", "ideal"])
     for r in res:
         if r["kernel"] == "pod":

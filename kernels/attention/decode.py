@@ -22,11 +22,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     """BLOCK_N / num_warps / num_stages of the decode kernel (one small config under the interpreter)."""
     if is_interpreter():
-        return dict(BLOCK_N=16, num_warps=1, num_stages=1)
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=False)
     block_n = 64 if head_dim <= 128 else 32
     if dtype == torch.float32:
         block_n //= 2
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=False)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
@@ -126,7 +126,7 @@ def paged_decode_attention(
     meta = dict(
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
         BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     common = (
         q.stride(0), q.stride(1),
@@ -134,7 +134,7 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
     )
-    grid = (B, Hkv, num_splits)
+    grid = (Hkv, B, num_splits) if meta["HEADS_FASTEST"] else (B, Hkv, num_splits)
     if num_splits == 1:
         paged_decode_kernel[grid](
             q, k_cache, v_cache, block_table, seq_lens, out, lse, *common,

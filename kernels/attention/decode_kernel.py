@@ -94,11 +94,18 @@ def paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
-    """Grid (B, Hkv, NUM_SPLITS). Tensor shapes as in `decode_work`."""
+    """Grid (B, Hkv, NUM_SPLITS), or (Hkv, B, NUM_SPLITS) when HEADS_FASTEST: the programs that run together then
+    read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
+    Tensor shapes as in `decode_work`."""
+    if HEADS_FASTEST:
+        b, kvh = tl.program_id(1), tl.program_id(0)
+    else:
+        b, kvh = tl.program_id(0), tl.program_id(1)
     decode_work(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-        tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        b, kvh, tl.program_id(2),
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
         GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, NUM_SPLITS, DOT_PRECISION,

@@ -22,6 +22,8 @@ from accordion.kernels.attention import (
     varlen_attention_with_positions,
     write_kv_cache,
 )
+from accordion.kernels.attention.decode import decode_config
+from accordion.kernels.attention.pod import pod_config
 from accordion.kernels.attention.reference import (
     ref_merge_attention_states,
     ref_paged_decode_attention,
@@ -59,6 +61,20 @@ def test_decode_matches_reference(group, head_dim, page, num_splits):
     out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale, out=out, lse=lse, num_splits=num_splits)
     ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale)
+    _close(out, ref, lse, ref_lse)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_heads_fastest_order(num_splits):
+    """The (kv head, sequence, split) grid order computes the same as the default (sequence, kv head, split)."""
+    gen, dev = _gen(77 + num_splits), device()
+    seq_lens = [5, 37, 100]
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 64, 16, F32, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * 4, 64, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    cfg = {**decode_config(64, F32), "HEADS_FASTEST": True}
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, num_splits=num_splits, config=cfg)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
     _close(out, ref, lse, ref_lse)
 
 
@@ -353,10 +369,11 @@ def test_write_kv_cache(page):
     torch.testing.assert_close(kv, ref_kv, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("group,num_splits", [(4, None), (8, 2), (1, 1)])
-def test_pod_equals_separate_kernels(group, num_splits):
+@pytest.mark.parametrize("group,num_splits,heads_fastest", [(4, None, False), (8, 2, False), (1, 1, False),
+                                                             (4, 3, True)])
+def test_pod_equals_separate_kernels(group, num_splits, heads_fastest):
     """The fused kernel's four outputs equal the separate kernels' and the references' (under the interpreter 3
-    persistent programs run, so each takes both kinds of tile)."""
+    persistent programs run, so each takes both kinds of tile), in either decode ticket order."""
     gen, dev = _gen(9 + group), device()
     Hq, D, page = HKV * group, 64, 16
     p_q_lens, p_seq = [20, 1, 33], [52, 40, 33]
@@ -371,7 +388,7 @@ def test_pod_equals_separate_kernels(group, num_splits):
         kv[0], kv[1],
         PrefillArgs(pq, p_table, cu, p_sl, max(p_q_lens), out=outs[0], lse=outs[1]),
         DecodeArgs(dq, d_table, d_sl, out=outs[2], lse=outs[3], num_splits=num_splits),
-        scale=0.125,
+        scale=0.125, config={**pod_config(D, F32), "D_HEADS_FASTEST": heads_fastest},
     )
     po, plse = paged_prefill_attention(pq, kv[0], kv[1], p_table, cu, p_sl, scale=0.125, max_seqlen_q=33)
     do, dlse = paged_decode_attention(dq, kv[0], kv[1], d_table, d_sl, scale=0.125, num_splits=num_splits)
