@@ -49,7 +49,7 @@ for step in $steps; do
     decode-profile) for shape in 8b 1b; do python3 bench/profile_decode.py --shape $shape 2>&1 | grep -v "Loading weights" | tail -4; done ;;
     serving-noray) python3 bench/serving_overhead.py --no-ray 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-noray.log" | tail -6 ;;
     serving-sync) python3 bench/serving_overhead.py --no-async-scheduling 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-sync.log" | tail -6 ;;
-    profile) python3 bench/profile_steps.py --shape 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log" | tail -12 ;;
+    profile) python3 bench/profile_steps.py --shape 1b ${PROFILE_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log" | tail -12 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -1,7 +1,7 @@
 """Where does an offline run's time go? Per step kind (decode-only, hybrid, prefill-only): count, GPU+CPU time,
 and the scheduler's own time. Runs the workload twice and reports the second (compilation excluded).
 
-    python bench/profile_steps.py [--shape 1b] [--num-prompts 64 --input-len 512 --output-len 128]
+    python bench/profile_steps.py [--shape 1b] [--num-prompts 64 --input-len 512 --output-len 128] [--max-num-seqs N]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: --num-prompts (one wave)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     root = Path(tempfile.mkdtemp())
@@ -75,7 +76,8 @@ def main() -> None:
 
     rows, results = [], {}
     for fuse in (True, False):
-        llm = LLM(str(path), max_model_len=2048, max_num_seqs=args.num_prompts, gpu_memory_utilization=0.4,
+        llm = LLM(str(path), max_model_len=2048, max_num_seqs=args.max_num_seqs or args.num_prompts,
+                  gpu_memory_utilization=0.4,
                   max_num_batched_tokens=args.max_num_batched_tokens)
         llm.instance.worker.backend.fuse_hybrid = fuse
         run(llm, prompts(), args.output_len, "warm")

@@ -59,7 +59,7 @@ def offline(path: str, warm, prompts, ttft_prompts, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(ttfts),
-            "ttft_ms_sorted": sorted(round(1e3 * t, 2) for t in ttfts),
+            "ttft_ms_sorted": sorted(round(1e3 * t, 2) for t in ttfts), "ttft_ms": [round(1e3 * t, 2) for t in ttfts],
             "engine_loop": loop_stats}
 
 
@@ -128,7 +128,8 @@ async def served(target: str, warm, prompts, ttft_prompts, args, server_pid: int
     queue = [r[2].queue_ms for r in low if r[2] is not None]
     prefill = [r[2].prefill_ms for r in low if r[2] is not None]
     return {"output_tok_s": n / wall, "wall_s": wall, "ttft_p50_ms": 1e3 * statistics.median(r[0] for r in low),
-            "ttft_ms_sorted": sorted(round(1e3 * r[0], 2) for r in low),
+            "ttft_ms_sorted": sorted(round(1e3 * r[0], 2) for r in low), "ttft_ms": [round(1e3 * r[0], 2) for r in low],
+            "server_prefill_ms": [round(x, 2) for x in prefill],
             "server_prefill_ms_sorted": sorted(round(x, 2) for x in prefill),
             "loaded_ttft_p50_ms": 1e3 * statistics.median(loaded_ttft), "loaded_ttft_max_ms": 1e3 * loaded_ttft[-1],
             "server_queue_p50_ms": statistics.median(queue) if queue else None,

@@ -290,10 +290,12 @@ class Scheduler:
 
         Async scheduling: the runner launches this step from the in-flight step's tokens on the device, before
         they are read back. A request that then turns out finished has its row computed in vain (and ignored).
-        Only the steady state qualifies: nothing waiting, every running request in ``inflight``, no request near
-        its length limit, and blocks for every row without preempting anyone.
+        Only the steady state qualifies: nothing waiting that the next step could admit (the batch is full at
+        ``max_num_seqs``; a request that ends in ``inflight`` frees its seat one step later), every running request
+        in ``inflight``, no request near its length limit, and blocks for every row without preempting anyone.
         """
-        if self.waiting or self._migrating or inflight.num_decodes != len(inflight.chunks) or not inflight.chunks:
+        admissible = self.waiting and len(self.running) < self.config.max_num_seqs
+        if admissible or self._migrating or inflight.num_decodes != len(inflight.chunks) or not inflight.chunks:
             return None
         rows = [self.requests.get(c.request_id) for c in inflight.chunks]
         if any(r is None or r.status != RequestStatus.RUNNING for r in rows) or len(rows) != len(self.running):

@@ -169,6 +169,32 @@ def test_lookahead_is_all_or_nothing_when_blocks_run_out():
     s.check_invariants()
 
 
+def test_lookahead_continues_while_waiting_requests_cannot_be_seated():
+    """With the batch full at max_num_seqs, a waiting request cannot be admitted by the next step, so decoding
+    keeps launching ahead; once a seat is free, the next step is a normal one that admits it."""
+    s = make_scheduler(budget=64, max_seqs=2)
+    for i, rid in enumerate(["a", "b", "c"]):
+        s.add_request(make_request(rid, 4, max_tokens=8 if rid != "a" else 3, t=i, first=10 * i + 1))
+    plan = s.schedule()  # a and b prefill; c waits for a seat
+    assert [c.request_id for c in plan.chunks] == ["a", "b"] and s.num_waiting == 1
+    s.update(plan, StepResult(plan.step_id, {"a": 7, "b": 7}))
+    plan = s.schedule()
+    s.update(plan, StepResult(plan.step_id, {"a": 7, "b": 7}))
+    assert s.schedule_lookahead(plan) is None  # a is near its length limit: no step ahead
+    plan = s.schedule()  # a's last token
+    s.update(plan, StepResult(plan.step_id, {"a": 7, "b": 7}))
+    assert s.requests.get("a") is None or s.requests["a"].status.finished
+    plan = s.schedule()  # c takes a's seat
+    assert {c.request_id for c in plan.chunks} == {"b", "c"}
+    s.update(plan, StepResult(plan.step_id, {"b": 7, "c": 7}))
+    s.add_request(make_request("d", 4, t=5, first=90))
+    plan = s.schedule()  # b and c decode, d waits without a seat
+    assert plan.num_decodes == 2 and s.num_waiting == 1
+    ahead = s.schedule_lookahead(plan)
+    assert ahead is not None and {c.request_id for c in ahead.chunks} == {"b", "c"}
+    s.check_invariants()
+
+
 def test_bounded_out_of_order_admission():
     """A big request that does not fit blocks the queue under FCFS; with max_out_of_order=1 exactly one later
     request that fits passes it, and the big one is admitted first once blocks free up."""
