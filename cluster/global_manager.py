@@ -98,7 +98,7 @@ class GlobalManager:
 
         c = self.config
         iid = f"instance-{next(self._ids)}"
-        cls = instance_actor_class(c.gpus_per_instance, c.cpus_per_instance)
+        cls = instance_actor_class(c.gpus_per_instance, c.cpus_per_instance, c.actor_niceness)
         handle = cls.options(name=f"{c.manager_name}.{iid}", namespace=c.namespace).remote(
             iid, c.engine, self.worker_cls or DEFAULT_WORKER,
             c.cpu_threads_per_instance if c.gpus_per_instance == 0 else None)
@@ -322,7 +322,9 @@ def start_manager(config: ClusterConfig, worker_cls: str | None = None):
     handle. Raises if one with that name already exists in the namespace."""
     import ray
 
-    cls = ray.remote(num_cpus=0, max_restarts=0)(GlobalManager)
+    from accordion.cluster.instance_actor import niceness_options
+
+    cls = ray.remote(num_cpus=0, max_restarts=0, **niceness_options(config.actor_niceness))(GlobalManager)
     return cls.options(name=config.manager_name, namespace=config.namespace).remote(config, worker_cls)
 
 

@@ -262,11 +262,18 @@ class InstanceActor:
         logger.info("instance %s shut down", self.instance_id)
 
 
-def instance_actor_class(num_gpus: float, num_cpus: float):
-    """The Ray actor class of :class:`InstanceActor` with these resources."""
+def instance_actor_class(num_gpus: float, num_cpus: float, niceness: int | None = 0):
+    """The Ray actor class of :class:`InstanceActor` with these resources and process niceness."""
     import ray
 
-    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0)(InstanceActor)
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0,
+                      **niceness_options(niceness))(InstanceActor)
+
+
+def niceness_options(niceness: int | None) -> dict:
+    """``ray.remote`` options that give an actor's worker process this niceness instead of Ray's 15
+    (``ClusterConfig.actor_niceness``; Ray reads ``RAY_worker_niceness`` when the worker starts)."""
+    return {} if niceness is None else {"runtime_env": {"env_vars": {"RAY_worker_niceness": str(niceness)}}}
 
 
 def unwrap_ray_error(e: BaseException) -> BaseException:

@@ -119,3 +119,14 @@ def test_instance_death_fails_its_requests_then_replaced(stack):
     res = asyncio.run(_streams(stack.target, 4, 4))
     assert all(not isinstance(r, BaseException) for r in res)
     stack.check_idle()
+
+
+def test_instances_and_their_engines_run_at_niceness_zero(stack):
+    """Ray renices worker processes to 15; the manager and the instance actors ask for 0 (``actor_niceness``),
+    and the engine processes they spawn inherit it, so the engine's host loop does not yield the CPU to every
+    other process on the node (a local cluster: the processes are on this machine)."""
+    pids = [ray.get(r.handle.start.remote(), timeout=30)["engine_pid"] for r in stack.instances()]
+    pids += [ray.get(r.handle.__ray_call__.remote(lambda self: os.getpid()), timeout=10) for r in stack.instances()]
+    assert len(pids) >= 4 and [os.getpriority(os.PRIO_PROCESS, p) for p in pids] == [0] * len(pids)
+    manager_pid = ray.get(stack.manager.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+    assert os.getpriority(os.PRIO_PROCESS, manager_pid) == 0
