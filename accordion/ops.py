@@ -21,7 +21,9 @@ def _connect(address: str | None, namespace: str) -> None:
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
     else:  # a private local cluster, as `accordion serve` starts it
-        ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        from accordion.serve import LOCAL_CLUSTER_OPTIONS
+
+        ray.init(namespace=namespace, log_to_driver=False, **LOCAL_CLUSTER_OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------------- scale

@@ -104,13 +104,20 @@ def grpc_config_from_args(args: argparse.Namespace) -> GrpcServeConfig:
                            drain_grace_s=args.drain_grace)
 
 
+LOCAL_CLUSTER_OPTIONS = dict(include_dashboard=False, _node_ip_address="127.0.0.1",
+                             _system_config={"prestart_worker_first_driver": False})
+"""``ray.init`` options of the private local cluster: no dashboard, loopback, and none of the one-per-CPU idle
+workers Ray prestarts (the manager and instances ask for their own niceness, so they never use them; 16 of them
+importing Ray on an H100 node competed with the engines warming up)."""
+
+
 def _init_ray(address: str | None, namespace: str) -> None:
     import ray
 
     if address:
         ray.init(address=address, namespace=namespace)
-    else:  # a private local cluster (never an existing one on this machine), no dashboard
-        ray.init(address="local", namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
+    else:  # a private local cluster (never an existing one on this machine)
+        ray.init(address="local", namespace=namespace, **LOCAL_CLUSTER_OPTIONS)
         exposed = ray_wildcard_listeners()
         if exposed:
             logger.warning(

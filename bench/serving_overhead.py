@@ -10,8 +10,9 @@ machine (other tenants, clocks; on lent H100s it moved one path's numbers by up 
    ends, as ``vllm bench serve --max-concurrency 64``) -> output tok/s; low-load TTFT = time from sending a stream to
    its first chunk.
 
-``--rounds`` (3) throughput runs of each, alternating which goes first; the ratio is of the medians. Then 50
-low-load requests one at a time, alternating paths; added TTFT is the difference of the p50s.
+``--rounds`` (5) throughput runs of each, alternating which goes first; the ratio is the median round's (a slow
+spell of the machine lands in one round, on one path). Then 50 low-load requests one at a time, alternating
+paths; added TTFT is the difference of the p50s.
 
     python bench/serving_overhead.py [--shape 1b] [--quick] [--py-spy PREFIX]
 """
@@ -170,7 +171,11 @@ def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, s
             if path == "offline":
                 off_runs.append(offline.throughput(prompts))
             else:
+                spy = (start_py_spy(spy_pids[1], f"{args.py_spy}.loaded") if spy_pids and r == args.rounds - 1
+                       else None)
                 srv_runs.append(served.throughput(prompts))
+                if spy is not None:
+                    spy.wait(timeout=60)
         print(f"round {r}: offline {off_runs[-1]['output_tok_s']:.0f} tok/s ({off_runs[-1]['engine_loop']}), "
               f"served {srv_runs[-1]['output_tok_s']:.0f} tok/s", flush=True)
     spies = [start_py_spy(pid, f"{args.py_spy}.{pid}", subprocesses=pid != os.getpid()) for pid in spy_pids]
@@ -192,6 +197,7 @@ def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, s
     # (includes the hop to the actor); prefill = first scheduled -> first token sampled.
     queue = [t.queue_ms for t in srv_timings if t is not None]
     prefill = [t.prefill_ms for t in srv_timings if t is not None]
+    ratios = [s["output_tok_s"] / o["output_tok_s"] for s, o in zip(srv_runs, off_runs)]
     return {
         "offline": {"output_tok_s": off_tok, "runs": off_runs, "ttft_p50_ms": 1e3 * statistics.median(off_ttft),
                     "ttft_ms": ms(off_ttft)},
@@ -200,7 +206,8 @@ def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, s
                    "server_queue_p50_ms": statistics.median(queue) if queue else None,
                    "server_prefill_p50_ms": statistics.median(prefill) if prefill else None,
                    "loaded_ttft_p50_ms": statistics.median(r["loaded_ttft_p50_ms"] for r in srv_runs)},
-        "round_ratios": [s["output_tok_s"] / o["output_tok_s"] for s, o in zip(srv_runs, off_runs)],
+        "round_ratios": ratios, "ratio": statistics.median(ratios),
+        "added_ttft_pairs_p50_ms": 1e3 * statistics.median(s - o for s, o in zip(srv_ttft, off_ttft)),
     }
 
 
@@ -214,7 +221,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--ttft-requests", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=3, help="throughput runs of each path, interleaved")
+    ap.add_argument("--rounds", type=int, default=5, help="throughput runs of each path, interleaved")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.4,
                     help="the server's (the offline engine, started after it, gets about as much)")
     ap.add_argument("--quick", action="store_true")
@@ -256,22 +263,26 @@ def main() -> None:
     srv["engine_loop"] = [ln.split("busy period: ", 1)[1] for f in logs for ln in f.read_text().splitlines()
                           if "busy period: " in ln][1:]  # after the warm-up's
     print("served engine loop:", *srv["engine_loop"], sep="\n  ")
-    for pid in (os.getpid(), proc.pid) if args.py_spy else ():
-        if Path(f"{args.py_spy}.{pid}").exists():
-            print(f"py-spy, {'this process (offline)' if pid == os.getpid() else 'server tree'}:")
-            for frame, n in summarize_py_spy(f"{args.py_spy}.{pid}"):
+    spied = {os.getpid(): "low load, this process (offline)", proc.pid: "low load, server tree",
+             "loaded": "last served round, server tree"}
+    for key, what in spied.items() if args.py_spy else ():
+        if Path(f"{args.py_spy}.{key}").exists():
+            print(f"py-spy, {what}:")
+            for frame, n in summarize_py_spy(f"{args.py_spy}.{key}"):
                 print(f"{n:6d}  {frame}")
-    ratio = srv["output_tok_s"] / off["output_tok_s"]
+    ratio = res["ratio"]  # the median round: a slow spell of the machine lands in one round, on one path
     added = srv["ttft_p50_ms"] - off["ttft_p50_ms"]
     write_result("serving-overhead", {"settings": vars(args), "offline": off, "served": srv,
                                       "round_ratios": res["round_ratios"],
+                                      "added_ttft_pairs_p50_ms": res["added_ttft_pairs_p50_ms"],
                                       "throughput_ratio": ratio, "added_ttft_p50_ms": added})
     print_table([["offline LLM", f"{off['output_tok_s']:.0f}", f"{off['ttft_p50_ms']:.2f}"],
                  ["gRPC + Ray", f"{srv['output_tok_s']:.0f}", f"{srv['ttft_p50_ms']:.2f}"]],
                 ["path", f"output tok/s (median of {args.rounds})", "p50 TTFT ms (low load)"])
     print("low-load TTFT ms, in order: offline", off["ttft_ms"], "\n  served", srv["ttft_ms"],
           "\n  served, engine prefill", srv["server_prefill_ms"])
-    print(f"served / offline throughput: {ratio:.3f} (rounds: {', '.join(f'{r:.3f}' for r in res['round_ratios'])}); "
+    rounds = ", ".join(f"{r:.3f}" for r in res["round_ratios"])
+    print(f"served / offline throughput: {ratio:.3f}, the median round ({rounds}); "
           f"added p50 TTFT: {added:.2f} ms (server queue p50 {srv['server_queue_p50_ms']:.2f} ms, "
           f"prefill p50 {srv['server_prefill_p50_ms']:.2f} ms); loaded TTFT p50 {srv['loaded_ttft_p50_ms']:.1f} ms")
 
