@@ -159,7 +159,8 @@ async def _serve_ray(args: argparse.Namespace, ec: EngineConfig, gcfg: GrpcServe
                     force_degree=args.esp_force_degree, cost_model_path=args.esp_cost_model,
                     multi_master=args.esp_multi_master)
     cc = ClusterConfig(engine=ec, esp=esp, gpus_per_instance=1.0 if gpus else 0.0,
-                       cpu_threads_per_instance=args.cpu_threads, auto_grow=args.auto_grow)
+                       cpu_threads_per_instance=args.cpu_threads, auto_grow=args.auto_grow,
+                       direct_host=None if args.ray_address else "127.0.0.1")  # a private cluster: loopback
     manager = start_manager(cc)
     engine = None
     try:

@@ -208,6 +208,13 @@ class ClusterConfig:
     """``remove_instance(drain=True)`` waits this long for the instance's requests before killing it."""
     start_timeout_s: float = 300.0
     """Loading the model on a new instance may take this long."""
+    direct_channel: bool = True
+    """Front ends submit requests and receive their tokens over a socket of each engine process
+    (:mod:`~accordion.cluster.direct_server`: on the node's Ray address, token-authenticated, msgpack frames)
+    instead of through the instance actor and a Ray streaming generator; Ray still runs everything else."""
+    direct_host: str | None = None
+    """Address the engine sockets bind: None for the node's IP as Ray sees it (the cluster network); ``accordion
+    serve`` on a private local cluster uses 127.0.0.1."""
     actor_niceness: int | None = 0
     """Niceness of the manager's and the instances' worker processes (inherited by the engine processes). Ray
     renices every worker process to 15 (its ``worker_niceness``), so the engine's host loop, Python that launches

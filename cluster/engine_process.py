@@ -43,6 +43,10 @@ CALLS = frozenset({"join_group", "leave_group", "run_sp_prefill", "reserve_slice
                    "hold_room", "send_kv", "receive_request", "commit_migration"})
 """EngineInstance methods the parent may run on the engine thread."""
 
+PARENT_LOAD_INTERVAL_S = 0.05
+"""With a front end on the socket, a step whose outputs all went there reaches the parent (its load report) only
+this often, or when the engine goes idle."""
+
 StepCallback = Callable[[list, LoadReport], None]
 """Receives each step's outputs in wire form (:func:`~accordion.cluster.outputs.to_wire`: they are passed on to
 Ray as they came over the pipe, never decoded in between) and the load after it."""
@@ -53,14 +57,14 @@ class EngineProcess:
     outputs in wire form."""
 
     def __init__(self, config: EngineConfig, worker_cls: str, instance_id: str, on_step: StepCallback,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, direct_host: str | None = None):
         self.instance_id = instance_id
         self._on_step = on_step
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or Ray state
         cmd_r, self._cmd = ctx.Pipe(duplex=False)
         self._events, evt_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_child_main, name=f"accordion-engine-{instance_id}", daemon=True,
-                                 args=(config, worker_cls, instance_id, cpu_threads, cmd_r, evt_w))
+                                 args=(config, worker_cls, instance_id, cpu_threads, direct_host, cmd_r, evt_w))
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._seq = count()
@@ -144,6 +148,14 @@ class EngineProcess:
     def abort(self, request_ids: list[str]) -> None:
         if request_ids and not self._failed:
             self._send(("abort", list(request_ids)))
+
+    def refuse_direct(self, reason: str) -> None:
+        """Refuse submissions on the engine's front-end socket from now on (draining, stopping)."""
+        if not self._failed:
+            try:
+                self._send(("refuse", reason))
+            except EngineUnavailableError:
+                pass
 
     def call(self, name: str, *args) -> Future:
         """Run ``EngineInstance.<name>(*args)`` on the engine thread, in order with other calls; outputs it
@@ -241,9 +253,10 @@ def log_to_stderr(tag: str = "") -> None:
 
 
 # --------------------------------------------------------------------------------------------------- the child
-def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_threads: int | None, commands,
-                events) -> None:
-    """Entry point of the engine process: build the engine, then serve commands until told to stop."""
+def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_threads: int | None,
+                direct_host: str | None, commands, events) -> None:
+    """Entry point of the engine process: build the engine, then serve commands until told to stop. With
+    ``direct_host``, front ends may also submit over a socket there (:mod:`.direct_server`)."""
     log_to_stderr(f"[{instance_id}]")
     from accordion.cluster.engine_loop import EngineLoop
     from accordion.cluster.instance import EngineInstance
@@ -261,14 +274,25 @@ def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_thr
             torch.set_num_threads(cpu_threads)
         instance = EngineInstance(config, worker_cls)
         failure_sent = []
+        direct = None
+        last_sent = [0.0]
 
         def on_step(outputs: list[EngineOutput], load: LoadReport) -> None:
-            send(("step", to_wire(outputs), load))
+            wire = to_wire(outputs)
+            if direct is not None:  # its connections' requests go to them; the parent hears of the rest
+                wire = direct.route(wire, load)
+            if wire or load.time - last_sent[0] >= PARENT_LOAD_INTERVAL_S or load.idle or loop.failed:
+                last_sent[0] = load.time
+                send(("step", wire, load))
             if loop.failed and not failure_sent:
                 failure_sent.append(True)
                 send(("failed", loop.failed))
 
         loop = EngineLoop(instance, on_step, instance_id)
+        if direct_host:
+            from accordion.cluster.direct_server import DirectServer
+
+            direct = DirectServer(direct_host, loop.submit, loop.abort)
         loop.start()
     except Exception as e:
         logger.exception("engine %s failed to start", instance_id)
@@ -279,7 +303,8 @@ def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_thr
                              "dtype": str(getattr(w, "dtype", config.model.dtype)).removeprefix("torch."),
                              "num_blocks": instance.num_blocks, "max_model_len": instance.max_model_len,
                              "kv_bytes_per_token": (w.block_bytes() // config.cache.block_size
-                                                    if hasattr(w, "block_bytes") else 0)},
+                                                    if hasattr(w, "block_bytes") else 0),
+                             **({"direct": {"address": direct.address, "token": direct.token}} if direct else {})},
                     "load": loop.load()}))
 
     def reply(seq: int, fut: Future) -> None:
@@ -311,6 +336,9 @@ def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_thr
                 send(("reply", msg[1], None, e))
         elif kind == "abort":
             loop.abort(msg[1])
+        elif kind == "refuse":
+            if direct is not None:
+                direct.refuse(msg[1])
         elif kind == "call":
             _, seq, name, args = msg
             fn = check_idle if name == "check_idle" else (lambda inst, n=name, a=args: getattr(inst, n)(*a))
@@ -323,6 +351,8 @@ def _child_main(config: EngineConfig, worker_cls: str, instance_id: str, cpu_thr
             threading.Thread(target=lambda s=seq, t=timeout: send(("reply", s, loop.wait_idle(t), None)),
                              daemon=True).start()
         elif kind == "stop":
+            if direct is not None:
+                direct.close()
             loop.stop()
             try:
                 instance.leave_group()

@@ -101,7 +101,7 @@ class GlobalManager:
         cls = instance_actor_class(c.gpus_per_instance, c.cpus_per_instance, c.actor_niceness)
         handle = cls.options(name=f"{c.manager_name}.{iid}", namespace=c.namespace).remote(
             iid, c.engine, self.worker_cls or DEFAULT_WORKER,
-            c.cpu_threads_per_instance if c.gpus_per_instance == 0 else None)
+            c.cpu_threads_per_instance if c.gpus_per_instance == 0 else None, c.direct_channel, c.direct_host)
         rec = InstanceRecord(iid, handle)
         self._instances[iid] = rec
         await self._bump()

@@ -111,11 +111,13 @@ class InstanceActor:
     """One engine instance as an async Ray actor. Methods run on the actor's event loop."""
 
     def __init__(self, instance_id: str, config: EngineConfig, worker_cls: str = DEFAULT_WORKER,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, direct_channel: bool = True, direct_host: str | None = None):
         self.instance_id = instance_id
         self.config = config
         self.worker_cls = worker_cls
         self.cpu_threads = cpu_threads
+        self.direct_channel = direct_channel
+        self.direct_host = direct_host
         self._engine = None  # EngineProcess once started
         self._info: dict = {}
         self._outbox: Outbox | None = None
@@ -129,11 +131,19 @@ class InstanceActor:
             return self._info
         log_to_stderr()
         self._outbox = Outbox(asyncio.get_running_loop())
-        engine = EngineProcess(self.config, self.worker_cls, self.instance_id, self._outbox.put, self.cpu_threads)
+        direct_host = None
+        if self.direct_channel:  # front ends submit on a socket of the engine process (.direct_server)
+            import ray
+
+            direct_host = self.direct_host or ray.util.get_node_ip_address()
+        engine = EngineProcess(self.config, self.worker_cls, self.instance_id, self._outbox.put, self.cpu_threads,
+                               direct_host)
         self._info = await asyncio.to_thread(engine.start)
         self._engine = engine
         self._accepting = True
-        logger.info("instance %s started: %s", self.instance_id, self._info)
+        shown = {k: v for k, v in self._info.items() if k != "direct"} | (
+            {"direct": self._info["direct"]["address"]} if "direct" in self._info else {})  # never the token
+        logger.info("instance %s started: %s", self.instance_id, shown)
         return self._info
 
     def _require(self):
@@ -243,6 +253,7 @@ class InstanceActor:
         self._accepting = False
         if self._engine is None:
             return True
+        self._engine.refuse_direct("draining")
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
         if not await asyncio.to_thread(self._engine.wait_idle, timeout_s):
             return False
@@ -256,6 +267,7 @@ class InstanceActor:
         """Stop the engine process (it leaves the instances' group) and end every output stream."""
         self._accepting = False
         if self._engine is not None:
+            self._engine.refuse_direct("stopping")
             await asyncio.to_thread(self._engine.stop)
         if self._outbox is not None:
             self._outbox.close()

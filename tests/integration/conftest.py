@@ -29,7 +29,7 @@ class Stack:
         self.engine_config = engine_config(path)
         self.cluster_config = ClusterConfig(engine=self.engine_config, namespace="accordion-test",
                                             health_check_interval_s=0.5, health_check_timeout_s=5.0,
-                                            drain_timeout_s=20.0)
+                                            drain_timeout_s=20.0, direct_host="127.0.0.1")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="serving-loop", daemon=True)
         self.manager = None
