@@ -1,9 +1,9 @@
 """The front end's end of an engine process's :mod:`~accordion.cluster.direct_server` socket (asyncio).
 
 One connection per instance. ``submit_groups`` sends submissions and awaits the engine's verdict; ``abort`` is
-fire-and-forget, ordered after the submissions on the same socket. A reader task hands every ``("step", outputs,
-load)`` frame to ``on_step`` (on the event loop) and, when the connection ends, fails the pending submissions and
-calls ``on_lost`` once.
+fire-and-forget, ordered after the submissions on the same socket. A reader task hands every step frame's outputs
+(as :class:`EngineOutput` / :class:`RequestMoved`) and load to ``on_step`` (on the event loop) and, when the
+connection ends, fails the pending submissions and calls ``on_lost`` once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from itertools import count
 
 from accordion.cluster.errors import EngineUnavailableError
 from accordion.cluster.load import LoadReport
+from accordion.cluster.outputs import EngineOutput
 from accordion.cluster.wire_codec import HEADER, CodecError, decode_payload, encode_frame, frame_length
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ class DirectClient:
                 n = frame_length(await self._reader.readexactly(HEADER.size))
                 msg = decode_payload(await self._reader.readexactly(n))
                 if msg[0] == "step":
-                    self._on_step(msg[1], msg[2])
+                    _, rows, others, load = msg
+                    self._on_step([EngineOutput(r[0], r[1], num_prompt_tokens=r[2], num_cached_tokens=r[3])
+                                   for r in rows] + others, load)
                 elif msg[0] == "reply":
                     fut = self._pending.pop(msg[1], None)
                     if fut is not None and not fut.done():

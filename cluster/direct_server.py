@@ -13,10 +13,12 @@ typed data, never pickle.
 Protocol, after the token frame (``("hello", token)``):
 
 * front end -> engine: ``("submit", seq, groups)`` (each group of requests all or none), ``("abort", ids)``;
-* engine -> front end: ``("reply", seq, [None | typed error per group])``, ``("step", wire_outputs, load)`` with
-  the outputs of this connection's requests (:func:`~accordion.cluster.outputs.to_wire` form) and the load after
-  the step; steps that pile up while the front end lags are merged into one frame, so the engine thread never
-  waits on a socket.
+* engine -> front end: ``("reply", seq, [None | typed error per group])``, ``("step", rows, others, load)`` with
+  the outputs of this connection's requests and the load after the step: ``rows`` the plain token outputs as
+  ``[request id, new token ids, prompt tokens, cached tokens]`` (msgpack's own arrays: cheap to encode), ``others``
+  the rest (finished, logprobs, errors, :class:`RequestMoved`) in order; a request's rows always precede its other
+  items. Steps that pile up while the front end lags are merged into one frame, so the engine thread never waits
+  on a socket.
 
 A request's outputs go to the connection that submitted it until it finishes or moves (migration); outputs of
 every other request (migrated here, sequence-parallel, submitted through Ray) go through Ray as before. When a
@@ -63,7 +65,8 @@ class _Connection:
     def __init__(self, server: DirectServer, sock: socket.socket, peer: str):
         self.server, self.sock, self.peer = server, sock, peer
         self._cond = threading.Condition()
-        self._outputs: list = []
+        self._rows: list = []
+        self._others: list = []
         self._load: LoadReport | None = None
         self._replies: list[tuple] = []
         self._closed = False
@@ -72,10 +75,11 @@ class _Connection:
         threading.Thread(target=self._read, name=f"direct-read-{self.peer}", daemon=True).start()
         threading.Thread(target=self._send, name=f"direct-send-{self.peer}", daemon=True).start()
 
-    def push(self, outputs: list, load: LoadReport) -> None:
+    def push(self, rows: list, others: list, load: LoadReport) -> None:
         """Queue a step's outputs and load for sending (engine thread; never blocks on the socket)."""
         with self._cond:
-            self._outputs.extend(outputs)
+            self._rows.extend(rows)
+            self._others.extend(others)
             self._load = load
             self._cond.notify()
 
@@ -128,11 +132,11 @@ class _Connection:
                     if self._closed:
                         return
                     replies, self._replies = self._replies, []
-                    outputs, load = self._outputs, self._load
-                    self._outputs, self._load = [], None
+                    rows, others, load = self._rows, self._others, self._load
+                    self._rows, self._others, self._load = [], [], None
                 frames = [encode_frame(r) for r in replies]
                 if load is not None:
-                    frames.append(encode_frame(("step", outputs, load)))
+                    frames.append(encode_frame(("step", rows, others, load)))
                 self.sock.sendall(b"".join(frames))
         except (OSError, CodecError, TypeError) as e:
             logger.info("direct connection to %s: send failed: %s", self.peer, e)
@@ -221,17 +225,20 @@ class DirectServer:
         with self._lock:
             if not self._conns:
                 return outputs
-            mine: dict[_Connection, list] = {c: [] for c in self._conns}
+            mine: dict[_Connection, tuple[list, list]] = {c: ([], []) for c in self._conns}
             rest = []
             for o in outputs:
-                rid = o[0] if type(o) is tuple else o.request_id
+                plain = type(o) is tuple
+                rid = o[0] if plain else o.request_id
                 conn = self._owners.get(rid)
                 if conn is None or conn not in mine:
                     rest.append(o)
-                    continue
-                mine[conn].append(o)
-                if type(o) is not tuple and (type(o) is RequestMoved or o.finished):
-                    del self._owners[rid]
-        for conn, outs in mine.items():
-            conn.push(outs, load)
+                elif plain:
+                    mine[conn][0].append(list(o))
+                else:
+                    mine[conn][1].append(o)
+                    if type(o) is RequestMoved or o.finished:
+                        del self._owners[rid]
+        for conn, (rows, others) in mine.items():
+            conn.push(rows, others, load)
         return rest

@@ -6,9 +6,9 @@ instance's output stream (one ``(outputs, LoadReport)`` batch per engine step) a
 new request with a :class:`Router` over the latest load reports. Where an instance offers one, requests go over a
 direct connection to its engine process (:mod:`.direct_client` / :mod:`.direct_server`), and their outputs come
 back on it; the Ray stream then carries only the rest (migrated requests, sequence-parallel prefills). A broken
-direct connection fails its requests (the engine aborts them) and is reopened. Submissions to one instance are batched: one
-``add_request_groups`` call is in flight per instance and whatever arrives meanwhile rides the next one, so a burst
-of N requests costs a few actor calls, not N. An instance whose stream breaks (it died) fails its requests with an
+direct connection fails its requests (the engine aborts them) and is reopened. Submissions through Ray to one
+instance are batched: one ``add_request_groups`` call is in flight per instance and whatever arrives meanwhile
+rides the next one, so a burst of N requests costs a few actor calls, not N. An instance whose stream breaks (it died) fails its requests with an
 ERROR delta.
 
 With elastic sequence parallelism on, an :class:`~accordion.cluster.sp_placement.SPPlacement` places long prompts
@@ -236,7 +236,7 @@ class RayEngineClient(EngineFrontend):
         try:
             await asyncio.sleep(delay_s)
             self._direct[iid] = await DirectClient.connect(
-                iid, d["address"], d["token"], lambda wire, load: self._on_direct_step(rec, wire, load),
+                iid, d["address"], d["token"], lambda outputs, load: self._on_direct_step(rec, outputs, load),
                 lambda reason: self._on_direct_lost(iid, reason))
             logger.info("direct connection to %s at %s", iid, d["address"])
         except (OSError, asyncio.TimeoutError) as e:
@@ -247,9 +247,8 @@ class RayEngineClient(EngineFrontend):
             self._first_connect.discard(iid)
             self._changed.set()
 
-    def _on_direct_step(self, rec: InstanceRecord, wire: list, load: LoadReport) -> None:
+    def _on_direct_step(self, rec: InstanceRecord, outputs: list, load: LoadReport) -> None:
         self._take_load(rec, load)
-        outputs = from_wire(wire)
         ids = self._direct_ids.get(rec.instance_id)
         if ids:
             ids.difference_update(o.request_id for o in outputs if type(o) is RequestMoved or o.finished)
