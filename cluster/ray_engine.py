@@ -8,8 +8,8 @@ direct connection to its engine process (:mod:`.direct_client` / :mod:`.direct_s
 back on it; the Ray stream then carries only the rest (migrated requests, sequence-parallel prefills). A broken
 direct connection fails its requests (the engine aborts them) and is reopened. Submissions through Ray to one
 instance are batched: one ``add_request_groups`` call is in flight per instance and whatever arrives meanwhile
-rides the next one, so a burst of N requests costs a few actor calls, not N. An instance whose stream breaks (it died) fails its requests with an
-ERROR delta.
+rides the next one, so a burst of N requests costs a few actor calls, not N. An instance whose stream breaks (it
+died) fails its requests with an ERROR delta.
 
 With elastic sequence parallelism on, an :class:`~accordion.cluster.sp_placement.SPPlacement` places long prompts
 (instance groups for sequence-parallel prefills, compaction before one, multi-master placements) and arranges the
