@@ -171,10 +171,11 @@ def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, s
             if path == "offline":
                 off_runs.append(offline.throughput(prompts))
             else:
-                spy = (start_py_spy(spy_pids[1], f"{args.py_spy}.loaded") if spy_pids and r == args.rounds - 1
-                       else None)
+                spies = ([start_py_spy(spy_pids[1], f"{args.py_spy}.loaded"),
+                          start_py_spy(spy_pids[0], f"{args.py_spy}.client", subprocesses=False)]
+                         if spy_pids and r == args.rounds - 1 else [])
                 srv_runs.append(served.throughput(prompts))
-                if spy is not None:
+                for spy in spies:
                     spy.wait(timeout=60)
         print(f"round {r}: offline {off_runs[-1]['output_tok_s']:.0f} tok/s ({off_runs[-1]['engine_loop']}), "
               f"served {srv_runs[-1]['output_tok_s']:.0f} tok/s", flush=True)
@@ -264,7 +265,7 @@ def main() -> None:
                           if "busy period: " in ln][1:]  # after the warm-up's
     print("served engine loop:", *srv["engine_loop"], sep="\n  ")
     spied = {os.getpid(): "low load, this process (offline)", proc.pid: "low load, server tree",
-             "loaded": "last served round, server tree"}
+             "loaded": "last served round, server tree", "client": "last served round, this process (client)"}
     for key, what in spied.items() if args.py_spy else ():
         if Path(f"{args.py_spy}.{key}").exists():
             print(f"py-spy, {what}:")
