@@ -72,6 +72,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch the next greedy decode step before reading back the current one "
                         f"(default: {'on' if SchedulerConfig.async_scheduling else 'off'})")
+    e.add_argument("--engine-switch-interval-us", type=float, default=SchedulerConfig.engine_thread_switch_interval_us,
+                   help="sys.setswitchinterval of the engine processes, in microseconds (0: Python's 5 ms)")
+
+
+def _switch_interval(args: argparse.Namespace) -> float | None:
+    us = getattr(args, "engine_switch_interval_us", SchedulerConfig.engine_thread_switch_interval_us)
+    return None if not us else us
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -86,7 +93,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   async_scheduling=(SchedulerConfig.async_scheduling
                                                     if getattr(args, "async_scheduling", None) is None
                                                     else args.async_scheduling),
-                                  max_out_of_order=getattr(args, "max_out_of_order", 0)),
+                                  max_out_of_order=getattr(args, "max_out_of_order", 0),
+                                  engine_thread_switch_interval_us=_switch_interval(args)),
         device=DeviceConfig(device=args.device),
     )
 

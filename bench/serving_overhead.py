@@ -159,6 +159,8 @@ def server_command(path: str, port: int, args) -> list[str]:
         cmd = cmd[:3] + ["--verbose"] + cmd[3:] + ["--no-ray"]  # --verbose: the engine loop's timing lines
     if args.async_scheduling is not None:
         cmd += ["--async-scheduling" if args.async_scheduling else "--no-async-scheduling"]
+    if args.engine_switch_interval_us is not None:
+        cmd += ["--engine-switch-interval-us", str(args.engine_switch_interval_us)]
     return cmd
 
 
@@ -169,7 +171,11 @@ def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, s
     for r in range(args.rounds):
         for path in ("offline", "served") if r % 2 == 0 else ("served", "offline"):
             if path == "offline":
+                spy = (start_py_spy(spy_pids[0], f"{args.py_spy}.offline", subprocesses=False)
+                       if spy_pids and r == args.rounds - 1 else None)
                 off_runs.append(offline.throughput(prompts))
+                if spy is not None:
+                    spy.wait(timeout=60)
             else:
                 spies = ([start_py_spy(spy_pids[1], f"{args.py_spy}.loaded"),
                           start_py_spy(spy_pids[0], f"{args.py_spy}.client", subprocesses=False)]
@@ -229,6 +235,7 @@ def main() -> None:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="both paths with async scheduling on (off); default: the engine's default")
     ap.add_argument("--no-ray", action="store_true", help="serve with the engine in the server process")
+    ap.add_argument("--engine-switch-interval-us", type=float, default=None, help="passed to the server")
     ap.add_argument("--py-spy", default=None, metavar="PREFIX",
                     help="sample this process and the server (all processes, threads) during the low-load requests; "
                          "raw stacks to PREFIX.<pid>")
@@ -265,7 +272,8 @@ def main() -> None:
                           if "busy period: " in ln][1:]  # after the warm-up's
     print("served engine loop:", *srv["engine_loop"], sep="\n  ")
     spied = {os.getpid(): "low load, this process (offline)", proc.pid: "low load, server tree",
-             "loaded": "last served round, server tree", "client": "last served round, this process (client)"}
+             "loaded": "last served round, server tree", "client": "last served round, this process (client)",
+             "offline": "last offline round, this process"}
     for key, what in spied.items() if args.py_spy else ():
         if Path(f"{args.py_spy}.{key}").exists():
             print(f"py-spy, {what}:")
