@@ -54,9 +54,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket):
+HELLO_MAX_BYTES = 1024
+"""The token frame is small: an unauthenticated peer cannot make the engine buffer more than this."""
+
+
+def recv_frame(sock: socket.socket, max_bytes: int | None = None):
     """One decoded message from a blocking socket (raises ConnectionError / CodecError)."""
-    return decode_payload(_recv_exact(sock, frame_length(_recv_exact(sock, HEADER.size))))
+    n = frame_length(_recv_exact(sock, HEADER.size))
+    if max_bytes is not None and n > max_bytes:
+        raise CodecError(f"frame of {n} bytes where at most {max_bytes} were expected")
+    return decode_payload(_recv_exact(sock, n))
 
 
 class _Connection:
@@ -104,7 +111,7 @@ class _Connection:
     def _read(self) -> None:
         try:
             self.sock.settimeout(10.0)  # the hello comes at once or never
-            kind, token = recv_frame(self.sock)
+            kind, token = recv_frame(self.sock, HELLO_MAX_BYTES)
             if kind != "hello" or not isinstance(token, str) or not hmac.compare_digest(token, self.server.token):
                 logger.warning("direct connection from %s refused: bad token", self.peer)
                 return

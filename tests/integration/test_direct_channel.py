@@ -44,7 +44,7 @@ def test_requests_travel_the_direct_connections(stack, offline):
     assert not any(stack.engine._direct_ids.values())
 
 
-def test_wrong_token_is_refused_and_the_engine_keeps_serving(stack):
+def test_wrong_token_or_huge_hello_is_refused_and_the_engine_keeps_serving(stack):
     rec = stack.instances()[0]
     host, _, port = rec.info["direct"]["address"].rpartition(":")
     assert host == "127.0.0.1"  # the node's Ray address: loopback here
@@ -54,6 +54,10 @@ def test_wrong_token_is_refused_and_the_engine_keeps_serving(stack):
         sock.sendall(encode_frame(("submit", 0, [[req]])))
         with pytest.raises(ConnectionError):
             recv_frame(sock)  # closed without a reply
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall((32 << 20).to_bytes(4, "big"))  # a "hello" of 32 MiB: refused before it is read
+        with pytest.raises(ConnectionError):
+            recv_frame(sock)
     res = asyncio.run(_generate(stack.target, 2, 3))
     assert all(not isinstance(r, BaseException) for r in res)
     stack.check_idle()
