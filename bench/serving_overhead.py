@@ -201,7 +201,7 @@ def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, s
     off_tok = statistics.median(r["output_tok_s"] for r in off_runs)
     srv_tok = statistics.median(r["output_tok_s"] for r in srv_runs)
     # Server-side split of the low-load TTFT: queue = front end accepted -> first scheduled on the instance
-    # (includes the hop to the actor); prefill = first scheduled -> first token sampled.
+    # (includes the hop to the engine process); prefill = first scheduled -> first token sampled.
     queue = [t.queue_ms for t in srv_timings if t is not None]
     prefill = [t.prefill_ms for t in srv_timings if t is not None]
     ratios = [s["output_tok_s"] / o["output_tok_s"] for s, o in zip(srv_runs, off_runs)]
@@ -286,7 +286,7 @@ def main() -> None:
                                       "added_ttft_pairs_p50_ms": res["added_ttft_pairs_p50_ms"],
                                       "throughput_ratio": ratio, "added_ttft_p50_ms": added})
     print_table([["offline LLM", f"{off['output_tok_s']:.0f}", f"{off['ttft_p50_ms']:.2f}"],
-                 ["gRPC + Ray", f"{srv['output_tok_s']:.0f}", f"{srv['ttft_p50_ms']:.2f}"]],
+                 ["served (gRPC)", f"{srv['output_tok_s']:.0f}", f"{srv['ttft_p50_ms']:.2f}"]],
                 ["path", f"output tok/s (median of {args.rounds})", "p50 TTFT ms (low load)"])
     print("low-load TTFT ms, in order: offline", off["ttft_ms"], "\n  served", srv["ttft_ms"],
           "\n  served, engine prefill", srv["server_prefill_ms"])
