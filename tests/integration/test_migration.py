@@ -144,8 +144,10 @@ def test_migration_without_room_keeps_the_request_running(tiny_ckpt):
 
 
 def test_removal_migrates_a_long_decode_instead_of_waiting_for_it(tiny_ckpt):
-    """Removing the instance that decodes a 1900-token request moves the request to the other instance: the
-    removal returns (cleanly) while the request still decodes, and the output equals the single-instance one."""
+    """Removing the instance that decodes a 1900-token request moves the request to the other instance instead of
+    waiting for it: the drain ends cleanly with the request migrated (a request that ended first cannot migrate),
+    and the output equals the single-instance one. Whether it is still decoding on B when the removal returns is
+    not asserted: re-forming the group after the removal may outlast B's last ~1890 tiny-model steps (CI)."""
     path = tiny_ckpt("tiny-llama")
     prompt = random_prompts(1, [40], 500, seed=43)[0]
     params = SamplingParams(max_tokens=1900, min_tokens=1900, temperature=0)
@@ -162,12 +164,10 @@ def test_removal_migrates_a_long_decode_instead_of_waiting_for_it(tiny_ckpt):
             await f.reach(10)
             t0 = time.monotonic()
             clean = await cluster.manager.remove_instance.remote(a, True, 60.0)
-            removal_s, at_removal = time.monotonic() - t0, len(f.tokens)
-            still_running = not f.task.done()
-            return clean, removal_s, at_removal, still_running, await f.task, f.errors
+            return clean, time.monotonic() - t0, await f.task, f.errors
 
-        clean, removal_s, at_removal, still_running, tokens, errors = cluster.run(scenario(), timeout=120)
-        assert clean and still_running and at_removal < len(expected), (removal_s, at_removal)
+        clean, removal_s, tokens, errors = cluster.run(scenario(), timeout=120)
+        assert clean, removal_s
         assert errors == [] and tokens == expected
         assert list(cluster.run(cluster.manager.ranks.remote())) == [b]
         assert cluster.run(cluster.manager.migration_stats.remote()) == {"migrated": 1, "failed": 0}
