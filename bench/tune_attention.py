@@ -43,11 +43,9 @@ POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_s
                dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=32, num_warps=4, num_stages=2, maxnreg=168),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=4, num_stages=2, maxnreg=168),
                dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168)]
-# --orders: the default tiles with the work order changed (kv heads fastest), the decode loop's unmasked full tiles
-# and L2 eviction hint, each timed eagerly and in a CUDA graph
-ORDER_DECODE = [dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=hf, SPLIT_TAIL=tail, KV_EVICT=evict)
-                for hf, tail, evict in [(False, False, ""), (True, False, ""), (True, True, ""),
-                                        (True, False, "evict_first"), (True, True, "evict_first")]]
+# --orders: the default tiles with the work order changed (kv heads fastest), each timed eagerly and in a CUDA graph
+ORDER_DECODE = [dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=False),
+                dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=True)]
 ORDER_POD = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3, D_HEADS_FASTEST=False),
              dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3, D_HEADS_FASTEST=True)]
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
@@ -129,7 +127,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
-    ap.add_argument("--skip-pod", action="store_true")
     ap.add_argument("--orders", action="store_true",
                     help="only the default tiles, kv heads fastest or not, auto splits, decode also in CUDA graphs")
     args = ap.parse_args()
@@ -147,7 +144,7 @@ def main() -> None:
     if args.orders and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (256, 32768)]
     decode = [] if args.skip_decode else tune_decode(dev, dtype, dshapes, auto_only=args.orders)
-    pod = [] if args.skip_pod else tune_pod(dev, dtype, hybrids)
+    pod = tune_pod(dev, dtype, hybrids)
     res = resources() if dev.type == "cuda" else []
     path = write_result("tune-attention", dict(decode=decode, pod=pod, resources=res, quick=args.quick))
     best = {}
@@ -156,8 +153,7 @@ def main() -> None:
         if k not in best or r["vs_sdpa"] > best[k]["vs_sdpa"]:
             best[k] = r
     print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
-                  + (" heads-fastest" if r.get("HEADS_FASTEST") else "") + (" tail" if r.get("SPLIT_TAIL") else "")
-                  + (f" {r['KV_EVICT']}" if r.get("KV_EVICT") else ""),
+                  + (" heads-fastest" if r.get("HEADS_FASTEST") else ""),
                   f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}",
                   f"{r.get('graph_vs_sdpa', float('nan')):.3f}"]
                  for k, r in best.items()],

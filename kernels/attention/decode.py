@@ -127,8 +127,7 @@ def paged_decode_attention(
     meta = dict(
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
         BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(q.dtype),
-        HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), SPLIT_TAIL=bool(cfg.get("SPLIT_TAIL", False)),
-        KV_EVICT=cfg.get("KV_EVICT", ""), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     common = (
         q.stride(0), q.stride(1),

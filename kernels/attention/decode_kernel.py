@@ -47,12 +47,8 @@ def decode_work(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr = False,
-    KV_EVICT: tl.constexpr = "",
 ):
-    """One (b, kvh, split) decode work item; stores normalised out rows and their lse. ``SPLIT_TAIL``: full key
-    tiles without masks, then the partial last one masked (as the prefill kernel does); ``KV_EVICT``: see
-    `paged_attn_loop`."""
+    """One (b, kvh, split) decode work item; stores normalised out rows and their lse."""
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * split_len
@@ -68,25 +64,13 @@ def decode_work(
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
-    k_base, v_base, bt_row = k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb
-    if SPLIT_TAIL:
-        full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = paged_attn_loop(
-            acc, l_i, m_i, q, offs_h, k_base, v_base, bt_row, lo, full_end, hi,
-            stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False, DOT_PRECISION, KV_EVICT,
-        )
-        acc, l_i, m_i = paged_attn_loop(
-            acc, l_i, m_i, q, offs_h, k_base, v_base, bt_row, full_end, hi, hi,
-            stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION, KV_EVICT,
-        )
-    else:
-        acc, l_i, m_i = paged_attn_loop(
-            acc, l_i, m_i, q, offs_h, k_base, v_base, bt_row, lo, hi, hi,
-            stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION, KV_EVICT,
-        )
+    acc, l_i, m_i = paged_attn_loop(
+        acc, l_i, m_i, q, offs_h,
+        k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
+        lo, hi, hi,
+        stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
+    )
     out, lse = finalize(acc, l_i, m_i)
     o_off = b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
@@ -111,8 +95,6 @@ def paged_decode_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr,
-    KV_EVICT: tl.constexpr,
 ):
     """Grid (B, Hkv, NUM_SPLITS), or (Hkv, B, NUM_SPLITS) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
@@ -126,7 +108,7 @@ def paged_decode_kernel(
         b, kvh, tl.program_id(2),
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, NUM_SPLITS, DOT_PRECISION, SPLIT_TAIL, KV_EVICT,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, NUM_SPLITS, DOT_PRECISION,
     )
 
 
