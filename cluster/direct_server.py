@@ -77,6 +77,8 @@ class _Connection:
         self._load: LoadReport | None = None
         self._replies: list[tuple] = []
         self._closed = False
+        self.authenticated = False
+        """Set once the peer presented the token; until then it is sent nothing, not even load reports."""
 
     def start(self) -> None:
         threading.Thread(target=self._read, name=f"direct-read-{self.peer}", daemon=True).start()
@@ -115,6 +117,7 @@ class _Connection:
             if kind != "hello" or not isinstance(token, str) or not hmac.compare_digest(token, self.server.token):
                 logger.warning("direct connection from %s refused: bad token", self.peer)
                 return
+            self.authenticated = True
             self.sock.settimeout(None)
             while True:
                 msg = recv_frame(self.sock)
@@ -230,9 +233,9 @@ class DirectServer:
         """Hand each connection its requests' outputs (and every connection the load); the rest, returned, go
         through Ray. ``outputs`` in wire form."""
         with self._lock:
-            if not self._conns:
+            if not any(c.authenticated for c in self._conns):
                 return outputs
-            mine: dict[_Connection, tuple[list, list]] = {c: ([], []) for c in self._conns}
+            mine: dict[_Connection, tuple[list, list]] = {c: ([], []) for c in self._conns if c.authenticated}
             rest = []
             for o in outputs:
                 plain = type(o) is tuple

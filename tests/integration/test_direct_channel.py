@@ -49,6 +49,7 @@ def test_wrong_token_or_huge_hello_is_refused_and_the_engine_keeps_serving(stack
     host, _, port = rec.info["direct"]["address"].rpartition(":")
     assert host == "127.0.0.1"  # the node's Ray address: loopback here
     with socket.create_connection((host, int(port)), timeout=10) as sock:
+        asyncio.run(_generate(stack.target, 2, 3))  # steps run while it is connected: it must hear none of them
         sock.sendall(encode_frame(("hello", "0" * 64)))
         req = Request(request_id="intruder-0", prompt_token_ids=[1, 2], sampling_params=SamplingParams(max_tokens=2))
         sock.sendall(encode_frame(("submit", 0, [[req]])))
