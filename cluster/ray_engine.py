@@ -4,7 +4,7 @@ The request path is :class:`EngineFrontend`'s. This class adds where requests go
 membership (:meth:`GlobalManager.watch`, a long poll), keeps one pump task per instance that consumes the
 instance's output stream (one ``(outputs, LoadReport)`` batch per engine step) and dispatches it, and routes each
 new request with a :class:`Router` over the latest load reports. Where an instance offers one, requests go over a
-direct connection to its engine process (:mod:`.direct_client` / :mod:`.direct_server`), and their outputs come
+direct connection to its engine process (:mod:`.direct_routes` over :mod:`.direct_server`), and their outputs come
 back on it; the Ray stream then carries only the rest (migrated requests, sequence-parallel prefills). A broken
 direct connection fails its requests (the engine aborts them) and is reopened. Submissions through Ray to one
 instance are batched: one ``add_request_groups`` call is in flight per instance and whatever arrives meanwhile
@@ -25,15 +25,15 @@ from collections.abc import Awaitable, Callable
 
 import accordion
 from accordion.cluster.config import EngineConfig, ESPConfig
-from accordion.cluster.direct_client import DirectClient
+from accordion.cluster.direct_routes import DirectRoutes
 from accordion.cluster.engine_client import InstanceInfo, ServerInfo
 from accordion.cluster.engine_frontend import EngineFrontend, RetryElsewhere, model_info_for
 from accordion.cluster.errors import EngineOverloadedError, EngineUnavailableError, RequestValidationError, short_error
 from accordion.cluster.global_manager import InstanceRecord
 from accordion.cluster.instance_actor import unwrap_ray_error
 from accordion.cluster.load import LoadReport
-from accordion.cluster.outputs import EngineOutput, RequestMoved, from_wire
-from accordion.cluster.request import FinishReason, Request
+from accordion.cluster.outputs import from_wire
+from accordion.cluster.request import Request
 from accordion.cluster.router import InstanceLoad, LeastLoaded, Router
 from accordion.cluster.sp_placement import SPPlacement
 from accordion.cluster.tokenizer import Tokenizer
@@ -98,16 +98,9 @@ class RayEngineClient(EngineFrontend):
         self._refused: set[str] = set()
         self._sent: dict[str, int] = {}
         self._batchers: dict[str, SubmitBatcher] = {}
-        self._direct: dict[str, DirectClient] = {}
-        """Open connections to the instances' engine processes (:mod:`.direct_server`): the requests go there."""
-        self._connecting: dict[str, asyncio.Task] = {}
-        self._first_connect: set[str] = set()
-        """Instances whose first direct connection is being made: not routable until it is (or failed)."""
-        self._direct_ids: dict[str, set[str]] = {}
-        """Per instance, the engine requests submitted over its direct connection and not finished there."""
-        self.sent_direct = 0
-        """Submissions that went over a direct connection (for tests and debugging)."""
-        self._closing = False
+        self.direct = DirectRoutes(self._take_load, self._on_route_outputs, lambda: self._changed.set(),
+                                   self._reconnect_to, self._refused.add)
+        """Connections to the instances' engine processes (:mod:`.direct_server`): requests go there when open."""
         self.routed: dict[str, int] = {}
         """Requests (not children) routed to each instance since start; for tests and debugging."""
         self._changed = asyncio.Event()
@@ -163,10 +156,8 @@ class RayEngineClient(EngineFrontend):
         for r in records:
             if r.routable and r.instance_id not in self._pumps:
                 self._pumps[r.instance_id] = asyncio.get_running_loop().create_task(self._pump(r))
-            iid = r.instance_id
-            if r.routable and r.info.get("direct") and iid not in self._direct and iid not in self._connecting:
-                self._first_connect.add(iid)
-                self._connecting[iid] = asyncio.get_running_loop().create_task(self._connect_direct(r))
+            if r.routable:
+                self.direct.follow(r)
         logger.info("membership v%d: %s", version, {r.instance_id: r.state.value for r in records})
         self._changed.set()
 
@@ -181,7 +172,8 @@ class RayEngineClient(EngineFrontend):
 
     def _routable(self) -> list[str]:
         return [i for i, r in self._records.items()
-                if r.routable and i in self._subscribed and i not in self._refused and i not in self._first_connect]
+                if r.routable and i in self._subscribed and i not in self._refused
+                and not self.direct.first_connection_pending(i)]
 
     # ---- output streams ----------------------------------------------------------------------------------------
 
@@ -227,59 +219,9 @@ class RayEngineClient(EngineFrontend):
             for rid, _, _ in load.spills:
                 rec.handle.engine_call.remote("spill_failed", rid)
 
-    # ---- direct connections ------------------------------------------------------------------------------------
-
-    async def _connect_direct(self, rec: InstanceRecord, delay_s: float = 0.0) -> None:
-        """Connect to the instance's engine socket (the first time, the instance is not routable from here until
-        this ends: its first requests should not take the slow path). On failure its requests go through Ray."""
-        iid, d = rec.instance_id, rec.info["direct"]
-        try:
-            await asyncio.sleep(delay_s)
-            self._direct[iid] = await DirectClient.connect(
-                iid, d["address"], d["token"], lambda outputs, load: self._on_direct_step(rec, outputs, load),
-                lambda reason: self._on_direct_lost(iid, reason))
-            logger.info("direct connection to %s at %s", iid, d["address"])
-        except (OSError, asyncio.TimeoutError) as e:
-            logger.warning("no direct connection to %s at %s (%s); its requests go through Ray", iid, d["address"],
-                           short_error(e))
-        finally:
-            self._connecting.pop(iid, None)
-            self._first_connect.discard(iid)
-            self._changed.set()
-
-    def _on_direct_step(self, rec: InstanceRecord, outputs: list, load: LoadReport) -> None:
-        self._take_load(rec, load)
-        ids = self._direct_ids.get(rec.instance_id)
-        if ids:
-            ids.difference_update(o.request_id for o in outputs if type(o) is RequestMoved or o.finished)
-        self._on_route_outputs(rec.instance_id, outputs)
-
-    def _on_direct_lost(self, iid: str, reason: str) -> None:
-        """The engine aborted this connection's requests when it closed: end them here too."""
-        self._direct.pop(iid, None)
-        lost = sorted(self._direct_ids.pop(iid, set()))
-        logger.warning("direct connection to %s lost (%s); %d request(s) failed", iid, reason, len(lost))
-        msg = f"engine instance {iid}: {reason}; request aborted"
-        self._on_route_outputs(iid, [EngineOutput(rid, [], finish_reason=FinishReason.ERROR, error=msg)
-                                     for rid in lost])
+    def _reconnect_to(self, iid: str) -> InstanceRecord | None:
         rec = self._records.get(iid)
-        if not self._closing and rec is not None and rec.routable and iid not in self._failed_routes:
-            self._connecting[iid] = asyncio.get_running_loop().create_task(self._connect_direct(rec, 0.2))
-
-    async def _send_direct(self, route: str, direct: DirectClient, requests: list[Request]) -> None:
-        ids = self._direct_ids.setdefault(route, set())
-        ids.update(r.request_id for r in requests)  # before the reply: outputs may come first
-        try:
-            (refused,) = await direct.submit_groups([requests])
-        except EngineUnavailableError as e:  # the connection went away: the instance may still take it via Ray
-            ids.difference_update(r.request_id for r in requests)
-            raise RetryElsewhere(str(e)) from None
-        if refused is not None:
-            ids.difference_update(r.request_id for r in requests)
-            if isinstance(refused, EngineUnavailableError):
-                self._refused.add(route)  # draining: stop routing there until membership says otherwise
-                raise RetryElsewhere(str(refused))
-            raise refused
+        return rec if rec is not None and rec.routable and iid not in self._failed_routes else None
 
     # ---- EngineFrontend hooks ----------------------------------------------------------------------------------
 
@@ -306,12 +248,10 @@ class RayEngineClient(EngineFrontend):
         if rec is None:
             raise RetryElsewhere("no longer a member")
         self._sent[route] = self._sent.get(route, 0) + len(requests)
-        direct = self._direct.get(route)
-        if direct is not None:
+        if self.direct.has(route):
             ok = False
             try:
-                await self._send_direct(route, direct, requests)
-                self.sent_direct += 1
+                await self.direct.submit(route, requests)
                 ok = True
             finally:
                 if not ok:
@@ -351,10 +291,7 @@ class RayEngineClient(EngineFrontend):
     def _send_abort(self, route: str, request_ids: list[str]) -> None:
         if self.sp_placement is not None:  # prefills not started yet: the manager drops them from its queue
             self.sp_placement.abort(request_ids)
-        direct, ids = self._direct.get(route), self._direct_ids.get(route, ())
-        if direct is not None and ids:  # ordered after their submission on the same socket
-            direct.abort([rid for rid in request_ids if rid in ids])
-            request_ids = [rid for rid in request_ids if rid not in ids]
+        request_ids = self.direct.abort(route, request_ids)  # those submitted there: after them on the socket
         rec = self._records.get(route)
         if request_ids and rec is not None and route not in self._failed_routes:
             rec.handle.abort.remote(request_ids)  # fire and forget; ordered after add_requests from this caller
@@ -385,10 +322,8 @@ class RayEngineClient(EngineFrontend):
 
     async def close(self) -> None:
         """Stop following the manager and the output streams (in-flight requests end with an error)."""
-        self._closing = True
-        tasks = [t for t in [self._watch_task, *self._pumps.values(), *self._connecting.values()] if t is not None]
+        tasks = [t for t in [self._watch_task, *self._pumps.values()] if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for direct in list(self._direct.values()):
-            await direct.close()
+        await self.direct.close()

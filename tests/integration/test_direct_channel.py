@@ -33,15 +33,15 @@ async def _generate(target: str, n: int, max_tokens: int, started: asyncio.Event
 
 def test_requests_travel_the_direct_connections(stack, offline):
     iids = sorted(r.instance_id for r in stack.instances())
-    assert sorted(stack.engine._direct) == iids  # connected before the instances became routable
-    before = stack.engine.sent_direct
+    assert stack.engine.direct.connected == iids  # connected before the instances became routable
+    before = stack.engine.direct.sent
     res = asyncio.run(_generate(stack.target, 6, 5))
-    assert stack.engine.sent_direct - before == 6
+    assert stack.engine.direct.sent - before == 6
     want = [o.outputs[0].token_ids for o in offline.generate([[9 + i, 4, 4, 2] for i in range(6)],
                                                               SamplingParams(max_tokens=5, temperature=0,
                                                                              ignore_eos=True))]
     assert [[t for ch in r for t in ch.token_ids] for r in res] == want
-    assert not any(stack.engine._direct_ids.values())
+    assert not any(stack.engine.direct.unfinished(i) for i in iids)
 
 
 def test_wrong_token_or_huge_hello_is_refused_and_the_engine_keeps_serving(stack):
@@ -73,7 +73,7 @@ def test_broken_connection_fails_its_requests_frees_blocks_and_reconnects(stack)
         await asyncio.wait_for(started.wait(), 30)
 
         async def cut():
-            for d in list(engine._direct.values()):
+            for d in list(engine.direct._clients.values()):
                 d._writer.transport.abort()
 
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(cut(), stack.loop))
@@ -84,9 +84,9 @@ def test_broken_connection_fails_its_requests_frees_blocks_and_reconnects(stack)
     assert all(r[-1].finish_reason == "error" and "connection" in r[-1].error for r in res)
     stack.wait_idle(time.monotonic() + 10)  # the engines aborted the orphaned requests: every block is free
     deadline = time.monotonic() + 10
-    while sorted(engine._direct) != sorted(r.instance_id for r in stack.instances()):
+    while engine.direct.connected != sorted(r.instance_id for r in stack.instances()):
         assert time.monotonic() < deadline, "direct connections did not come back"
         time.sleep(0.05)
-    before = engine.sent_direct
+    before = engine.direct.sent
     assert all(not isinstance(r, BaseException) for r in asyncio.run(_generate(stack.target, 2, 3)))
-    assert engine.sent_direct - before == 2
+    assert engine.direct.sent - before == 2
