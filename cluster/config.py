@@ -218,8 +218,8 @@ class ClusterConfig:
     actor_niceness: int | None = 0
     """Niceness of the manager's and the instances' worker processes (inherited by the engine processes). Ray
     renices every worker process to 15 (its ``worker_niceness``), so the engine's host loop, Python that launches
-    the GPU's work, lost the CPU to every nice-0 process on the node (the front end, the client, Ray's daemons):
-    steps ran ~25% slower served than offline on an H100. None keeps Ray's default."""
+    the GPU's work, would yield the CPU to every nice-0 process on the node (the front end, the client, Ray's
+    daemons). None keeps Ray's default."""
 
     def __post_init__(self) -> None:
         if self.gpus_per_instance < 0 or self.cpus_per_instance < 0:

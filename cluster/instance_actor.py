@@ -141,8 +141,8 @@ class InstanceActor:
         self._info = await asyncio.to_thread(engine.start)
         self._engine = engine
         self._accepting = True
-        shown = {k: v for k, v in self._info.items() if k != "direct"} | (
-            {"direct": self._info["direct"]["address"]} if "direct" in self._info else {})  # never the token
+        shown = ({**self._info, "direct": self._info["direct"]["address"]} if "direct" in self._info
+                 else self._info)  # never the token
         logger.info("instance %s started: %s", self.instance_id, shown)
         return self._info
 

@@ -248,23 +248,24 @@ class RayEngineClient(EngineFrontend):
         if rec is None:
             raise RetryElsewhere("no longer a member")
         self._sent[route] = self._sent.get(route, 0) + len(requests)
-        if self.direct.has(route):
-            ok = False
-            try:
+        ok = False
+        try:
+            if self.direct.has(route):
                 await self.direct.submit(route, requests)
-                ok = True
-            finally:
-                if not ok:
-                    self._sent[route] -= len(requests)
-            self.routed[route] = self.routed.get(route, 0) + 1
-            return
+            else:
+                await self._submit_via_ray(rec, route, requests)
+            ok = True
+        finally:
+            if not ok:
+                self._sent[route] -= len(requests)
+        self.routed[route] = self.routed.get(route, 0) + 1
+
+    async def _submit_via_ray(self, rec: InstanceRecord, route: str, requests: list[Request]) -> None:
         batcher = self._batchers.get(route)
         if batcher is None:
             batcher = self._batchers[route] = SubmitBatcher(rec.handle.add_request_groups.remote)
-        ok = False
         try:
             await batcher.submit(requests)
-            ok = True
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -275,10 +276,6 @@ class RayEngineClient(EngineFrontend):
             if cause is e and not isinstance(e, _TYPED_ERRORS):  # not raised by the instance: the actor is gone
                 raise EngineUnavailableError(f"engine instance {route} is unavailable ({short_error(e)})") from None
             raise cause from None
-        finally:
-            if not ok:
-                self._sent[route] -= len(requests)
-        self.routed[route] = self.routed.get(route, 0) + 1
 
     async def _place(self, stream, requests: list[Request]) -> None:
         try:

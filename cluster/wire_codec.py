@@ -10,7 +10,6 @@ peer can send data, never code. Frames are a 4-byte big-endian length and the pa
 from __future__ import annotations
 
 import dataclasses
-import enum
 import struct
 
 import msgpack
@@ -41,12 +40,12 @@ def _default(obj):
         return obj.item()
     if t is tuple:
         return msgpack.ExtType(_TUPLE, _pack(list(obj)))
-    if isinstance(obj, enum.Enum) and t.__name__ in ENUMS:
+    if ENUMS.get(t.__name__) is t:
         return msgpack.ExtType(_ENUM, _pack([t.__name__, obj.value]))
-    if t.__name__ in DATACLASSES and DATACLASSES[t.__name__] is t:
+    if DATACLASSES.get(t.__name__) is t:
         values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
         return msgpack.ExtType(_DATACLASS, _pack([t.__name__, values]))
-    if t.__name__ in ERRORS and ERRORS[t.__name__] is t:
+    if ERRORS.get(t.__name__) is t:
         return msgpack.ExtType(_ERROR, _pack([t.__name__, list(obj.__reduce__()[1])]))  # its constructor's args
     raise TypeError(f"{t.__name__} does not cross the engine socket")
 

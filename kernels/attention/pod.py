@@ -164,7 +164,6 @@ def pod_attention(
         P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
         D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"], NUM_SPLITS=splits,
         USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
-        D_HEADS_FASTEST=bool(cfg.get("D_HEADS_FASTEST", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if "maxnreg" in cfg and pq.is_cuda and not is_interpreter():

@@ -6,8 +6,7 @@ work items (`decode_work`), each from its kind's global atomic ticket; a program
 the other kind, then exits. So compute-bound prefill tiles and bandwidth-bound decode tiles co-run on every SM
 until one kind is done, and every tile runs exactly once whatever the grid. Needs a zeroed int32 counter buffer
 of 2 + SMID_SLOTS entries.
-Tile orders: prefill heaviest causal m-tiles first, heads of one GQA group adjacent; decode (b, kv_head, split)
-(or (b, split, kv_head), D_HEADS_FASTEST).
+Tile orders: prefill heaviest causal m-tiles first, heads of one GQA group adjacent; decode (b, kv_head, split).
 """
 
 import triton
@@ -55,7 +54,6 @@ def pod_attention_kernel(
     USE_SMID: tl.constexpr,
     SMID_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    D_HEADS_FASTEST: tl.constexpr,
 ):
     """Grid: any size (each program loops); best one program per resident slot of every SM."""
     if USE_SMID:
@@ -76,7 +74,7 @@ def pod_attention_kernel(
                   stride_pot, stride_poh, stride_plt, stride_plh,
                   stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
                   GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, NUM_SPLITS,
-                  DOT_PRECISION, D_HEADS_FASTEST)
+                  DOT_PRECISION)
         else:
             kind = 1 - kind
             switches += 1
@@ -94,10 +92,9 @@ def _tile(
     stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, P_BLOCK_M: tl.constexpr,
     P_BLOCK_N: tl.constexpr, D_BLOCK_H: tl.constexpr, D_BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, D_HEADS_FASTEST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Tile ``idx`` of ``kind`` (0: prefill (m_tile, b, qh), heaviest m-tiles first; 1: decode (b, kvh, split), or
-    (b, split, kvh) when D_HEADS_FASTEST: consecutive tickets then read the same tokens of neighbouring kv heads)."""
+    """Tile ``idx`` of ``kind`` (0: prefill (m_tile, b, qh), heaviest m-tiles first; 1: decode (b, kvh, split))."""
     if kind == 0:
         per_m = num_heads * num_prefill_seqs
         m_tile = num_m_tiles - 1 - idx // per_m
@@ -110,17 +107,11 @@ def _tile(
             GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, DOT_PRECISION,
         )
     else:
-        if D_HEADS_FASTEST:
-            kvh = idx % num_kv_heads
-            r = idx // num_kv_heads
-            b, split = r // NUM_SPLITS, r % NUM_SPLITS
-        else:
-            split = idx % NUM_SPLITS
-            r = idx // NUM_SPLITS
-            b, kvh = r // num_kv_heads, r % num_kv_heads
+        split = idx % NUM_SPLITS
+        r = idx // NUM_SPLITS
         decode_work(
             dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr,
-            b, kvh, split,
+            r // num_kv_heads, r % num_kv_heads, split,
             stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_dbt,
             stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
             GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, NUM_SPLITS, DOT_PRECISION,
