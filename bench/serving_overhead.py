@@ -67,6 +67,13 @@ class Offline:
         return time.perf_counter() - t
 
 
+def triton_compilations() -> int:
+    """Kernels compiled on this machine so far (entries of Triton's on-disk cache, shared by the server's engine
+    and this process): a count that grows during a timed round means a step waited on a compilation."""
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    return sum(1 for _ in cache.iterdir()) if cache.is_dir() else 0
+
+
 def start_py_spy(pid: int, out_path: str, subprocesses: bool = True):
     """Sample a process (and its children: the server's Ray workers) for a few seconds, every thread, raw stacks."""
     cmd = ["py-spy", "record", "--pid", str(pid), *(["--subprocesses"] if subprocesses else []), "--nonblocking",
@@ -173,18 +180,23 @@ def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, s
             if path == "offline":
                 spy = (start_py_spy(spy_pids[0], f"{args.py_spy}.offline", subprocesses=False)
                        if spy_pids and r == args.rounds - 1 else None)
+                compiled = triton_compilations()
                 off_runs.append(offline.throughput(prompts))
+                off_runs[-1]["compiled"] = triton_compilations() - compiled
                 if spy is not None:
                     spy.wait(timeout=60)
             else:
                 spies = ([start_py_spy(spy_pids[1], f"{args.py_spy}.loaded"),
                           start_py_spy(spy_pids[0], f"{args.py_spy}.client", subprocesses=False)]
                          if spy_pids and r == args.rounds - 1 else [])
+                compiled = triton_compilations()
                 srv_runs.append(served.throughput(prompts))
+                srv_runs[-1]["compiled"] = triton_compilations() - compiled
                 for spy in spies:
                     spy.wait(timeout=60)
-        print(f"round {r}: offline {off_runs[-1]['output_tok_s']:.0f} tok/s ({off_runs[-1]['engine_loop']}), "
-              f"served {srv_runs[-1]['output_tok_s']:.0f} tok/s", flush=True)
+        print(f"round {r}: offline {off_runs[-1]['output_tok_s']:.0f} tok/s ({off_runs[-1]['engine_loop']}; "
+              f"{off_runs[-1]['compiled']} compilations), served {srv_runs[-1]['output_tok_s']:.0f} tok/s "
+              f"({srv_runs[-1]['compiled']} compilations)", flush=True)
     spies = [start_py_spy(pid, f"{args.py_spy}.{pid}", subprocesses=pid != os.getpid()) for pid in spy_pids]
     off_ttft, srv_ttft, srv_timings = [], [], []
     for i, p in enumerate(ttft_prompts):

@@ -79,3 +79,9 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devs}")
+
+
+def compiled_variants(*kernels) -> int:
+    """How many compiled variants these ``@triton.jit`` kernels hold in this process, over all devices (0 under
+    the interpreter). A count that grows while an engine serves means steps waited on compilations."""
+    return sum(len(cache[0]) for k in kernels for cache in getattr(k, "device_caches", {}).values())

@@ -78,6 +78,10 @@ class AttentionBackend(ABC):
         Returns (out [T, Hq, D], lse [T, Hq] float32).
         """
 
+    def warm_up(self, kv_cache: torch.Tensor) -> None:
+        """Prepare everything :meth:`forward` may need (compiled kernels) before the first step; kv_cache as in
+        ``forward``, only read. Nothing to do for eager backends."""
+
 
 def write_kv_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V into the paged cache: k, v [T, Hkv, D]; slot_mapping [T] (-1: not stored here)."""

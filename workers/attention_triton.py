@@ -18,6 +18,7 @@ from accordion.kernels.attention import (
     pod_pays_off,
     write_kv_cache,
 )
+from accordion.kernels.utils import is_interpreter
 from accordion.workers.attention import AttentionBackend, AttentionMetadata
 
 
@@ -43,9 +44,14 @@ class TritonAttentionBackend(AttentionBackend):
         return self._fuse_step[1]
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
         if k is not None:
-            write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            write_kv_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        hybrid = meta.num_decodes > 0 and meta.prefill_query_start_loc is not None
+        return self._attend(q, kv_cache, meta, fuse=hybrid and self._fuse(meta, q.element_size()))
+
+    def _attend(self, q, kv_cache, meta: AttentionMetadata, fuse: bool):
+        """Attention of ``q`` [T, Hq, D] over the cache (this step's K/V stored); hybrid steps fused or not."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         nd = meta.num_decodes
@@ -56,7 +62,7 @@ class TritonAttentionBackend(AttentionBackend):
         if has_prefill:
             prefill = PrefillArgs(q[nd:], meta.block_table[nd:], meta.prefill_query_start_loc, meta.seq_lens[nd:],
                                   meta.max_query_len, out=out[nd:], lse=lse[nd:])
-        if nd and has_prefill and self._fuse(meta, q.element_size()):
+        if nd and has_prefill and fuse:
             pod_attention(k_cache, v_cache, prefill, decode, scale=self.scale)
         else:
             if nd:
@@ -68,3 +74,32 @@ class TritonAttentionBackend(AttentionBackend):
                                         prefill.seq_lens, scale=self.scale, max_seqlen_q=prefill.max_seqlen_q,
                                         out=prefill.out, lse=prefill.lse)
         return out, lse
+
+    def warm_up(self, kv_cache: torch.Tensor) -> None:
+        """Compile every kernel variant a step can launch, so that no step waits on a compilation (one costs
+        0.1-2 s: a stall of every running request). Variants differ only in what cannot change between steps
+        (dtypes, head counts, tile sizes, whether a decode splits its keys, whether the prefill rows' slices start
+        16-byte aligned); everything else is a runtime argument. Reads a few keys of ``kv_cache``, writes none.
+        Under the Triton interpreter there is nothing to compile."""
+        if is_interpreter():
+            return
+        dev = kv_cache.device
+        for nd in (1, 4):  # lse[nd:] starts 16-byte aligned or not (for num_heads % 4 != 0)
+            for max_seq_len in (16, 1 << 16):  # the decode keys split or not
+                for kind in ("decode", "prefill", "hybrid", "fused"):
+                    meta = _warm_up_meta(nd if kind != "prefill" else 0, kind != "decode", max_seq_len, dev)
+                    q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
+                    self._attend(q, kv_cache, meta, fuse=kind == "fused")
+
+
+def _warm_up_meta(num_decodes: int, prefill: bool, max_seq_len: int, device: torch.device) -> AttentionMetadata:
+    """Metadata of a step of ``num_decodes`` decodes and (``prefill``) one one-token chunk, every row one key
+    (block 0's first slot)."""
+    rows = num_decodes + prefill
+    i32 = {"dtype": torch.int32, "device": device}
+    return AttentionMetadata(
+        num_decodes=num_decodes, slot_mapping=torch.full((rows,), -1, dtype=torch.long, device=device),
+        block_table=torch.zeros(rows, 1, **i32), seq_lens=torch.ones(rows, **i32),
+        query_start_loc=torch.arange(rows + 1, **i32), max_query_len=int(prefill), max_seq_len=max_seq_len,
+        seq_lens_cpu=[1] * rows, query_lens_cpu=[1] * rows,
+        prefill_query_start_loc=torch.tensor([0, 1], **i32) if prefill else None)

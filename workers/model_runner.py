@@ -132,6 +132,8 @@ class ModelRunner:
         self.kv_caches = [self._alloc_layer_cache(num_blocks) for _ in range(self.arch.num_layers)]
         logger.info("KV cache: %d blocks x %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * self.block_bytes() / 2**30)
+        with torch.inference_mode():
+            self.backend.warm_up(self.kv_caches[0])
         if self.device.type == "cuda" and self.config.device.cuda_graphs:
             from accordion.workers.cuda_graph import DecodeGraphs
 

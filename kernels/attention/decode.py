@@ -38,7 +38,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     slots = 2 * num_sms(device)
     if work >= slots or cap == 1:
         return 1
-    # Powers of two only: NUM_SPLITS is a compile-time constant, so few distinct values mean few compilations.
+    # Powers of two only: a coarse search over few candidates.
     best, best_eff, s = 1, 0.0, 1
     while s <= cap:
         progs = work * s
@@ -126,7 +126,7 @@ def paged_decode_attention(
     qk_scale = float(scale) * 1.4426950408889634
     meta = dict(
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
-        BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     common = (
@@ -138,14 +138,14 @@ def paged_decode_attention(
     grid = (Hkv, B, num_splits) if meta["HEADS_FASTEST"] else (B, Hkv, num_splits)
     if num_splits == 1:
         paged_decode_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, out, lse, *common,
+            q, k_cache, v_cache, block_table, seq_lens, out, lse, 1, *common,
             out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0, qk_scale, **meta,
         )
         return out, lse
     mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     paged_decode_kernel[grid](
-        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, *common,
+        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, num_splits, *common,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2), qk_scale, **meta,
     )
@@ -154,12 +154,13 @@ def paged_decode_attention(
 
 
 def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Combine split partials mid_o fp32 [B, Hq, S, D], mid_lse fp32 [B, Hq, S] into out [B, Hq, D], lse [B, Hq]."""
+    """Combine split partials mid_o fp32 [B, Hq, S, D], mid_lse fp32 [B, Hq, S] into out [B, Hq, D], lse [B, Hq].
+    One compiled variant serves every S <= MAX_SPLITS (the split rows are masked)."""
     B, Hq, S, D = mid_o.shape
     merge_splits_kernel[(B, Hq)](
         mid_o, mid_lse, out, lse,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        NUM_SPLITS=S, SPLITS_PAD=next_power_of_2(S), HEAD_DIM=D, num_warps=1 if is_interpreter() else 4,
+        S, SPLITS_PAD=max(MAX_SPLITS, next_power_of_2(S)), HEAD_DIM=D, num_warps=1 if is_interpreter() else 4,
     )

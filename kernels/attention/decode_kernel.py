@@ -3,7 +3,11 @@
 Work item = (sequence b, kv head, split): all GROUP query heads of the kv head are processed together
 (rows of a [BLOCK_H, HEAD_DIM] tile, BLOCK_H >= 16 so tl.dot maps onto MMA), so each K/V tile is
 loaded once per GQA group. Split s covers keys [s * L, min((s + 1) * L, seq_len)) with
-L = cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N; empty splits write out 0, lse -inf.
+L = cdiv(cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N; empty splits write out 0, lse -inf.
+
+Arguments that change from step to step (the split count, the block table's row stride) are plain runtime integers,
+exempt from Triton's value specialization: a serving engine then compiles each kernel once, at warm-up, instead of
+stalling a step on a compilation whenever a batch brings a new value.
 """
 
 import triton
@@ -24,6 +28,7 @@ def decode_work(
     b,
     kvh,
     split,
+    num_splits,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -45,12 +50,11 @@ def decode_work(
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One (b, kvh, split) decode work item; stores normalised out rows and their lse."""
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(seq_len, lo + split_len)
 
@@ -77,9 +81,10 @@ def decode_work(
     tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb", "num_splits"])
 def paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
     stride_vb, stride_vp, stride_vh,
@@ -92,11 +97,10 @@ def paged_decode_kernel(
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
 ):
-    """Grid (B, Hkv, NUM_SPLITS), or (Hkv, B, NUM_SPLITS) when HEADS_FASTEST: the programs that run together then
+    """Grid (B, Hkv, num_splits), or (Hkv, B, num_splits) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
     Tensor shapes as in `decode_work`."""
     if HEADS_FASTEST:
@@ -105,14 +109,14 @@ def paged_decode_kernel(
         b, kvh = tl.program_id(0), tl.program_id(1)
     decode_work(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-        b, kvh, tl.program_id(2),
+        b, kvh, tl.program_id(2), num_splits,
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, NUM_SPLITS, DOT_PRECISION,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def merge_splits_kernel(
     mid_o_ptr,  # fp32 [B, Hq, S, D]
     mid_lse_ptr,  # fp32 [B, Hq, S]
@@ -122,16 +126,17 @@ def merge_splits_kernel(
     stride_mlb, stride_mlh, stride_mls,
     stride_ob, stride_oh,
     stride_lb, stride_lh,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Grid (B, Hq): log-sum-exp weighted combination of the NUM_SPLITS partial results of one row."""
+    """Grid (B, Hq): log-sum-exp weighted combination of the num_splits (<= SPLITS_PAD) partial
+    results of one row."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     lse = tl.load(mid_lse_ptr + b * stride_mlb + h * stride_mlh + offs_s * stride_mls, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)

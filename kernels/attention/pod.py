@@ -162,7 +162,7 @@ def pod_attention(
     constants = dict(
         GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page,
         P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
-        D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"], NUM_SPLITS=splits,
+        D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"],
         USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -175,7 +175,7 @@ def pod_attention(
         pq, dq, k_cache, v_cache,
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
         po, plse, d_o, d_l, counters,
-        n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm,
+        n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm, splits,
         pq.stride(0), pq.stride(1), dq.stride(0), dq.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -23,7 +23,7 @@ def _smid():
 
 # Tile counts change with every hybrid batch: keep them out of the specialization key (no recompiles).
 @triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "num_m_tiles", "num_prefill_seqs",
-                               "slots_per_sm"])
+                               "slots_per_sm", "num_splits", "stride_pbt", "stride_dbt"])
 def pod_attention_kernel(
     pq_ptr,  # prefill q [Tq, Hq, D]
     dq_ptr,  # decode q [Bd, Hq, D]
@@ -35,6 +35,7 @@ def pod_attention_kernel(
     do_ptr, dlse_ptr,  # decode out [Bd, Hq, D] (split stride 0) or partial [Bd, Hq, S, D] / [Bd, Hq, S]
     counter_ptr,  # int32 [2 + SMID_SLOTS] zeroed (USE_SMID only)
     num_prefill_tiles, num_decode_tiles, num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, slots_per_sm,
+    num_splits,
     stride_pqt, stride_pqh,
     stride_dqb, stride_dqh,
     stride_kb, stride_kp, stride_kh,
@@ -50,7 +51,6 @@ def pod_attention_kernel(
     P_BLOCK_N: tl.constexpr,
     D_BLOCK_H: tl.constexpr,
     D_BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     USE_SMID: tl.constexpr,
     SMID_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -68,13 +68,12 @@ def pod_attention_kernel(
             _tile(kind, idx,
                   pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
                   po_ptr, plse_ptr, do_ptr, dlse_ptr,
-                  num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
+                  num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits,
                   stride_pqt, stride_pqh, stride_dqb, stride_dqh,
                   stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
                   stride_pot, stride_poh, stride_plt, stride_plh,
                   stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                  GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, NUM_SPLITS,
-                  DOT_PRECISION)
+                  GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, DOT_PRECISION)
         else:
             kind = 1 - kind
             switches += 1
@@ -85,13 +84,13 @@ def _tile(
     kind, idx,
     pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
     po_ptr, plse_ptr, do_ptr, dlse_ptr,
-    num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads,
+    num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits,
     stride_pqt, stride_pqh, stride_dqb, stride_dqh,
     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
     stride_pot, stride_poh, stride_plt, stride_plh,
     stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, P_BLOCK_M: tl.constexpr,
-    P_BLOCK_N: tl.constexpr, D_BLOCK_H: tl.constexpr, D_BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    P_BLOCK_N: tl.constexpr, D_BLOCK_H: tl.constexpr, D_BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Tile ``idx`` of ``kind`` (0: prefill (m_tile, b, qh), heaviest m-tiles first; 1: decode (b, kvh, split))."""
@@ -107,12 +106,12 @@ def _tile(
             GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, DOT_PRECISION,
         )
     else:
-        split = idx % NUM_SPLITS
-        r = idx // NUM_SPLITS
+        split = idx % num_splits
+        r = idx // num_splits
         decode_work(
             dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr,
-            r // num_kv_heads, r % num_kv_heads, split,
+            r // num_kv_heads, r % num_kv_heads, split, num_splits,
             stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_dbt,
             stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, NUM_SPLITS, DOT_PRECISION,
+            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION,
         )

@@ -79,7 +79,7 @@ def prefill_work(
         tl.store(lse_ptr + rows * stride_lt + qh * stride_lh, lse, mask=m_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])
 def paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     stride_qt, stride_qh,

@@ -62,3 +62,32 @@ def test_cuda_graph_decode_equals_eager(tiny_ckpt):
     a = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     b = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
     assert a == b == hf_greedy(path, prompts, 16)
+
+
+@pytest.mark.gpu
+def test_no_compilation_after_warm_up(tiny_ckpt):
+    """Once the engine is built, no step compiles a kernel: prompts of many lengths (chunked, hybrid steps fused
+    and not, decodes with and without split keys, block tables of every width) run on what warm-up compiled."""
+    from accordion.kernels.attention.decode_kernel import merge_splits_kernel, paged_decode_kernel
+    from accordion.kernels.attention.pod_kernel import pod_attention_kernel
+    from accordion.kernels.attention.prefill_kernel import paged_prefill_kernel
+    from accordion.kernels.layers.activation_kernel import silu_and_mul_kernel
+    from accordion.kernels.layers.norm_kernel import rms_norm_kernel
+    from accordion.kernels.layers.rotary_kernel import rotary_cache_kernel
+    from accordion.kernels.utils import compiled_variants
+
+    kernels = (paged_decode_kernel, merge_splits_kernel, pod_attention_kernel, paged_prefill_kernel,
+               silu_and_mul_kernel, rms_norm_kernel, rotary_cache_kernel)
+    path = tiny_ckpt("tiny-llama")
+    llm = LLM(path, device="cuda", dtype="bfloat16", block_size=16, max_model_len=2048, max_num_batched_tokens=96,
+              max_num_seqs=16, enable_prefix_caching=False)
+    before = compiled_variants(*kernels)
+    assert before > 0
+    lengths = [1, 2, 3, 15, 16, 17, 31, 33, 64, 100, 257, 511, 1000, 1500, 1900]
+    prompts = random_prompts(len(lengths), lengths, 500, seed=4)
+    for fuse in (True, False, None):
+        llm.instance.worker.backend.fuse_hybrid = fuse
+        llm.generate(prompts, [SamplingParams(max_tokens=7 + 5 * i, temperature=0, ignore_eos=True)
+                               for i in range(len(prompts))])
+    assert compiled_variants(*kernels) == before
+    assert_idle_blocks_free(llm)
