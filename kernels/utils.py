@@ -6,6 +6,7 @@ import functools
 import os
 
 import torch
+import triton
 
 
 def cdiv(a: int, b: int) -> int:
@@ -85,3 +86,11 @@ def compiled_variants(*kernels) -> int:
     """How many compiled variants these ``@triton.jit`` kernels hold in this process, over all devices (0 under
     the interpreter). A count that grows while an engine serves means steps waited on compilations."""
     return sum(len(cache[0]) for k in kernels for cache in getattr(k, "device_caches", {}).values())
+
+
+def jit_unspecialized(*names: str):
+    """``@triton.jit`` with ``names`` as plain runtime arguments: no specialization on an int's value (== 1) or on
+    an int's or a pointer's 16-byte divisibility. For what changes from launch to launch (token and tile counts,
+    split counts, block-table strides, pointers into the middle of a batch's tensors), so that one compiled variant
+    serves every step instead of a new compilation, mid-serving, whenever a value falls into another class."""
+    return triton.jit(do_not_specialize=list(names), do_not_specialize_on_alignment=list(names))

@@ -78,18 +78,17 @@ class TritonAttentionBackend(AttentionBackend):
     def warm_up(self, kv_cache: torch.Tensor) -> None:
         """Compile every kernel variant a step can launch, so that no step waits on a compilation (one costs
         0.1-2 s: a stall of every running request). Variants differ only in what cannot change between steps
-        (dtypes, head counts, tile sizes, whether a decode splits its keys, whether the prefill rows' slices start
-        16-byte aligned); everything else is a runtime argument. Reads a few keys of ``kv_cache``, writes none.
+        (dtypes, head counts, tile sizes, whether a decode splits its keys); everything else is a runtime argument
+        (`accordion.kernels.utils.jit_unspecialized`). Reads a few keys of ``kv_cache``, writes none.
         Under the Triton interpreter there is nothing to compile."""
         if is_interpreter():
             return
         dev = kv_cache.device
-        for nd in (1, 4):  # lse[nd:] starts 16-byte aligned or not (for num_heads % 4 != 0)
-            for max_seq_len in (16, 1 << 16):  # the decode keys split or not
-                for kind in ("decode", "prefill", "hybrid", "fused"):
-                    meta = _warm_up_meta(nd if kind != "prefill" else 0, kind != "decode", max_seq_len, dev)
-                    q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
-                    self._attend(q, kv_cache, meta, fuse=kind == "fused")
+        for max_seq_len in (16, 1 << 16):  # the decode keys split or not
+            for kind in ("decode", "prefill", "hybrid", "fused"):
+                meta = _warm_up_meta(int(kind != "prefill"), kind != "decode", max_seq_len, dev)
+                q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
+                self._attend(q, kv_cache, meta, fuse=kind == "fused")
 
 
 def _warm_up_meta(num_decodes: int, prefill: bool, max_seq_len: int, device: torch.device) -> AttentionMetadata:

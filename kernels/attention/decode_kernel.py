@@ -13,6 +13,7 @@ stalling a step on a compilation whenever a batch brings a new value.
 import triton
 import triton.language as tl
 
+from ..utils import jit_unspecialized
 from .paged_common import NEG_BIG, finalize, paged_attn_loop
 
 
@@ -81,7 +82,7 @@ def decode_work(
     tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_mask)
 
 
-@triton.jit(do_not_specialize=["stride_btb", "num_splits"])
+@jit_unspecialized("stride_btb", "num_splits")
 def paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     num_splits,
@@ -116,7 +117,7 @@ def paged_decode_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@jit_unspecialized("num_splits")
 def merge_splits_kernel(
     mid_o_ptr,  # fp32 [B, Hq, S, D]
     mid_lse_ptr,  # fp32 [B, Hq, S]

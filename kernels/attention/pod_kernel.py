@@ -12,6 +12,7 @@ Tile orders: prefill heaviest causal m-tiles first, heads of one GQA group adjac
 import triton
 import triton.language as tl
 
+from ..utils import jit_unspecialized
 from .decode_kernel import decode_work
 from .prefill_kernel import prefill_work
 
@@ -22,8 +23,8 @@ def _smid():
 
 
 # Tile counts change with every hybrid batch: keep them out of the specialization key (no recompiles).
-@triton.jit(do_not_specialize=["num_prefill_tiles", "num_decode_tiles", "num_m_tiles", "num_prefill_seqs",
-                               "slots_per_sm", "num_splits", "stride_pbt", "stride_dbt"])
+@jit_unspecialized("num_prefill_tiles", "num_decode_tiles", "num_m_tiles", "num_prefill_seqs", "slots_per_sm",
+                   "num_splits", "stride_pbt", "stride_dbt", "p_bt_ptr", "p_sl_ptr", "plse_ptr")
 def pod_attention_kernel(
     pq_ptr,  # prefill q [Tq, Hq, D]
     dq_ptr,  # decode q [Bd, Hq, D]

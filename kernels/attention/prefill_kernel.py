@@ -9,6 +9,7 @@ tiles entirely in the future are skipped (causal block skipping).
 import triton
 import triton.language as tl
 
+from ..utils import jit_unspecialized
 from .paged_common import NEG_BIG, finalize, paged_attn_loop
 
 
@@ -79,7 +80,7 @@ def prefill_work(
         tl.store(lse_ptr + rows * stride_lt + qh * stride_lh, lse, mask=m_mask)
 
 
-@triton.jit(do_not_specialize=["stride_btb"])
+@jit_unspecialized("stride_btb", "bt_ptr", "seq_lens_ptr", "lse_ptr")  # the prefill rows of a hybrid batch
 def paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     stride_qt, stride_qh,

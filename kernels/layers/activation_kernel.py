@@ -1,10 +1,11 @@
 """@triton.jit code of the gated-MLP activation silu(gate) * up."""
 
-import triton
 import triton.language as tl
 
+from ..utils import jit_unspecialized
 
-@triton.jit(do_not_specialize=["T"])
+
+@jit_unspecialized("T")
 def silu_and_mul_kernel(
     x_ptr,  # [T, 2I] = [gate | up], last dim contiguous
     out_ptr,  # [T, I], last dim contiguous

@@ -1,10 +1,11 @@
 """@triton.jit code of RMSNorm, optionally fused with the residual add that precedes it."""
 
-import triton
 import triton.language as tl
 
+from ..utils import jit_unspecialized
 
-@triton.jit(do_not_specialize=["M"])
+
+@jit_unspecialized("M")
 def rms_norm_kernel(
     x_ptr,  # [A, B, N] (two row strides; last dim contiguous)
     res_ptr,  # [A, B, N] residual (read when HAS_RESIDUAL)
