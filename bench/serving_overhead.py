@@ -11,8 +11,9 @@ machine (other tenants, clocks; on lent H100s it moved one path's numbers by up 
    its first chunk.
 
 ``--rounds`` (5) throughput runs of each, alternating which goes first; the ratio is the median round's (a slow
-spell of the machine lands in one round, on one path). Then 50 low-load requests one at a time, alternating
-paths; added TTFT is the difference of the p50s.
+spell of the machine lands in one round, on one path). Each round has prompts of its own: both paths prefill every
+prompt in full (no prefix-cache hits, as in ``vllm bench serve``'s random dataset). Then 50 low-load requests one at
+a time, alternating paths; added TTFT is the difference of the p50s.
 
     python bench/serving_overhead.py [--shape 1b] [--quick] [--py-spy PREFIX]
 """
@@ -171,11 +172,11 @@ def server_command(path: str, port: int, args) -> list[str]:
     return cmd
 
 
-def interleaved(offline: Offline, served: Served, prompts, ttft_prompts, args, spy_pids=()) -> dict:
+def interleaved(offline: Offline, served: Served, round_prompts, ttft_prompts, args, spy_pids=()) -> dict:
     """``--rounds`` throughput runs of each path, alternating which goes first, then the low-load requests one
     by one, alternating paths. Noise on the machine (other tenants, clock changes) then hits both alike."""
     off_runs, srv_runs = [], []
-    for r in range(args.rounds):
+    for r, prompts in enumerate(round_prompts):
         for path in ("offline", "served") if r % 2 == 0 else ("served", "offline"):
             if path == "offline":
                 spy = (start_py_spy(spy_pids[0], f"{args.py_spy}.offline", subprocesses=False)
@@ -262,7 +263,8 @@ def main() -> None:
     rng = random.Random(0)
     vocab = 500 if args.shape == "tiny" else 120000
     mk = (lambda n, ln: [[rng.randrange(10, vocab) for _ in range(ln)] for _ in range(n)])
-    warm, prompts = mk(args.concurrency, args.input_len), mk(args.num_prompts, args.input_len)
+    warm = mk(args.concurrency, args.input_len)
+    round_prompts = [mk(args.num_prompts, args.input_len) for _ in range(args.rounds)]
     ttft_prompts = mk(args.ttft_requests, args.input_len)
     port = free_port()
     log = Path(os.environ.get("OUT", tempfile.gettempdir())) / "server.log"
@@ -272,7 +274,7 @@ def main() -> None:
         served = Served(f"127.0.0.1:{port}", args)
         offline.throughput(warm)  # warm-up at full size (Triton compiles), other prompts (no prefix-cache hits)
         served.throughput(warm)
-        res = interleaved(offline, served, prompts, ttft_prompts, args,
+        res = interleaved(offline, served, round_prompts, ttft_prompts, args,
                           (os.getpid(), proc.pid) if args.py_spy else ())
         served.close()
     finally:

@@ -142,8 +142,7 @@ def paged_decode_attention(
             out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0, qk_scale, **meta,
         )
         return out, lse
-    mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
     paged_decode_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, num_splits, *common,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -151,6 +150,15 @@ def paged_decode_attention(
     )
     merge_splits(mid_o, mid_lse, out, lse)
     return out, lse
+
+
+def split_partials(B: int, Hq: int, S: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for S split partials: fp32 [B, Hq, S, D] and [B, Hq, S], views of buffers whose split dim is padded to
+    >= 16, so that their strides fall in the same divisibility class whatever S is (one compiled variant)."""
+    pad = max(16, S)
+    mid_o = torch.empty(B, Hq, pad, D, dtype=torch.float32, device=device)
+    mid_lse = torch.empty(B, Hq, pad, dtype=torch.float32, device=device)
+    return mid_o[:, :, :S], mid_lse[:, :, :S]
 
 
 def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:

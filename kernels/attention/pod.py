@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, resident_programs
-from .decode import choose_num_splits, decode_config, dot_precision, merge_splits, paged_decode_attention
+from .decode import (
+    choose_num_splits,
+    decode_config,
+    dot_precision,
+    merge_splits,
+    paged_decode_attention,
+    split_partials,
+)
 from .pod_kernel import pod_attention_kernel
 from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
 
@@ -151,8 +158,7 @@ def pod_attention(
     if splits == 1:
         d_o, d_l, d_strides = do, dlse, (do.stride(0), do.stride(1), 0, dlse.stride(0), dlse.stride(1), 0)
     else:
-        d_o = torch.empty(Bd, Hq, splits, D, dtype=torch.float32, device=pq.device)
-        d_l = torch.empty(Bd, Hq, splits, dtype=torch.float32, device=pq.device)
+        d_o, d_l = split_partials(Bd, Hq, splits, D, pq.device)
         d_strides = (*d_o.stride()[:3], *d_l.stride())
 
     use_smid = pq.is_cuda and not is_interpreter()
