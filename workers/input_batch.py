@@ -8,6 +8,7 @@ sampled tokens) and lays the step out as flat arrays (see ``accordion.workers.at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -90,56 +91,90 @@ class InputBatch:
 
     def prepare(self, plan: StepPlan, pending: dict[str, int] | None = None) -> StepInputs:
         """Lay the step out flat. ``pending`` maps request id -> row of the previous step's sampled tokens that
-        are not recorded yet (async scheduling); their positions take the token from the device."""
+        are not recorded yet (async scheduling); their positions take the token from the device.
+
+        Host work per step is Python per row, so single-token rows (decodes) stay plain ints, gathered into one
+        array per run of them; only multi-token chunks build numpy arrays."""
         bs = self.block_size
-        ids, pos, slots, rows_blocks = [], [], [], []
+        ids, pos, slots = _Pieces(), _Pieces(), _Pieces()
         prev_rows: list[int] | None = [] if pending else None
+        rows_blocks: list[list[int]] = []
         seq_lens, qsl = [], [0]
         logits_idx, sampled_ids, sample_rows = [], [], []
         spread_rows = []
         for chunk in plan.chunks:
-            st = self.states[chunk.request_id]
-            start, end = chunk.start, chunk.start + chunk.num_tokens
-            if chunk.num_tokens == 1:  # decode rows: plain ints, no per-row numpy work
+            rid = chunk.request_id
+            st = self.states[rid]
+            start, n = chunk.start, chunk.num_tokens
+            end = start + n
+            if n == 1:
                 known = len(st.prompt_token_ids) + len(st.output_token_ids)
                 unknown = start == known
-                if start > known or (unknown and (pending is None or chunk.request_id not in pending)):
-                    raise RuntimeError(f"request {chunk.request_id}: input token at {start} is not known "
-                                       f"({known} known, pending={pending is not None and chunk.request_id in pending})")
-                ids.append([0 if unknown else st.token(start)])
+                if start > known or (unknown and (pending is None or rid not in pending)):
+                    raise RuntimeError(f"request {rid}: input token at {start} is not known "
+                                       f"({known} known, pending={pending is not None and rid in pending})")
+                ids.add(0 if unknown else st.token(start))
                 if prev_rows is not None:
-                    prev_rows.append(pending[chunk.request_id] if unknown else -1)
-                pos.append([start])
+                    prev_rows.append(pending[rid] if unknown else -1)
+                pos.add(start)
                 if st.spread is None:
-                    slots.append([st.block_ids[start // bs] * bs + start % bs])
+                    slots.add(st.block_ids[start // bs] * bs + start % bs)
                 else:  # attends to its local slice here; the tail holder stores the new K/V
-                    spread_rows.append((qsl[-1], chunk.request_id, st.spread, start))
-                    slots.append([-1])
+                    spread_rows.append((qsl[-1], rid, st.spread, start))
+                    slots.add(-1)
             else:
                 p = np.arange(start, end, dtype=np.int64)
-                blocks = np.asarray(st.block_ids, dtype=np.int64)
-                ids.append(np.asarray(st.tokens(start, end), dtype=np.int64))
+                ids.add_array(np.asarray(st.tokens(start, end), dtype=np.int64))
                 if prev_rows is not None:
-                    prev_rows.extend([-1] * chunk.num_tokens)
-                pos.append(p)
-                slots.append(blocks[p // bs] * bs + p % bs)
+                    prev_rows.extend([-1] * n)
+                pos.add_array(p)
+                slots.add_array(np.asarray(st.block_ids, dtype=np.int64)[p // bs] * bs + p % bs)
             rows_blocks.append(st.block_ids)
             seq_lens.append(end if st.spread is None else st.spread.local_len)
-            qsl.append(qsl[-1] + chunk.num_tokens)
+            qsl.append(qsl[-1] + n)
             if chunk.sample:
                 logits_idx.append(qsl[-1] - 1)
-                sampled_ids.append(chunk.request_id)
+                sampled_ids.append(rid)
                 sample_rows.append(SampleRow(st.sampling_params, st.prompt_token_ids, st.output_token_ids,
                                              st.eos_token_ids))
-        width = max((len(b) for b in rows_blocks), default=1)
-        table = np.zeros((len(rows_blocks), width), dtype=np.int32)
-        for i, b in enumerate(rows_blocks):
-            table[i, :len(b)] = b
-        cat = (lambda xs: np.concatenate(xs).astype(np.int64, copy=False) if xs else np.zeros(0, dtype=np.int64))
-        return StepInputs(cat(ids), cat(pos), cat(slots), table, np.asarray(seq_lens, dtype=np.int32),
-                          np.asarray(qsl, dtype=np.int32), np.asarray(logits_idx, dtype=np.int64), sampled_ids,
-                          sample_rows, plan.num_decodes,
+        return StepInputs(ids.array(), pos.array(), slots.array(), _block_table(rows_blocks),
+                          np.asarray(seq_lens, dtype=np.int32), np.asarray(qsl, dtype=np.int32),
+                          np.asarray(logits_idx, dtype=np.int64), sampled_ids, sample_rows, plan.num_decodes,
                           None if prev_rows is None else np.asarray(prev_rows, dtype=np.int64), spread_rows)
+
+
+class _Pieces:
+    """A flat int64 array built from single ints (kept in a list until an array piece follows) and arrays."""
+
+    def __init__(self):
+        self._done: list[np.ndarray] = []
+        self._ints: list[int] = []
+
+    def add(self, x: int) -> None:
+        self._ints.append(x)
+
+    def add_array(self, a: np.ndarray) -> None:
+        if self._ints:
+            self._done.append(np.asarray(self._ints, dtype=np.int64))
+            self._ints = []
+        self._done.append(a)
+
+    def array(self) -> np.ndarray:
+        if self._ints:
+            self.add_array(np.zeros(0, dtype=np.int64))
+        if len(self._done) == 1:
+            return self._done[0]
+        return np.concatenate(self._done) if self._done else np.zeros(0, dtype=np.int64)
+
+
+def _block_table(rows: list[list[int]]) -> np.ndarray:
+    """Ragged block lists -> int32 [B, max_len] (zero padded), in three numpy calls whatever B is."""
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    width = max(int(lens.max()) if len(rows) else 0, 1)
+    table = np.zeros((len(rows), width), dtype=np.int32)
+    table[np.arange(width) < lens[:, None]] = np.fromiter(chain.from_iterable(rows), dtype=np.int32,
+                                                          count=int(lens.sum()))
+    return table
 
 
 class HostStager:
