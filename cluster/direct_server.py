@@ -17,8 +17,9 @@ Protocol, after the token frame (``("hello", token)``):
   the outputs of this connection's requests and the load after the step: ``rows`` the plain token outputs as
   ``[request id, new token ids, prompt tokens, cached tokens]`` (msgpack's own arrays: cheap to encode), ``others``
   the rest (finished, logprobs, errors, :class:`RequestMoved`) in order; a request's rows always precede its other
-  items. Steps that pile up while the front end lags are merged into one frame, so the engine thread never waits
-  on a socket.
+  items. The engine thread writes a step's frame itself when the socket takes it at once (no thread hand-off per
+  step); otherwise the connection's sender thread finishes it, and steps that pile up meanwhile are merged into
+  one frame: the engine thread never waits on a socket.
 
 A request's outputs go to the connection that submitted it until it finishes or moves (migration); outputs of
 every other request (migrated here, sequence-parallel, submitted through Ray) go through Ray as before. When a
@@ -67,7 +68,8 @@ def recv_frame(sock: socket.socket, max_bytes: int | None = None):
 
 
 class _Connection:
-    """One front end: a reader thread (its submissions and aborts) and a sender thread (its outputs)."""
+    """One front end: a reader thread (its submissions and aborts) and a sender thread (replies, and outputs the
+    engine thread could not write at once)."""
 
     def __init__(self, server: DirectServer, sock: socket.socket, peer: str):
         self.server, self.sock, self.peer = server, sock, peer
@@ -76,6 +78,10 @@ class _Connection:
         self._others: list = []
         self._load: LoadReport | None = None
         self._replies: list[tuple] = []
+        self._unsent = b""
+        """The rest of a frame the engine thread began writing (the socket took only part of it)."""
+        self._sending = False
+        """The sender thread is writing: nobody else may touch the socket."""
         self._closed = False
         self.authenticated = False
         """Set once the peer presented the token; until then it is sent nothing, not even load reports."""
@@ -85,12 +91,26 @@ class _Connection:
         threading.Thread(target=self._send, name=f"direct-send-{self.peer}", daemon=True).start()
 
     def push(self, rows: list, others: list, load: LoadReport) -> None:
-        """Queue a step's outputs and load for sending (engine thread; never blocks on the socket)."""
+        """Send a step's outputs and load (engine thread; never blocks on the socket): written here when the
+        socket is idle and takes the whole frame, else queued for the sender thread."""
         with self._cond:
             self._rows.extend(rows)
             self._others.extend(others)
             self._load = load
-            self._cond.notify()
+            if self._closed or self._sending or self._replies or self._unsent:
+                self._cond.notify()
+                return
+            frame = encode_frame(("step", self._rows, self._others, load))
+            self._rows, self._others, self._load = [], [], None
+            try:
+                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the reader notices the broken connection and closes it
+                return
+            if sent < len(frame):
+                self._unsent = frame[sent:]
+                self._cond.notify()
 
     def reply(self, seq: int, results: list) -> None:
         with self._cond:
@@ -137,14 +157,17 @@ class _Connection:
         try:
             while True:
                 with self._cond:
-                    while not (self._closed or self._replies or self._load is not None):
+                    self._sending = False
+                    while not (self._closed or self._replies or self._load is not None or self._unsent):
                         self._cond.wait()
                     if self._closed:
                         return
+                    self._sending = True
+                    unsent, self._unsent = self._unsent, b""
                     replies, self._replies = self._replies, []
                     rows, others, load = self._rows, self._others, self._load
                     self._rows, self._others, self._load = [], [], None
-                frames = [encode_frame(r) for r in replies]
+                frames = [unsent, *(encode_frame(r) for r in replies)]
                 if load is not None:
                     frames.append(encode_frame(("step", rows, others, load)))
                 self.sock.sendall(b"".join(frames))
