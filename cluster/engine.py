@@ -34,7 +34,9 @@ class EngineCore:
         self.num_lookahead_steps = 0
         self.num_steps = 0
         self.step_s = 0.0
-        """Steps run and the wall time spent in :meth:`step` (cumulative)."""
+        self.step_cpu_s = 0.0
+        """Steps run, the wall time spent in :meth:`step` and the CPU time of the thread running them (cumulative;
+        wall minus CPU is time the thread waited: on the device, the GIL, locks)."""
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -53,23 +55,27 @@ class EngineCore:
 
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, and make output."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return self._step_async() if self.async_scheduling else self._step_sync()
         finally:
             self.num_steps += 1
             self.step_s += time.perf_counter() - t0
+            self.step_cpu_s += time.thread_time() - c0
 
-    def counters(self) -> tuple[int, int, float, float]:
-        """(steps, steps launched ahead, seconds in steps, seconds of it waiting on the device), cumulative."""
-        return (self.num_steps, self.num_lookahead_steps, self.step_s, getattr(self.executor, "device_wait_s", 0.0))
+    def counters(self) -> tuple[int, int, float, float, float]:
+        """(steps, steps launched ahead, seconds in steps, seconds of it waiting on the device, CPU seconds of the
+        stepping thread), cumulative."""
+        return (self.num_steps, self.num_lookahead_steps, self.step_s, getattr(self.executor, "device_wait_s", 0.0),
+                self.step_cpu_s)
 
-    def stats(self, since: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)) -> str:
-        """One line: steps, time in them, and how much of it the host spent waiting on the device (since an
-        earlier :meth:`counters`)."""
-        steps, ahead, step_s, wait = (a - b for a, b in zip(self.counters(), since))
+    def stats(self, since: tuple[int, int, float, float, float] = (0, 0, 0.0, 0.0, 0.0)) -> str:
+        """One line: steps, time in them, how much of it the host spent waiting on the device, and the stepping
+        thread's CPU time (since an earlier :meth:`counters`)."""
+        steps, ahead, step_s, wait, cpu = (a - b for a, b in zip(self.counters(), since))
         return (f"{steps} steps ({ahead} launched ahead), {step_s:.3f} s in steps "
-                f"({1e3 * step_s / max(steps, 1):.2f} ms each), {wait:.3f} s of it waiting on the device")
+                f"({1e3 * step_s / max(steps, 1):.2f} ms each, {1e3 * cpu / max(steps, 1):.2f} ms of it on the CPU), "
+                f"{wait:.3f} s of it waiting on the device")
 
     def _step_sync(self) -> list[EngineOutput]:
         plan = self.scheduler.schedule()

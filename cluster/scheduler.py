@@ -439,12 +439,14 @@ class Scheduler:
         """KV blocks the requests here still need, beyond those they hold, to reach their final length (prompt +
         max_tokens, capped by max_model_len; the last token has no KV). Waiting requests count in full; spread
         requests not at all (their new KV goes to another instance)."""
+        held, bs, cap = self.kv.req_blocks, self.kv.block_size, self.max_model_len
         total = 0
-        for req in self.requests.values():
-            if req.is_finished or req.spread_local_tokens is not None:
+        for rid, req in self.requests.items():  # every step (the load report): kept to plain arithmetic
+            if req.spread_local_tokens is not None or req.is_finished:
                 continue
-            final = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len) - 1
-            total += max(0, self.kv.blocks_for(final) - len(self.kv.req_blocks.get(req.request_id, ())))
+            need = -(-(min(req.num_prompt_tokens + req.max_tokens, cap) - 1) // bs) - len(held.get(rid, ()))
+            if need > 0:
+                total += need
         return total
 
     @property
