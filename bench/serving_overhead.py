@@ -176,25 +176,19 @@ def interleaved(offline: Offline, served: Served, round_prompts, ttft_prompts, a
     """``--rounds`` throughput runs of each path, alternating which goes first, then the low-load requests one
     by one, alternating paths. Noise on the machine (other tenants, clock changes) then hits both alike."""
     off_runs, srv_runs = [], []
+    runs = {"offline": off_runs, "served": srv_runs}
+    throughput = {"offline": offline.throughput, "served": served.throughput}
+    # py-spy in the last round, per path: (index in spy_pids, file suffix, with its child processes)
+    spied = {"offline": [(0, "offline", False)], "served": [(1, "loaded", True), (0, "client", False)]}
     for r, prompts in enumerate(round_prompts):
         for path in ("offline", "served") if r % 2 == 0 else ("served", "offline"):
-            if path == "offline":
-                spy = (start_py_spy(spy_pids[0], f"{args.py_spy}.offline", subprocesses=False)
-                       if spy_pids and r == args.rounds - 1 else None)
-                compiled = triton_compilations()
-                off_runs.append(offline.throughput(prompts))
-                off_runs[-1]["compiled"] = triton_compilations() - compiled
-                if spy is not None:
-                    spy.wait(timeout=60)
-            else:
-                spies = ([start_py_spy(spy_pids[1], f"{args.py_spy}.loaded"),
-                          start_py_spy(spy_pids[0], f"{args.py_spy}.client", subprocesses=False)]
-                         if spy_pids and r == args.rounds - 1 else [])
-                compiled = triton_compilations()
-                srv_runs.append(served.throughput(prompts))
-                srv_runs[-1]["compiled"] = triton_compilations() - compiled
-                for spy in spies:
-                    spy.wait(timeout=60)
+            spies = ([start_py_spy(spy_pids[i], f"{args.py_spy}.{suffix}", subprocesses=children)
+                      for i, suffix, children in spied[path]] if spy_pids and r == args.rounds - 1 else [])
+            compiled = triton_compilations()
+            runs[path].append(throughput[path](prompts))
+            runs[path][-1]["compiled"] = triton_compilations() - compiled
+            for spy in spies:
+                spy.wait(timeout=60)
         print(f"round {r}: offline {off_runs[-1]['output_tok_s']:.0f} tok/s ({off_runs[-1]['engine_loop']}; "
               f"{off_runs[-1]['compiled']} compilations), served {srv_runs[-1]['output_tok_s']:.0f} tok/s "
               f"({srv_runs[-1]['compiled']} compilations)", flush=True)

@@ -15,7 +15,7 @@ from itertools import count
 
 from accordion.cluster.errors import EngineUnavailableError
 from accordion.cluster.load import LoadReport
-from accordion.cluster.outputs import EngineOutput
+from accordion.cluster.outputs import plain_output
 from accordion.cluster.wire_codec import HEADER, CodecError, decode_payload, encode_frame, frame_length
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class DirectClient:
                 msg = decode_payload(await self._reader.readexactly(n))
                 if msg[0] == "step":
                     _, rows, others, load = msg
-                    self._on_step([EngineOutput(r[0], r[1], num_prompt_tokens=r[2], num_cached_tokens=r[3])
-                                   for r in rows] + others, load)
+                    self._on_step([plain_output(r) for r in rows] + others, load)
                 elif msg[0] == "reply":
                     fut = self._pending.pop(msg[1], None)
                     if fut is not None and not fut.done():

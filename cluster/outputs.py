@@ -88,8 +88,12 @@ def to_wire(outputs: list[EngineOutput | RequestMoved]) -> list:
 
 
 def from_wire(items: list) -> list[EngineOutput | RequestMoved]:
-    return [EngineOutput(i[0], i[1], num_prompt_tokens=i[2], num_cached_tokens=i[3]) if type(i) is tuple else i
-            for i in items]
+    return [plain_output(i) if type(i) is tuple else i for i in items]
+
+
+def plain_output(row) -> EngineOutput:
+    """A plain token output from its wire row ``(request id, new token ids, prompt tokens, cached tokens)``."""
+    return EngineOutput(row[0], row[1], num_prompt_tokens=row[2], num_cached_tokens=row[3])
 
 
 @dataclass(slots=True)
