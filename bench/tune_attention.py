@@ -37,16 +37,20 @@ DECODE_CONFIGS = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, 
                   dict(BLOCK_N=128, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
                   dict(BLOCK_N=32, num_warps=2, num_stages=4)]
 POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3),  # the default
-               dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=168),
-               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=128),
-               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=4, maxnreg=128),
-               dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=32, num_warps=4, num_stages=2, maxnreg=168),
-               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=4, num_stages=2, maxnreg=168),
-               dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=3, maxnreg=168)]
+               # eight warps capped at 128 registers: two programs per SM, so the prefill role keeps the prefill
+               # kernel's 128-row tile and two warpgroups while a decode program streams beside it
+               dict(P_BLOCK_M=128, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128),
+               dict(P_BLOCK_M=128, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128),
+               dict(P_BLOCK_M=128, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=8, num_stages=3, maxnreg=128)]
+# Earlier candidates (4 warps at maxnreg 128 / 168, smaller tiles, %smid-only schedules): 20261126T164801Z and
+# 20261126T165103Z, none above 1.14x.
 # --orders: the default decode tiles with the grid's order changed (kv heads fastest), timed eagerly and in a CUDA
 # graph (POD's decode tickets in that order gave -2.4% to +1% on an H100, 20261127T081054Z, and were dropped)
 ORDER_DECODE = [dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=False),
                 dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=True)]
+# --merge: split partials merged in the decode launch (last split of a row merges) or by a second launch
+MERGE_DECODE = [dict(BLOCK_N=n, num_warps=w, num_stages=st, FUSED_MERGE=f)
+                for n, w, st in ((64, 4, 3), (64, 4, 4), (32, 4, 5), (128, 8, 3)) for f in (True, False)]
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
@@ -58,7 +62,7 @@ def graph_bench(fn, dev) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def tune_decode(dev, dtype, shapes, configs, auto_only=False) -> list[dict]:
+def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) -> list[dict]:
     rows = []
     for B, ctx in shapes:
         kv, table, nb = identity_cache(B, ctx, dtype, dev)
@@ -70,7 +74,10 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False) -> list[dict]:
         graph_sdpa = graph_bench(lambda: sdpa(q.view(B, HQ, 1, D), k4, v4, False), dev) if auto_only else None
         for cfg in configs:
             auto = choose_num_splits(B, HKV, ctx, dev, cfg["BLOCK_N"])
-            for splits in [auto] if auto_only else sorted({auto, 2 * auto, 4 * auto, max(1, auto // 2)}):
+            candidates = splits_list or ([auto] if auto_only else [auto, 2 * auto, 4 * auto, max(1, auto // 2)])
+            for splits in sorted(set(candidates)):
+                if splits == 1 and not cfg.get("FUSED_MERGE", True):
+                    continue  # one split merges nothing
                 def run():
                     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
                                            num_splits=splits, max_seq_len=ctx, config=cfg)
@@ -128,10 +135,15 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--orders", action="store_true",
                     help="decode only: default tiles, kv heads fastest or not, auto splits, also in CUDA graphs")
+    ap.add_argument("--merge", action="store_true",
+                    help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
+                         "also in CUDA graphs")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     decode_configs, pod_configs = (ORDER_DECODE, []) if args.orders else (DECODE_CONFIGS, POD_CONFIGS)
+    if args.merge:
+        decode_configs, pod_configs = MERGE_DECODE, []
     if args.quick:
         decode_configs, pod_configs = decode_configs[:1], pod_configs[:1]
         dshapes, hybrids = [(2, 64)], [(16, 64, 2, 48)]
@@ -140,7 +152,11 @@ def main() -> None:
         hybrids = HYBRIDS
     if args.orders and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (256, 32768)]
-    decode = [] if args.skip_decode else tune_decode(dev, dtype, dshapes, decode_configs, auto_only=args.orders)
+    if args.merge and not args.quick:
+        dshapes = [(16, 8192), (16, 32768), (64, 8192), (256, 8192), (1, 32768), (1, 131072)]
+    decode = [] if args.skip_decode else tune_decode(
+        dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge,
+        splits_list=[1, 2, 4, 8] if args.merge else None)
     pod = tune_pod(dev, dtype, hybrids, pod_configs) if pod_configs else []
     res = resources() if dev.type == "cuda" else []
     path = write_result("tune-attention", dict(decode=decode, pod=pod, resources=res, quick=args.quick))

@@ -12,6 +12,8 @@ from .decode_kernel import merge_splits_kernel, paged_decode_kernel
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
+MAX_TICKETS = 1 << 16  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
+_tickets: dict[tuple[str, int], torch.Tensor] = {}  # (device, stream) -> split_tickets buffer
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -22,12 +24,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     """BLOCK_N / num_warps / num_stages of the decode kernel (one small config under the interpreter)."""
     if is_interpreter():
-        return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=True)
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=True, FUSED_MERGE=True)
     block_n = 64 if head_dim <= 128 else 32
     if dtype == torch.float32:
         block_n //= 2
     # HEADS_FASTEST: 0-1.2% faster on an H100 at batch 16-256, 8k-32k keys (bench/tune_attention.py --orders)
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True)
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True,
+                FUSED_MERGE=True)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
@@ -124,10 +127,12 @@ def paged_decode_attention(
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     qk_scale = float(scale) * 1.4426950408889634
+    fused = bool(cfg.get("FUSED_MERGE", True)) and B * Hkv <= MAX_TICKETS
     meta = dict(
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), FUSED_MERGE=fused,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     common = (
         q.stride(0), q.stride(1),
@@ -136,20 +141,34 @@ def paged_decode_attention(
         block_table.stride(0),
     )
     grid = (Hkv, B, num_splits) if meta["HEADS_FASTEST"] else (B, Hkv, num_splits)
+    final = (out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
     if num_splits == 1:
         paged_decode_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, out, lse, 1, *common,
-            out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0, qk_scale, **meta,
+            q, k_cache, v_cache, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, *common,
+            out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0, *final, qk_scale, **meta,
         )
         return out, lse
     mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
+    tickets = split_tickets(q.device) if fused else seq_lens
     paged_decode_kernel[grid](
-        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, num_splits, *common,
+        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, tickets, num_splits, *common,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2), qk_scale, **meta,
+        mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2), *final, qk_scale, **meta,
     )
-    merge_splits(mid_o, mid_lse, out, lse)
+    if not fused:
+        merge_splits(mid_o, mid_lse, out, lse)
     return out, lse
+
+
+def split_tickets(device: torch.device) -> torch.Tensor:
+    """The current stream's zeroed int32 [MAX_TICKETS] split-ticket counters of the fused merge (kernels leave them
+    zeroed). One buffer per stream: launches on one stream never overlap, launches on two streams may."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _tickets.get(key)
+    if buf is None:
+        buf = _tickets[key] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
+    return buf
 
 
 def split_partials(B: int, Hq: int, S: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

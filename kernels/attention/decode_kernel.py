@@ -5,6 +5,10 @@ Work item = (sequence b, kv head, split): all GROUP query heads of the kv head a
 loaded once per GQA group. Split s covers keys [s * L, min((s + 1) * L, seq_len)) with
 L = cdiv(cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N; empty splits write out 0, lse -inf.
 
+With FUSED_MERGE the split partials are combined in the same launch: each (b, kv head) has a ticket counter; the
+program that takes the last ticket (all other splits' partials are then stored) merges them into the final output
+and resets the counter to 0 for the next launch (counters start zeroed and stay so between launches).
+
 Arguments that change from step to step (the split count, the block table's row stride) are plain runtime integers,
 exempt from Triton's value specialization: a serving engine then compiles each kernel once, at warm-up, instead of
 stalling a step on a compilation whenever a batch brings a new value.
@@ -26,6 +30,9 @@ def decode_work(
     seq_lens_ptr,  # int32 [B]
     o_ptr,  # out [B, Hq, D] (split stride 0) or partial [B, Hq, S, D] fp32
     lse_ptr,  # lse [B, Hq] (split stride 0) or partial [B, Hq, S] fp32
+    fo_ptr,  # FUSED_MERGE: final out [B, Hq, D]
+    flse_ptr,  # FUSED_MERGE: final lse fp32 [B, Hq]
+    ticket_ptr,  # FUSED_MERGE: int32 [B * Hkv] zeroed split tickets
     b,
     kvh,
     split,
@@ -45,6 +52,11 @@ def decode_work(
     stride_lb,
     stride_lh,
     stride_ls,
+    stride_fob,
+    stride_foh,
+    stride_flb,
+    stride_flh,
+    num_kv_heads,
     qk_scale,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -52,8 +64,10 @@ def decode_work(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
-    """One (b, kvh, split) decode work item; stores normalised out rows and their lse."""
+    """One (b, kvh, split) decode work item; stores normalised out rows and their lse (and, with FUSED_MERGE and
+    num_splits > 1, merges the splits of (b, kvh) if it is the last of them to finish)."""
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
@@ -80,11 +94,58 @@ def decode_work(
     o_off = b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
     tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_mask)
+    if FUSED_MERGE:
+        if num_splits > 1:
+            tl.debug_barrier()  # every thread's partial stores precede the ticket (release, gpu scope)
+            t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
+            if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.atomic_xchg(t_ptr, 0)
+                merge_split_rows(
+                    o_ptr + b64 * stride_ob, lse_ptr + b64 * stride_lb, fo_ptr + b64 * stride_fob,
+                    flse_ptr + b64 * stride_flb, heads, h_mask, num_splits,
+                    stride_oh, stride_os, stride_lh, stride_ls, stride_foh, stride_flh, BLOCK_H, HEAD_DIM,
+                )
+
+
+@triton.jit
+def merge_split_rows(
+    mid_o_ptr,  # fp32 [Hq, S, D] (one sequence)
+    mid_lse_ptr,  # fp32 [Hq, S]
+    o_ptr,  # [Hq, D]
+    lse_ptr,  # fp32 [Hq]
+    heads,  # [BLOCK_H] head indices
+    h_mask,  # [BLOCK_H]
+    num_splits,
+    stride_moh, stride_mos, stride_mlh, stride_mls, stride_oh, stride_lh,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Log-sum-exp weighted combination of the num_splits partials of some heads of one sequence, read through
+    L2 (".cg": written by other SMs in this launch). Empty splits (lse -inf) weigh 0; all empty -> (0, -inf)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    tot = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(mid_lse_ptr + heads * stride_mlh + s * stride_mls, mask=h_mask, other=float("-inf"),
+                        cache_modifier=".cg")
+        o_s = tl.load(mid_o_ptr + heads[:, None] * stride_moh + s * stride_mos + offs_d[None, :],
+                      mask=h_mask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(lse_s - m_new)
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        tot = tot * alpha + w
+        m = m_new
+    denom = tl.where(tot > 0.0, tot, 1.0)
+    tl.store(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], (acc / denom[:, None]).to(o_ptr.dtype.element_ty),
+             mask=h_mask[:, None])
+    tl.store(lse_ptr + heads * stride_lh, tl.where(tot > 0.0, m + tl.log(denom), float("-inf")), mask=h_mask)
 
 
 @jit_unspecialized("stride_btb", "num_splits")
 def paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
     num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
@@ -92,6 +153,7 @@ def paged_decode_kernel(
     stride_btb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_ls,
+    stride_fob, stride_foh, stride_flb, stride_flh,
     qk_scale,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -100,20 +162,22 @@ def paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     """Grid (B, Hkv, num_splits), or (Hkv, B, num_splits) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
     Tensor shapes as in `decode_work`."""
     if HEADS_FASTEST:
-        b, kvh = tl.program_id(1), tl.program_id(0)
+        b, kvh, num_kv_heads = tl.program_id(1), tl.program_id(0), tl.num_programs(0)
     else:
-        b, kvh = tl.program_id(0), tl.program_id(1)
+        b, kvh, num_kv_heads = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     decode_work(
-        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
         b, kvh, tl.program_id(2), num_splits,
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
-        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
+        stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+        stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads, qk_scale,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FUSED_MERGE,
     )
 
 

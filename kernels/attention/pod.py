@@ -8,12 +8,14 @@ import torch
 
 from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, resident_programs
 from .decode import (
+    MAX_TICKETS,
     choose_num_splits,
     decode_config,
     dot_precision,
     merge_splits,
     paged_decode_attention,
     split_partials,
+    split_tickets,
 )
 from .pod_kernel import pod_attention_kernel
 from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
@@ -107,7 +109,8 @@ def pod_attention(
     config: tile-size override (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
-    Split-KV decode adds one small merge launch. No host syncs; scratch sizes depend on shapes only.
+    Split-KV decode partials are merged in the same launch (fused merge; a separate merge launch only for batches
+    of more than MAX_TICKETS (sequence, kv head) pairs). No host syncs; scratch sizes depend on shapes only.
     """
     pq, dq = prefill.q, decode.q
     Tq, Hq, D, Bp = validate_prefill_inputs(
@@ -155,11 +158,13 @@ def pod_attention(
                      min(64, cdiv(max_ctx, POD_DECODE_TOKENS_PER_SPLIT)))
     if not (1 <= splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {splits}")
+    fused_merge = splits > 1 and bool(cfg.get("D_FUSED_MERGE", True)) and Bd * Hkv <= MAX_TICKETS
     if splits == 1:
         d_o, d_l, d_strides = do, dlse, (do.stride(0), do.stride(1), 0, dlse.stride(0), dlse.stride(1), 0)
     else:
         d_o, d_l = split_partials(Bd, Hq, splits, D, pq.device)
         d_strides = (*d_o.stride()[:3], *d_l.stride())
+    tickets = split_tickets(pq.device) if fused_merge else decode.seq_lens
 
     use_smid = pq.is_cuda and not is_interpreter()
     counters = torch.zeros(2 + SMID_SLOTS, dtype=torch.int32, device=pq.device)
@@ -169,7 +174,7 @@ def pod_attention(
         GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page,
         P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
         D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"],
-        USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
+        USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype), D_FUSED_MERGE=fused_merge,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if "maxnreg" in cfg and pq.is_cuda and not is_interpreter():
@@ -180,18 +185,18 @@ def pod_attention(
     compiled = pod_attention_kernel[(grid,)](
         pq, dq, k_cache, v_cache,
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
-        po, plse, d_o, d_l, counters,
+        po, plse, d_o, d_l, do, dlse, tickets, counters,
         n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm, splits,
         pq.stride(0), pq.stride(1), dq.stride(0), dq.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         prefill.block_table.stride(0), decode.block_table.stride(0),
         po.stride(0), po.stride(1), plse.stride(0), plse.stride(1),
-        *d_strides,
+        *d_strides, do.stride(0), do.stride(1), dlse.stride(0), dlse.stride(1),
         float(scale) * 1.4426950408889634, **constants,
     )
     if use_smid and key not in _resident and compiled is not None:
         _resident[key] = resident_programs(compiled, pq.device)
-    if splits > 1:
+    if splits > 1 and not fused_merge:
         merge_splits(d_o, d_l, do, dlse)
     return po, plse, do, dlse

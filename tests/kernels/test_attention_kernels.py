@@ -77,6 +77,26 @@ def test_decode_sequence_fastest_order(num_splits):
     _close(out, ref, lse, ref_lse)
 
 
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_decode_split_merge_fused_and_separate(num_splits):
+    """Split partials merged in the decode launch (the last split of each (sequence, kv head) to finish merges, then
+    zeroes its ticket) equal a separate merge launch and the reference, empty splits included (seq_len 1)."""
+    from accordion.kernels.attention.decode import split_tickets
+
+    gen, dev = _gen(91 + num_splits), device()
+    seq_lens = [1, 37, 100]
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 64, 16, F32, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * 4, 64, generator=gen).to(dev)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    for fused in (True, False):
+        out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+        cfg = {**decode_config(64, F32), "FUSED_MERGE": fused}
+        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, num_splits=num_splits,
+                               config=cfg)
+        _close(out, ref, lse, ref_lse)
+    assert not split_tickets(dev).any()
+
+
 def test_decode_mqa_strided_cache_and_empty_rows():
     """Hkv=1 (MQA), a cache interleaved as [num_blocks, 2, P, Hkv, D] (non-contiguous views), seq_len 0 rows."""
     gen, dev = _gen(7), device()
