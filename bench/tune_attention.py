@@ -41,7 +41,7 @@ POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_s
                # kernel's 128-row tile and two warpgroups while a decode program streams beside it
                dict(P_BLOCK_M=128, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128),
                dict(P_BLOCK_M=128, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128),
-               dict(P_BLOCK_M=128, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=8, num_stages=3, maxnreg=128)]
+               dict(P_BLOCK_M=128, P_BLOCK_N=32, D_BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128)]
 # Earlier candidates (4 warps at maxnreg 128 / 168, smaller tiles, %smid-only schedules): 20261126T164801Z and
 # 20261126T165103Z, none above 1.14x.
 # --orders: the default decode tiles with the grid's order changed (kv heads fastest), timed eagerly and in a CUDA
@@ -49,8 +49,9 @@ POD_CONFIGS = [dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_s
 ORDER_DECODE = [dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=False),
                 dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=True)]
 # --merge: split partials merged in the decode launch (last split of a row merges) or by a second launch
-MERGE_DECODE = [dict(BLOCK_N=n, num_warps=w, num_stages=st, FUSED_MERGE=f)
-                for n, w, st in ((64, 4, 3), (64, 4, 4), (32, 4, 5), (128, 8, 3)) for f in (True, False)]
+MERGE_DECODE = [dict(BLOCK_N=n, num_warps=w, num_stages=st, FUSED_MERGE=True)
+                for n, w, st in ((64, 4, 3), (64, 4, 4), (32, 4, 5), (32, 4, 6), (16, 4, 8), (128, 8, 3))]
+MERGE_DECODE.append(dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=False))
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
@@ -94,21 +95,30 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) 
 
 
 def tune_pod(dev, dtype, hybrids, configs) -> list[dict]:
+    """Every POD config against the prefill kernel then the decode kernel; each timed eagerly and replayed from a
+    CUDA graph (GPU time alone: an eager ~0.1 ms decode launch can be host-bound under do_bench)."""
     rows = []
     for chunk, p_ctx, bd, d_ctx in hybrids:
         kv, pa, da, prefill_only, decode_only = hybrid_batch(chunk, p_ctx, bd, d_ctx, dtype, dev)
         ms_p, ms_d = bench(prefill_only, dev), bench(decode_only, dev)
+        g_p, g_d = graph_bench(prefill_only, dev), graph_bench(decode_only, dev)
         for cfg in configs:
+            def fused():
+                pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, config=cfg)
             try:
-                ms = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, config=cfg), dev)
+                ms = bench(fused, dev)
+                g = graph_bench(fused, dev)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
                 print(f"pod {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx,
                              **cfg, prefill_ms=ms_p, decode_ms=ms_d, pod_ms=ms,
-                             speedup=(ms_p + ms_d) / ms, ideal=(ms_p + ms_d) / max(ms_p, ms_d)))
+                             speedup=(ms_p + ms_d) / ms, ideal=(ms_p + ms_d) / max(ms_p, ms_d),
+                             graph_prefill_ms=g_p, graph_decode_ms=g_d, graph_pod_ms=g,
+                             graph_speedup=(g_p + g_d) / g, graph_ideal=(g_p + g_d) / max(g_p, g_d)))
             print(f"pod {chunk}@{p_ctx} + {bd}@{d_ctx} {cfg}: {ms:.3f} ms vs {ms_p:.3f}+{ms_d:.3f} "
-                  f"-> x{(ms_p + ms_d) / ms:.3f}", flush=True)
+                  f"-> x{(ms_p + ms_d) / ms:.3f}; graphs {g:.3f} vs {g_p:.3f}+{g_d:.3f} -> x{(g_p + g_d) / g:.3f}",
+                  flush=True)
         kv = None
     return rows
 
@@ -153,10 +163,10 @@ def main() -> None:
     if args.orders and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (256, 32768)]
     if args.merge and not args.quick:
-        dshapes = [(16, 8192), (16, 32768), (64, 8192), (256, 8192), (1, 32768), (1, 131072)]
+        dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
     decode = [] if args.skip_decode else tune_decode(
         dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge,
-        splits_list=[1, 2, 4, 8] if args.merge else None)
+        splits_list=[1, 2, 3, 4] if args.merge else None)
     pod = tune_pod(dev, dtype, hybrids, pod_configs) if pod_configs else []
     res = resources() if dev.type == "cuda" else []
     path = write_result("tune-attention", dict(decode=decode, pod=pod, resources=res, quick=args.quick))
@@ -178,9 +188,10 @@ def main() -> None:
             bestp[k] = r
     print_table([[f"{k[0]}@{k[1]}+{k[2]}@{k[3]}",
                   f"M{r['P_BLOCK_M']} N{r['P_BLOCK_N']} dN{r['D_BLOCK_N']} w{r['num_warps']} "
-                  f"s{r['num_stages']} r{r.get('maxnreg', '-')}", f"{r['speedup']:.3f}", f"{r['ideal']:.2f}"]
+                  f"s{r['num_stages']} r{r.get('maxnreg', '-')}", f"{r['speedup']:.3f}", f"{r['ideal']:.2f}",
+                  f"{r.get('graph_speedup', float('nan')):.3f}", f"{r.get('graph_ideal', float('nan')):.2f}"]
                  for k, r in bestp.items()],
-                ["hybrid", "best POD", "x sequential", "ideal"])
+                ["hybrid", "best POD", "x sequential", "ideal", "x seq, graphs", "ideal, graphs"])
     for r in res:
         if r["kernel"] == "pod":
             print({k: v for k, v in r.items() if k != "key"})

@@ -13,6 +13,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
 MAX_TICKETS = 1 << 16  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
+# The in-kernel merge reads a row's splits one after another: a win up to 8 splits (one launch fewer), slower than
+# the merge kernel's parallel read at 64 (1xH100, bench/tune_attention.py --merge)
+FUSED_MERGE_MAX_SPLITS = 8
 _tickets: dict[tuple[str, int], torch.Tensor] = {}  # (device, stream) -> split_tickets buffer
 
 
@@ -24,13 +27,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
     """BLOCK_N / num_warps / num_stages of the decode kernel (one small config under the interpreter)."""
     if is_interpreter():
-        return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=True, FUSED_MERGE=True)
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=True)
     block_n = 64 if head_dim <= 128 else 32
     if dtype == torch.float32:
         block_n //= 2
     # HEADS_FASTEST: 0-1.2% faster on an H100 at batch 16-256, 8k-32k keys (bench/tune_attention.py --orders)
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True,
-                FUSED_MERGE=True)
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
@@ -127,12 +129,11 @@ def paged_decode_attention(
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     qk_scale = float(scale) * 1.4426950408889634
-    fused = bool(cfg.get("FUSED_MERGE", True)) and B * Hkv <= MAX_TICKETS
+    fused = merges_in_kernel(num_splits, B * Hkv, cfg.get("FUSED_MERGE", True))
     meta = dict(
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), FUSED_MERGE=fused,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     common = (
         q.stride(0), q.stride(1),
@@ -144,20 +145,25 @@ def paged_decode_attention(
     final = (out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
     if num_splits == 1:
         paged_decode_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, *common,
+            q, k_cache, v_cache, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
             out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0, *final, qk_scale, **meta,
         )
         return out, lse
     mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
     tickets = split_tickets(q.device) if fused else seq_lens
     paged_decode_kernel[grid](
-        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, tickets, num_splits, *common,
+        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, tickets, num_splits, int(fused), *common,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2), *final, qk_scale, **meta,
     )
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)
     return out, lse
+
+
+def merges_in_kernel(num_splits: int, rows: int, allowed: bool = True) -> bool:
+    """Whether a launch of `num_splits` splits over `rows` (sequence, kv head) pairs merges them itself."""
+    return bool(allowed) and 1 < num_splits <= FUSED_MERGE_MAX_SPLITS and rows <= MAX_TICKETS
 
 
 def split_tickets(device: torch.device) -> torch.Tensor:

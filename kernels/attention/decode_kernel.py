@@ -5,9 +5,10 @@ Work item = (sequence b, kv head, split): all GROUP query heads of the kv head a
 loaded once per GQA group. Split s covers keys [s * L, min((s + 1) * L, seq_len)) with
 L = cdiv(cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N; empty splits write out 0, lse -inf.
 
-With FUSED_MERGE the split partials are combined in the same launch: each (b, kv head) has a ticket counter; the
-program that takes the last ticket (all other splits' partials are then stored) merges them into the final output
-and resets the counter to 0 for the next launch (counters start zeroed and stay so between launches).
+With fused_merge (a runtime flag) the split partials are combined in the same launch: each (b, kv head) has a ticket
+counter; the program that takes the last ticket (all other splits' partials are then stored) merges them into the
+final output and resets the counter to 0 for the next launch (counters start zeroed and stay so between launches).
+The key loop runs its whole BLOCK_N tiles without masks; only a split's last, partial tile is masked.
 
 Arguments that change from step to step (the split count, the block table's row stride) are plain runtime integers,
 exempt from Triton's value specialization: a serving engine then compiles each kernel once, at warm-up, instead of
@@ -30,13 +31,14 @@ def decode_work(
     seq_lens_ptr,  # int32 [B]
     o_ptr,  # out [B, Hq, D] (split stride 0) or partial [B, Hq, S, D] fp32
     lse_ptr,  # lse [B, Hq] (split stride 0) or partial [B, Hq, S] fp32
-    fo_ptr,  # FUSED_MERGE: final out [B, Hq, D]
-    flse_ptr,  # FUSED_MERGE: final lse fp32 [B, Hq]
-    ticket_ptr,  # FUSED_MERGE: int32 [B * Hkv] zeroed split tickets
+    fo_ptr,  # fused_merge: final out [B, Hq, D]
+    flse_ptr,  # fused_merge: final lse fp32 [B, Hq]
+    ticket_ptr,  # fused_merge: int32 [B * Hkv] zeroed split tickets
     b,
     kvh,
     split,
     num_splits,
+    fused_merge,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -64,9 +66,8 @@ def decode_work(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
 ):
-    """One (b, kvh, split) decode work item; stores normalised out rows and their lse (and, with FUSED_MERGE and
+    """One (b, kvh, split) decode work item; stores normalised out rows and their lse (and, with fused_merge and
     num_splits > 1, merges the splits of (b, kvh) if it is the last of them to finish)."""
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
@@ -83,10 +84,15 @@ def decode_work(
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    k_base, v_base, bt_row = k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb
+    full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = paged_attn_loop(
-        acc, l_i, m_i, q, offs_h,
-        k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
-        lo, hi, hi,
+        acc, l_i, m_i, q, offs_h, k_base, v_base, bt_row, lo, full_hi, full_hi,
+        stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False, DOT_PRECISION,
+    )
+    acc, l_i, m_i = paged_attn_loop(  # the partial last tile, if any
+        acc, l_i, m_i, q, offs_h, k_base, v_base, bt_row, full_hi, hi, hi,
         stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
     )
@@ -94,7 +100,7 @@ def decode_work(
     o_off = b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
     tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=h_mask)
-    if FUSED_MERGE:
+    if fused_merge != 0:
         if num_splits > 1:
             tl.debug_barrier()  # every thread's partial stores precede the ticket (release, gpu scope)
             t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
@@ -143,10 +149,10 @@ def merge_split_rows(
     tl.store(lse_ptr + heads * stride_lh, tl.where(tot > 0.0, m + tl.log(denom), float("-inf")), mask=h_mask)
 
 
-@jit_unspecialized("stride_btb", "num_splits")
+@jit_unspecialized("stride_btb", "num_splits", "fused_merge")
 def paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-    num_splits,
+    num_splits, fused_merge,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
     stride_vb, stride_vp, stride_vh,
@@ -162,7 +168,6 @@ def paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
 ):
     """Grid (B, Hkv, num_splits), or (Hkv, B, num_splits) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
@@ -173,11 +178,11 @@ def paged_decode_kernel(
         b, kvh, num_kv_heads = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     decode_work(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-        b, kvh, tl.program_id(2), num_splits,
+        b, kvh, tl.program_id(2), num_splits, fused_merge,
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FUSED_MERGE,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
     )
 
 

@@ -8,11 +8,11 @@ import torch
 
 from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, resident_programs
 from .decode import (
-    MAX_TICKETS,
     choose_num_splits,
     decode_config,
     dot_precision,
     merge_splits,
+    merges_in_kernel,
     paged_decode_attention,
     split_partials,
     split_tickets,
@@ -109,8 +109,7 @@ def pod_attention(
     config: tile-size override (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
-    Split-KV decode partials are merged in the same launch (fused merge; a separate merge launch only for batches
-    of more than MAX_TICKETS (sequence, kv head) pairs). No host syncs; scratch sizes depend on shapes only.
+    Split-KV decode partials are merged in the same launch when `merges_in_kernel` says so, else by a second one. No host syncs; scratch sizes depend on shapes only.
     """
     pq, dq = prefill.q, decode.q
     Tq, Hq, D, Bp = validate_prefill_inputs(
@@ -158,7 +157,7 @@ def pod_attention(
                      min(64, cdiv(max_ctx, POD_DECODE_TOKENS_PER_SPLIT)))
     if not (1 <= splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {splits}")
-    fused_merge = splits > 1 and bool(cfg.get("D_FUSED_MERGE", True)) and Bd * Hkv <= MAX_TICKETS
+    fused_merge = merges_in_kernel(splits, Bd * Hkv, cfg.get("D_FUSED_MERGE", True))
     if splits == 1:
         d_o, d_l, d_strides = do, dlse, (do.stride(0), do.stride(1), 0, dlse.stride(0), dlse.stride(1), 0)
     else:
@@ -174,7 +173,7 @@ def pod_attention(
         GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page,
         P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
         D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"],
-        USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype), D_FUSED_MERGE=fused_merge,
+        USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if "maxnreg" in cfg and pq.is_cuda and not is_interpreter():
@@ -186,7 +185,7 @@ def pod_attention(
         pq, dq, k_cache, v_cache,
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
         po, plse, d_o, d_l, do, dlse, tickets, counters,
-        n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm, splits,
+        n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm, splits, int(fused_merge),
         pq.stride(0), pq.stride(1), dq.stride(0), dq.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

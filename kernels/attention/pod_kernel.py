@@ -24,7 +24,7 @@ def _smid():
 
 # Tile counts change with every hybrid batch: keep them out of the specialization key (no recompiles).
 @jit_unspecialized("num_prefill_tiles", "num_decode_tiles", "num_m_tiles", "num_prefill_seqs", "slots_per_sm",
-                   "num_splits", "stride_pbt", "stride_dbt", "p_bt_ptr", "p_sl_ptr", "plse_ptr")
+                   "num_splits", "d_fused_merge", "stride_pbt", "stride_dbt", "p_bt_ptr", "p_sl_ptr", "plse_ptr")
 def pod_attention_kernel(
     pq_ptr,  # prefill q [Tq, Hq, D]
     dq_ptr,  # decode q [Bd, Hq, D]
@@ -34,10 +34,10 @@ def pod_attention_kernel(
     d_bt_ptr, d_sl_ptr,  # decode block_table [Bd, *], seq_lens [Bd]
     po_ptr, plse_ptr,  # prefill out [Tq, Hq, D], lse fp32 [Tq, Hq]
     do_ptr, dlse_ptr,  # decode out [Bd, Hq, D] (split stride 0) or partial [Bd, Hq, S, D] / [Bd, Hq, S]
-    dfo_ptr, dflse_ptr, d_ticket_ptr,  # D_FUSED_MERGE: decode out [Bd, Hq, D], lse [Bd, Hq], tickets [Bd * Hkv]
+    dfo_ptr, dflse_ptr, d_ticket_ptr,  # d_fused_merge: decode out [Bd, Hq, D], lse [Bd, Hq], tickets [Bd * Hkv]
     counter_ptr,  # int32 [2 + SMID_SLOTS] zeroed (USE_SMID only)
     num_prefill_tiles, num_decode_tiles, num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, slots_per_sm,
-    num_splits,
+    num_splits, d_fused_merge,
     stride_pqt, stride_pqh,
     stride_dqb, stride_dqh,
     stride_kb, stride_kp, stride_kh,
@@ -57,7 +57,6 @@ def pod_attention_kernel(
     USE_SMID: tl.constexpr,
     SMID_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    D_FUSED_MERGE: tl.constexpr,
 ):
     """Grid: any size (each program loops); best one program per resident slot of every SM."""
     if USE_SMID:
@@ -72,14 +71,13 @@ def pod_attention_kernel(
             _tile(kind, idx,
                   pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
                   po_ptr, plse_ptr, do_ptr, dlse_ptr, dfo_ptr, dflse_ptr, d_ticket_ptr,
-                  num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits,
+                  num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits, d_fused_merge,
                   stride_pqt, stride_pqh, stride_dqb, stride_dqh,
                   stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
                   stride_pot, stride_poh, stride_plt, stride_plh,
                   stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
                   stride_dfob, stride_dfoh, stride_dflb, stride_dflh, qk_scale,
-                  GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, DOT_PRECISION,
-                  D_FUSED_MERGE)
+                  GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, DOT_PRECISION)
         else:
             kind = 1 - kind
             switches += 1
@@ -90,7 +88,7 @@ def _tile(
     kind, idx,
     pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
     po_ptr, plse_ptr, do_ptr, dlse_ptr, dfo_ptr, dflse_ptr, d_ticket_ptr,
-    num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits,
+    num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits, d_fused_merge,
     stride_pqt, stride_pqh, stride_dqb, stride_dqh,
     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt, stride_dbt,
     stride_pot, stride_poh, stride_plt, stride_plh,
@@ -98,7 +96,7 @@ def _tile(
     stride_dfob, stride_dfoh, stride_dflb, stride_dflh, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, P_BLOCK_M: tl.constexpr,
     P_BLOCK_N: tl.constexpr, D_BLOCK_H: tl.constexpr, D_BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, D_FUSED_MERGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Tile ``idx`` of ``kind`` (0: prefill (m_tile, b, qh), heaviest m-tiles first; 1: decode (b, kvh, split))."""
     if kind == 0:
@@ -117,9 +115,9 @@ def _tile(
         r = idx // num_splits
         decode_work(
             dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, dfo_ptr, dflse_ptr, d_ticket_ptr,
-            r // num_kv_heads, r % num_kv_heads, split, num_splits,
+            r // num_kv_heads, r % num_kv_heads, split, num_splits, d_fused_merge,
             stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_dbt,
             stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
             stride_dfob, stride_dfoh, stride_dflb, stride_dflh, num_kv_heads, qk_scale,
-            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION, D_FUSED_MERGE,
+            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION,
         )
