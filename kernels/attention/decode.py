@@ -24,10 +24,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def decode_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """BLOCK_N / num_warps / num_stages of the decode kernel (one small config under the interpreter)."""
+def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False) -> dict:
+    """BLOCK_N / num_warps / num_stages of the decode kernel (one small config under the interpreter); ``split``:
+    for a launch whose keys are split (num_splits > 1)."""
     if is_interpreter():
         return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=True)
+    if split and head_dim == 128 and dtype != torch.float32:
+        # Few programs per SM: 32-key tiles, 5 stages. 1.5-3% faster than 64 x 3 at batch 16 over 8k / 32k keys on an
+        # H100; 0.5-2% slower at batch 64-256 unsplit (bench/tune_attention.py --merge, 20261127T122147Z, T123025Z)
+        return dict(BLOCK_N=32, num_warps=4, num_stages=5, HEADS_FASTEST=True)
     block_n = 64 if head_dim <= 128 else 32
     if dtype == torch.float32:
         block_n //= 2
@@ -94,7 +99,8 @@ def paged_decode_attention(
     seq_lens:    int32 [B]                           KV length per sequence (current token included); 0 -> out 0
     out:         optional [B, Hq, D] (q.dtype)       written in place
     lse:         optional fp32 [B, Hq]               natural-log LSE of the scaled scores (-inf when seq_len 0)
-    num_splits:  split-KV factor; None = automatic from B * Hkv vs SM count and the maximum context
+    num_splits:  split-KV factor; None = automatic from B * Hkv vs SM count and the maximum context. The splits
+                 of a row are merged by the last of them to finish (<= FUSED_MERGE_MAX_SPLITS) or by a merge kernel.
     max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
                  block_table.shape[1] * block_size.
     config:      tile-size override (keys of `decode_config`), for tuning.
@@ -128,6 +134,8 @@ def paged_decode_attention(
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, cfg["BLOCK_N"])
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
+    if config is None and num_splits > 1:
+        cfg = decode_config(D, q.dtype, split=True)
     qk_scale = float(scale) * 1.4426950408889634
     fused = merges_in_kernel(num_splits, B * Hkv, cfg.get("FUSED_MERGE", True))
     meta = dict(
