@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -12,11 +13,11 @@ from .decode_kernel import merge_splits_kernel, paged_decode_kernel
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
-MAX_TICKETS = 1 << 16  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
+MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
 # The in-kernel merge reads a row's splits one after another: a win up to 8 splits (one launch fewer), slower than
 # the merge kernel's parallel read at 64 (1xH100, bench/tune_attention.py --merge)
 FUSED_MERGE_MAX_SPLITS = 8
-_tickets: dict[tuple[str, int], torch.Tensor] = {}  # (device, stream) -> split_tickets buffer
+_tickets: dict[tuple[str, int, int], torch.Tensor] = {}  # (device, thread, stream) -> split_tickets buffer
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -175,10 +176,14 @@ def merges_in_kernel(num_splits: int, rows: int, allowed: bool = True) -> bool:
 
 
 def split_tickets(device: torch.device) -> torch.Tensor:
-    """The current stream's zeroed int32 [MAX_TICKETS] split-ticket counters of the fused merge (kernels leave them
-    zeroed). One buffer per stream: launches on one stream never overlap, launches on two streams may."""
+    """Zeroed int32 [MAX_TICKETS] split-ticket counters of the fused merge (kernels leave them zeroed), one buffer
+    per (device, calling thread, current stream): launches that share one are ordered on one stream.
+
+    Keyed by thread as well because streams are pooled (two threads' streams can be the same handle) and a CUDA
+    graph replays, on the engine thread's stream, the buffer of its capture stream: an engine thread replaying
+    decode graphs while a slice-server thread decodes on a side stream must not share counters."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = (str(device), threading.get_ident(), stream)
     buf = _tickets.get(key)
     if buf is None:
         buf = _tickets[key] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)

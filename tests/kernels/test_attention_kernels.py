@@ -444,3 +444,19 @@ def test_pod_pays_off_only_for_balanced_hybrid_batches():
     assert pod_pays_off([1024], [16384], [16384] * 64, **shape)
     assert not pod_pays_off([8192], [90000], [2000] * 30, **shape)  # long chunk, few short decodes
     assert not pod_pays_off([16], [64], [32768] * 128, **shape)  # tiny chunk beside heavy decodes
+
+
+def test_split_tickets_one_buffer_per_thread():
+    """The fused merge's counters are not shared between threads (nor streams): concurrent launches never race."""
+    import threading
+
+    from accordion.kernels.attention.decode import split_tickets
+
+    dev = device()
+    mine = split_tickets(dev)
+    assert split_tickets(dev) is mine and mine.dtype == torch.int32 and not mine.any()
+    other = []
+    t = threading.Thread(target=lambda: other.append(split_tickets(dev)))
+    t.start()
+    t.join()
+    assert other[0] is not mine

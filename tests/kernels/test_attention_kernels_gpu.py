@@ -200,3 +200,46 @@ def test_decode_cuda_graph_capture():
     q.copy_(torch.randn(4, 32, 128, generator=gen).to(BF16))
     g.replay()
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.088))
+
+
+def test_decode_split_merge_two_threads_two_streams():
+    """Two threads decode with in-kernel split merges on their own streams at once, a CUDA graph captured by one
+    of them replaying meanwhile: ticket counters are never shared, every result matches the reference."""
+    import threading
+
+    from accordion.kernels.attention.decode import split_tickets
+
+    gen = torch.Generator().manual_seed(29)
+    kv, table, sl = make_paged_kv([5000, 300, 9000, 2047, 4096, 77], 8, 128, 16, BF16, DEV, gen)
+    q = torch.randn(6, 32, 128, generator=gen).to(BF16).to(DEV)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.088)
+    results, errors = {}, []
+
+    def worker(name: str, graph: bool) -> None:
+        try:
+            stream = torch.cuda.Stream(DEV)
+            with torch.cuda.stream(stream):
+                out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
+                run = lambda: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.088, out=out, lse=lse,  # noqa: E731
+                                                     num_splits=4)
+                run()
+                if graph:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, stream=stream):
+                        run()
+                for _ in range(50):
+                    g.replay() if graph else run()
+                stream.synchronize()
+                results[name] = (out.clone(), lse.clone(), split_tickets(DEV).data_ptr())
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n, n == "graph")) for n in ("graph", "eager")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for out, lse, _ in results.values():
+        _check(out.float(), lse, ref, ref_lse)
+    assert results["graph"][2] != results["eager"][2]
