@@ -109,7 +109,8 @@ def pod_attention(
     config: tile-size override (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
-    Split-KV decode partials are merged in the same launch when `merges_in_kernel` says so, else by a second one. No host syncs; scratch sizes depend on shapes only.
+    Split-KV decode partials are merged in the same launch when `merges_in_kernel` says so, else by a second one.
+    No host syncs; scratch sizes depend on shapes only.
     """
     pq, dq = prefill.q, decode.q
     Tq, Hq, D, Bp = validate_prefill_inputs(
