@@ -27,6 +27,7 @@ import triton  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
     paged_decode_attention,
+    paged_prefill_attention,
     pod_attention,
 )
 from accordion.kernels.attention.decode import choose_num_splits  # noqa: E402
@@ -52,6 +53,13 @@ ORDER_DECODE = [dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=False)
 MERGE_DECODE = [dict(BLOCK_N=n, num_warps=w, num_stages=st, FUSED_MERGE=True)
                 for n, w, st in ((64, 4, 3), (64, 4, 4), (32, 4, 5), (32, 4, 6), (16, 4, 8), (128, 8, 3))]
 MERGE_DECODE.append(dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=False))
+# --prefill: the default (one 8-warp program per SM) against registers capped at 128 (two per SM, as the POD
+# candidates that beat the prefill kernel on 2048-query chunks over 32k keys) and 4-warp 64-row tiles
+PREFILL_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128),
+                   dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, maxnreg=128),
+                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)]
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
@@ -123,6 +131,32 @@ def tune_pod(dev, dtype, hybrids, configs) -> list[dict]:
     return rows
 
 
+def tune_prefill(dev, dtype, shapes, configs) -> list[dict]:
+    """Prefill kernel configs on full prefills and long-context chunks (q chunk over a cached prefix), timed from
+    CUDA graphs; TFLOP/s counts the causal part once."""
+    rows = []
+    for chunk, ctx in shapes:
+        kv, pa, _, _, _ = hybrid_batch(chunk, ctx, 1, 16, dtype, dev)
+        flops = 4 * chunk * (ctx - chunk / 2) * HQ * D
+        base = None
+        for cfg in configs:
+            def run():
+                paged_prefill_attention(pa.q, kv[0], kv[1], pa.block_table, pa.cu_seqlens_q, pa.seq_lens,
+                                        scale=D**-0.5, max_seqlen_q=chunk, out=pa.out, lse=pa.lse, config=cfg)
+            try:
+                ms = graph_bench(run, dev)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
+                print(f"prefill {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            base = ms if base is None else base
+            rows.append(dict(chunk=chunk, context=ctx, **cfg, graph_ms=ms, tflop_s=flops / ms / 1e9,
+                             vs_first=base / ms))
+            print(f"prefill {chunk}@{ctx} {cfg}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, x{base / ms:.3f}",
+                  flush=True)
+        kv = None
+    return rows
+
+
 def resources() -> list[dict]:
     """Registers, spills, shared memory and resident programs of every compiled POD / decode kernel."""
     from accordion.kernels.attention.decode_kernel import paged_decode_kernel
@@ -145,6 +179,8 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--orders", action="store_true",
                     help="decode only: default tiles, kv heads fastest or not, auto splits, also in CUDA graphs")
+    ap.add_argument("--prefill", action="store_true",
+                    help="prefill kernel configs only (registers capped for two programs per SM, persistent-free)")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -162,6 +198,12 @@ def main() -> None:
         hybrids = HYBRIDS
     if args.orders and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (256, 32768)]
+    if args.prefill:
+        shapes = [(16, 64), (16, 48)] if args.quick else [(4096, 4096), (16384, 16384), (512, 4096), (1024, 16384),
+                                                           (2048, 32768), (4096, 65536)]
+        rows = tune_prefill(dev, dtype, shapes, PREFILL_CONFIGS[:2] if args.quick else PREFILL_CONFIGS)
+        print("wrote", write_result("tune-attention", dict(prefill=rows, quick=args.quick)))
+        return
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
     decode = [] if args.skip_decode else tune_decode(

@@ -54,6 +54,7 @@ def paged_prefill_attention(
     max_seqlen_q: int,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal prefill attention of packed query chunks over a paged KV cache (chunk K/V already written).
 
@@ -65,6 +66,7 @@ def paged_prefill_attention(
     seq_lens:     int32 [B]                           total KV length of each sequence (>= q_len_b)
     max_seqlen_q: host int >= max_b q_len_b           sizes the grid (no host sync)
     out:          optional [Tq, Hq, D] (q.dtype);  lse: optional fp32 [Tq, Hq]
+    config:       tile-size override (keys of `prefill_config`; `maxnreg` caps registers), for tuning.
     Query i of sequence b sits at position seq_lens[b] - q_len_b + i and attends to keys at positions <= it.
     Returns (out, lse), lse = natural-log LSE of the scaled scores.
     """
@@ -79,7 +81,8 @@ def paged_prefill_attention(
         raise ValueError(f"lse must be fp32 [{Tq}, {Hq}]")
     if Tq == 0 or B == 0 or max_seqlen_q == 0:
         return out, lse
-    cfg = prefill_config(D, q.dtype, q.device)
+    cfg = prefill_config(D, q.dtype, q.device) if config is None else config
+    extra = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and q.is_cuda and not is_interpreter() else {}
     grid = (cdiv(max_seqlen_q, cfg["BLOCK_M"]), Hq, B)
     paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
@@ -90,6 +93,6 @@ def paged_prefill_attention(
         float(scale) * 1.4426950408889634,
         GROUP=Hq // k_cache.shape[2], HEAD_DIM=D, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
     )
     return out, lse
