@@ -89,16 +89,23 @@ class TritonAttentionBackend(AttentionBackend):
                 meta = _warm_up_meta(int(kind != "prefill"), kind != "decode", max_seq_len, dev)
                 q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
                 self._attend(q, kv_cache, meta, fuse=kind == "fused")
+        # a prefill grid of many query tiles (`prefill_config` picks its tiles by grid size); tiles past the one
+        # query return at once
+        meta = _warm_up_meta(0, True, 16, dev, max_query_len=1 << 15)
+        q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
+        self._attend(q, kv_cache, meta, fuse=False)
 
 
-def _warm_up_meta(num_decodes: int, prefill: bool, max_seq_len: int, device: torch.device) -> AttentionMetadata:
+def _warm_up_meta(num_decodes: int, prefill: bool, max_seq_len: int, device: torch.device,
+                  max_query_len: int = 1) -> AttentionMetadata:
     """Metadata of a step of ``num_decodes`` decodes and (``prefill``) one one-token chunk, every row one key
-    (block 0's first slot)."""
+    (block 0's first slot); ``max_query_len`` sizes the prefill grid."""
     rows = num_decodes + prefill
     i32 = {"dtype": torch.int32, "device": device}
     return AttentionMetadata(
         num_decodes=num_decodes, slot_mapping=torch.full((rows,), -1, dtype=torch.long, device=device),
         block_table=torch.zeros(rows, 1, **i32), seq_lens=torch.ones(rows, **i32),
-        query_start_loc=torch.arange(rows + 1, **i32), max_query_len=int(prefill), max_seq_len=max_seq_len,
+        query_start_loc=torch.arange(rows + 1, **i32), max_query_len=max_query_len if prefill else 0,
+        max_seq_len=max_seq_len,
         seq_lens_cpu=[1] * rows, query_lens_cpu=[1] * rows,
         prefill_query_start_loc=torch.tensor([0, 1], **i32) if prefill else None)

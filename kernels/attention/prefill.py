@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import cdiv, check_same_device, check_tensor, is_hopper, is_interpreter
+from ..utils import cdiv, check_same_device, check_tensor, is_hopper, is_interpreter, num_sms
 from .decode import FLOAT_DTYPES, dot_precision, validate_paged_kv
 from .prefill_kernel import paged_prefill_kernel
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """BLOCK_M / BLOCK_N / num_warps / num_stages of the prefill kernel (one small config under the interpreter)."""
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device, tiles_128: int = 0) -> dict:
+    """BLOCK_M / BLOCK_N / num_warps / num_stages (and `maxnreg`) of the prefill kernel for a launch of
+    ``tiles_128`` (128-query tile, head, sequence) work items (one small config under the interpreter)."""
     if is_interpreter():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     if dtype == torch.float32:
@@ -18,6 +19,12 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> d
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
+        if head_dim == 128 and is_hopper(device) and tiles_128 > num_sms(device):
+            # Registers capped at 128 (some spill): two 8-warp programs per SM instead of one. 1.13x at a 4k/16k
+            # full prefill, 1.29-1.32x on 1-4k-query chunks over 16-64k keys (256-2048 programs) on an H100;
+            # 0.81x when the grid is one program per SM anyway (128 programs: 512 queries over 4k keys)
+            # (bench/tune_attention.py --prefill, 20261127T125525Z)
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3 if is_hopper(device) else 2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
@@ -81,7 +88,9 @@ def paged_prefill_attention(
         raise ValueError(f"lse must be fp32 [{Tq}, {Hq}]")
     if Tq == 0 or B == 0 or max_seqlen_q == 0:
         return out, lse
-    cfg = prefill_config(D, q.dtype, q.device) if config is None else config
+    if config is None:
+        config = prefill_config(D, q.dtype, q.device, cdiv(max_seqlen_q, 128) * Hq * B)
+    cfg = config
     extra = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and q.is_cuda and not is_interpreter() else {}
     grid = (cdiv(max_seqlen_q, cfg["BLOCK_M"]), Hq, B)
     paged_prefill_kernel[grid](
