@@ -1,12 +1,14 @@
-"""Tile-size sweep of the decode and POD kernels on a GPU (a script, not a test).
+"""Tile-size sweep of the decode, POD and prefill kernels on a GPU (a script, not a test).
 
     python bench/tune_attention.py            # H100: Llama-3.1-8B attention shape, bf16
+    python bench/tune_attention.py --merge    # decode: split merge in the launch or a second one, splits 1-4
+    python bench/tune_attention.py --prefill  # prefill: default tiles against registers capped at 128
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
 batch >= 16 (issue 4's target regime). POD: every config against the prefill kernel then the decode
 kernel on hybrid batches, with each compiled kernel's registers, spills, shared memory and resident programs
-per SM. The defaults in `decode_config` / `pod_config` come from this table. Writes
+per SM. The defaults in `decode_config` / `pod_config` / `prefill_config` come from these tables. Writes
 bench/results/tune-attention-<gpu>-<time>.json.
 """
 
@@ -180,7 +182,8 @@ def main() -> None:
     ap.add_argument("--orders", action="store_true",
                     help="decode only: default tiles, kv heads fastest or not, auto splits, also in CUDA graphs")
     ap.add_argument("--prefill", action="store_true",
-                    help="prefill kernel configs only (registers capped for two programs per SM, persistent-free)")
+                    help="prefill only: the default tiles against registers capped at 128 (two programs per SM), "
+                         "full prefills and long-context chunks, CUDA graphs")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")

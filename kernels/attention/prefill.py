@@ -88,9 +88,7 @@ def paged_prefill_attention(
         raise ValueError(f"lse must be fp32 [{Tq}, {Hq}]")
     if Tq == 0 or B == 0 or max_seqlen_q == 0:
         return out, lse
-    if config is None:
-        config = prefill_config(D, q.dtype, q.device, cdiv(max_seqlen_q, 128) * Hq * B)
-    cfg = config
+    cfg = config if config is not None else prefill_config(D, q.dtype, q.device, cdiv(max_seqlen_q, 128) * Hq * B)
     extra = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and q.is_cuda and not is_interpreter() else {}
     grid = (cdiv(max_seqlen_q, cfg["BLOCK_M"]), Hq, B)
     paged_prefill_kernel[grid](
