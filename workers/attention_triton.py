@@ -84,16 +84,16 @@ class TritonAttentionBackend(AttentionBackend):
         if is_interpreter():
             return
         dev = kv_cache.device
-        for max_seq_len in (16, 1 << 16):  # the decode keys split or not
-            for kind in ("decode", "prefill", "hybrid", "fused"):
-                meta = _warm_up_meta(int(kind != "prefill"), kind != "decode", max_seq_len, dev)
-                q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
-                self._attend(q, kv_cache, meta, fuse=kind == "fused")
-        # a prefill grid of many query tiles (`prefill_config` picks its tiles by grid size); tiles past the one
-        # query return at once
-        meta = _warm_up_meta(0, True, 16, dev, max_query_len=1 << 15)
-        q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
-        self._attend(q, kv_cache, meta, fuse=False)
+        steps = [(int(kind != "prefill"), kind != "decode", max_seq_len, 1, kind == "fused")
+                 for max_seq_len in (16, 1 << 16)  # the decode keys split or not
+                 for kind in ("decode", "prefill", "hybrid", "fused")]
+        # and a prefill grid of many query tiles (`prefill_config` picks its tiles by grid size); the tiles past its
+        # one query return at once
+        steps.append((0, True, 16, 1 << 15, False))
+        for num_decodes, prefill, max_seq_len, max_query_len, fuse in steps:
+            meta = _warm_up_meta(num_decodes, prefill, max_seq_len, dev, max_query_len)
+            q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
+            self._attend(q, kv_cache, meta, fuse=fuse)
 
 
 def _warm_up_meta(num_decodes: int, prefill: bool, max_seq_len: int, device: torch.device,

@@ -159,9 +159,9 @@ def paged_decode_attention(
         )
         return out, lse
     mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
-    tickets = split_tickets(q.device) if fused else seq_lens
     paged_decode_kernel[grid](
-        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, tickets, num_splits, int(fused), *common,
+        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
+        int(fused), *common,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2), *final, qk_scale, **meta,
     )

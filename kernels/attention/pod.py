@@ -164,7 +164,6 @@ def pod_attention(
     else:
         d_o, d_l = split_partials(Bd, Hq, splits, D, pq.device)
         d_strides = (*d_o.stride()[:3], *d_l.stride())
-    tickets = split_tickets(pq.device) if fused_merge else decode.seq_lens
 
     use_smid = pq.is_cuda and not is_interpreter()
     counters = torch.zeros(2 + SMID_SLOTS, dtype=torch.int32, device=pq.device)
@@ -185,7 +184,7 @@ def pod_attention(
     compiled = pod_attention_kernel[(grid,)](
         pq, dq, k_cache, v_cache,
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
-        po, plse, d_o, d_l, do, dlse, tickets, counters,
+        po, plse, d_o, d_l, do, dlse, split_tickets(pq.device), counters,
         n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm, splits, int(fused_merge),
         pq.stride(0), pq.stride(1), dq.stride(0), dq.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
