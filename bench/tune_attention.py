@@ -3,7 +3,6 @@
     python bench/tune_attention.py            # H100: Llama-3.1-8B attention shape, bf16
     python bench/tune_attention.py --merge    # decode: split merge in the launch or a second one, splits 1-4
     python bench/tune_attention.py --prefill  # prefill: default tiles against registers capped at 128
-    python bench/tune_attention.py --packed   # decode: all kv heads of a sequence per program against the default
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
@@ -63,10 +62,6 @@ PREFILL_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, maxnreg=128),
                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)]
-# --packed: the default decode against the packed kernel (every kv head of a sequence in one program, whole token
-# rows streamed), tokens per tile x warps x stages, auto and doubled splits, CUDA graphs
-PACKED_DECODE = [dict(PACKED=True, BLOCK_N=n, num_warps=w, num_stages=st)
-                 for n, w, st in ((8, 4, 3), (8, 4, 4), (16, 4, 2), (16, 4, 3), (8, 8, 4), (4, 4, 6))]
 HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 16384), (1024, 16384, 128, 4096),
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
@@ -105,47 +100,6 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) 
                     rows[-1].update(graph_ms=g, graph_sdpa_ms=graph_sdpa, graph_vs_sdpa=graph_sdpa / g)
                 print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa"
                       + (f"; graphs x{rows[-1]['graph_vs_sdpa']:.3f}" if graph_sdpa is not None else ""), flush=True)
-        kv = k4 = v4 = None
-    return rows
-
-
-def tune_packed(dev, dtype, shapes, configs) -> list[dict]:
-    """Packed decode configs x splits against the default launch and SDPA, all replayed from CUDA graphs; each
-    packed result is checked against the default's output."""
-    from accordion.kernels.attention.decode import choose_packed_splits
-
-    rows = []
-    for B, ctx in shapes:
-        kv, table, nb = identity_cache(B, ctx, dtype, dev)
-        sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
-        out, lse = torch.empty_like(q), torch.empty(B, HQ, dtype=torch.float32, device=dev)
-        k4, v4 = unpaged(kv[0], B, nb), unpaged(kv[1], B, nb)
-        g_sdpa = graph_bench(lambda: sdpa(q.view(B, HQ, 1, D), k4, v4, False), dev)
-        g_base = graph_bench(lambda: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out,
-                                                            lse=lse, max_seq_len=ctx), dev)
-        ref = out.float().clone()
-        rows.append(dict(batch=B, context=ctx, kernel="default", graph_ms=g_base, vs_sdpa=g_sdpa / g_base,
-                         vs_default=1.0, sdpa_ms=g_sdpa))
-        print(rows[-1], flush=True)
-        for cfg in configs:
-            auto = choose_packed_splits(B, ctx, dev, cfg["BLOCK_N"])
-            for splits in sorted({auto, 2 * auto}):
-                def run():
-                    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
-                                           num_splits=splits, max_seq_len=ctx, config=cfg)
-                try:
-                    out.fill_(float("nan"))
-                    run()
-                    err = (out.float() - ref).abs().max().item()
-                    g = graph_bench(run, dev)
-                except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
-                    print(f"packed {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                rows.append(dict(batch=B, context=ctx, kernel="packed", **cfg, splits=splits, auto_splits=auto,
-                                 graph_ms=g, vs_sdpa=g_sdpa / g, vs_default=g_base / g, sdpa_ms=g_sdpa,
-                                 max_err_vs_default=err))
-                print(rows[-1], flush=True)
         kv = k4 = v4 = None
     return rows
 
@@ -233,8 +187,6 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
-    ap.add_argument("--packed", action="store_true",
-                    help="decode only: the packed kernel (all kv heads per program) against the default, graphs")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -254,22 +206,6 @@ def main() -> None:
                                                            (2048, 32768), (4096, 65536)]
         rows = tune_prefill(dev, dtype, shapes, PREFILL_CONFIGS[:2] if args.quick else PREFILL_CONFIGS)
         print("wrote", write_result("tune-attention", dict(prefill=rows, quick=args.quick)))
-        return
-    if args.packed:
-        shapes = [(2, 64)] if args.quick else [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192),
-                                                (16, 32768), (64, 8192), (64, 32768), (256, 8192), (16, 131072)]
-        rows = tune_packed(dev, dtype, shapes, PACKED_DECODE[:1] if args.quick else PACKED_DECODE)
-        path = write_result("tune-attention", dict(packed=rows, quick=args.quick))
-        best = {}
-        for r in rows:
-            k = (r["batch"], r["context"])
-            if r["kernel"] == "packed" and (k not in best or r["vs_default"] > best[k]["vs_default"]):
-                best[k] = r
-        print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}",
-                      f"{r['splits']} ({r['auto_splits']})", f"{r['vs_default']:.3f}", f"{r['vs_sdpa']:.3f}",
-                      f"{r['max_err_vs_default']:.2g}"] for k, r in best.items()],
-                    ["B@ctx", "best packed", "splits (auto)", "x default", "x SDPA", "max |diff|"])
-        print("wrote", path)
         return
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]

@@ -9,7 +9,6 @@ import torch
 
 from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_power_of_2, next_power_of_2, num_sms
 from .decode_kernel import merge_splits_kernel, paged_decode_kernel
-from .decode_packed_kernel import paged_decode_packed_kernel
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
@@ -132,8 +131,6 @@ def paged_decode_attention(
     group = Hq // Hkv
     cfg = decode_config(D, q.dtype) if config is None else config
     max_ctx = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
-    if cfg.get("PACKED"):
-        return _decode_packed(q, k_cache, v_cache, block_table, seq_lens, out, lse, scale, cfg, num_splits, max_ctx)
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, cfg["BLOCK_N"])
     if not (1 <= num_splits <= 1024):
@@ -170,45 +167,6 @@ def paged_decode_attention(
     )
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)
-    return out, lse
-
-
-def choose_packed_splits(batch: int, max_context: int, device: torch.device, block_n: int) -> int:
-    """Split factor of the packed kernel (one program per (split, sequence), about one resident per SM): the
-    fewest splits that fill every SM with a last wave >= 85% full, each split >= 4 tiles."""
-    sms = num_sms(device)
-    cap = max(1, min(MAX_SPLITS, cdiv(max_context, 4 * block_n)))
-    s = 1
-    while s < cap:
-        progs = batch * s
-        if progs >= sms and progs / (math.ceil(progs / sms) * sms) >= 0.85:
-            break
-        s *= 2
-    return min(s, cap)
-
-
-def _decode_packed(q, k_cache, v_cache, block_table, seq_lens, out, lse, scale, cfg, num_splits, max_ctx):
-    """`paged_decode_attention` through the packed kernel (all kv heads of a sequence per program)."""
-    B, Hq, D = q.shape
-    Hkv, page = k_cache.shape[2], k_cache.shape[1]
-    if num_splits is None:
-        num_splits = choose_packed_splits(B, max_ctx, q.device, cfg["BLOCK_N"])
-    fused = merges_in_kernel(num_splits, B, cfg.get("FUSED_MERGE", True))
-    if num_splits == 1:
-        o, ls, so, sl = out, lse, (out.stride(0), out.stride(1), 0), (lse.stride(0), lse.stride(1), 0)
-    else:
-        o, ls = split_partials(B, Hq, num_splits, D, q.device)
-        so, sl = o.stride()[:3], ls.stride()
-    paged_decode_packed_kernel[(num_splits, B)](
-        q, k_cache, v_cache, block_table, seq_lens, o, ls, out, lse, split_tickets(q.device), num_splits, int(fused),
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
-        *so, *sl, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1), float(scale) * 1.4426950408889634,
-        NUM_HEADS=Hq, NUM_KV_HEADS=Hkv, BLOCK_HQ=max(16, next_power_of_2(Hq)), HEAD_DIM=D, PAGE_SIZE=page,
-        BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    if num_splits > 1 and not fused:
-        merge_splits(o, ls, out, lse)
     return out, lse
 
 
