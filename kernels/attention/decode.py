@@ -8,14 +8,15 @@ import threading
 import torch
 
 from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_power_of_2, next_power_of_2, num_sms
-from .decode_kernel import FUSED_MERGE_MAX_SPLITS as _FUSED_MERGE_PAD
 from .decode_kernel import merge_splits_kernel, paged_decode_kernel
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
-MIN_TILES_PER_SPLIT = 2  # a split of fewer key tiles spends more on its prologue and partial store than on keys
+MIN_TOKENS_PER_SPLIT = 256
 MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
-FUSED_MERGE_MAX_SPLITS = _FUSED_MERGE_PAD.value  # the last split of a row loads all partials at once
+# The in-kernel merge reads a row's splits one after another: a win up to 8 splits (one launch fewer), slower than
+# the merge kernel's parallel read at 64 (1xH100, bench/tune_attention.py --merge)
+FUSED_MERGE_MAX_SPLITS = 8
 _tickets: dict[tuple[str, int, int], torch.Tensor] = {}  # (device, thread, stream) -> split_tickets buffer
 
 
@@ -42,10 +43,9 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False) -> dic
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
     """Split-KV factor from shapes only (no host sync): enough (b, kv_head, split) programs to fill every SM
-    about twice (two resident CTAs per SM), avoiding a badly quantised last wave, each split >= MIN_TILES_PER_SPLIT
-    key tiles."""
+    about twice (two resident CTAs per SM), avoiding a badly quantised last wave, each split >= 256 keys."""
     work = batch * num_kv_heads
-    cap = max(1, min(MAX_SPLITS, cdiv(max_context, MIN_TILES_PER_SPLIT * block_n)))
+    cap = max(1, min(MAX_SPLITS, cdiv(max_context, max(MIN_TOKENS_PER_SPLIT, block_n))))
     slots = 2 * num_sms(device)
     if work >= slots or cap == 1:
         return 1

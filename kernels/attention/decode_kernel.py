@@ -22,9 +22,6 @@ import triton.language as tl
 from ..utils import jit_unspecialized
 from .paged_common import NEG_BIG, finalize, paged_attn_loop
 
-# Splits a decode launch merges itself (its last program per row loads them all at once); more go to the merge kernel
-FUSED_MERGE_MAX_SPLITS = tl.constexpr(32)
-
 
 @triton.jit
 def decode_work(
@@ -105,43 +102,47 @@ def decode_work(
             t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
             if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
                 tl.atomic_xchg(t_ptr, 0)
-                for g in tl.static_range(GROUP):  # the group's heads, each merging all its splits at once
-                    h = kvh * GROUP + g
-                    merge_split_row(
-                        o_ptr + b64 * stride_ob + h * stride_oh, lse_ptr + b64 * stride_lb + h * stride_lh,
-                        fo_ptr + b64 * stride_fob + h * stride_foh, flse_ptr + b64 * stride_flb + h * stride_flh,
-                        num_splits, stride_os, stride_ls, FUSED_MERGE_MAX_SPLITS, HEAD_DIM, ".cg",
-                    )
+                merge_split_rows(
+                    o_ptr + b64 * stride_ob, lse_ptr + b64 * stride_lb, fo_ptr + b64 * stride_fob,
+                    flse_ptr + b64 * stride_flb, heads, h_mask, num_splits,
+                    stride_oh, stride_os, stride_lh, stride_ls, stride_foh, stride_flh, BLOCK_H, HEAD_DIM,
+                )
 
 
 @triton.jit
-def merge_split_row(
-    mid_o_ptr,  # fp32 [S, D] partials of one (sequence, head) row
-    mid_lse_ptr,  # fp32 [S]
-    o_ptr,  # [D]
-    lse_ptr,  # fp32 [1]
+def merge_split_rows(
+    mid_o_ptr,  # fp32 [Hq, S, D] (one sequence)
+    mid_lse_ptr,  # fp32 [Hq, S]
+    o_ptr,  # [Hq, D]
+    lse_ptr,  # fp32 [Hq]
+    heads,  # [BLOCK_H] head indices
+    h_mask,  # [BLOCK_H]
     num_splits,
-    stride_mos,
-    stride_mls,
-    SPLITS_PAD: tl.constexpr,
+    stride_moh, stride_mos, stride_mlh, stride_mls, stride_oh, stride_lh,
+    BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    CACHE: tl.constexpr,  # load cache modifier: ".cg" for partials written by other SMs in this launch
 ):
-    """Log-sum-exp weighted combination of a row's num_splits (<= SPLITS_PAD) partials, all loaded at once.
-    Empty splits (lse -inf, out 0) weigh 0; all empty -> (0, -inf)."""
-    offs_s = tl.arange(0, SPLITS_PAD)
+    """Log-sum-exp weighted combination of the num_splits partials of some heads of one sequence, read through
+    L2 (".cg": written by other SMs in this launch). Empty splits (lse -inf) weigh 0; all empty -> (0, -inf)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < num_splits
-    lse = tl.load(mid_lse_ptr + offs_s * stride_mls, mask=s_mask, other=float("-inf"), cache_modifier=CACHE)
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)
-    tot = tl.sum(w, 0)
-    o = tl.load(mid_o_ptr + offs_s[:, None] * stride_mos + offs_d[None, :], mask=s_mask[:, None], other=0.0,
-                cache_modifier=CACHE)
+    m = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    tot = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(mid_lse_ptr + heads * stride_mlh + s * stride_mls, mask=h_mask, other=float("-inf"),
+                        cache_modifier=".cg")
+        o_s = tl.load(mid_o_ptr + heads[:, None] * stride_moh + s * stride_mos + offs_d[None, :],
+                      mask=h_mask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(lse_s - m_new)
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        tot = tot * alpha + w
+        m = m_new
     denom = tl.where(tot > 0.0, tot, 1.0)
-    tl.store(o_ptr + offs_d, (tl.sum(o * w[:, None], 0) / denom).to(o_ptr.dtype.element_ty))
-    tl.store(lse_ptr, tl.where(tot > 0.0, m_safe + tl.log(denom), float("-inf")))
+    tl.store(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], (acc / denom[:, None]).to(o_ptr.dtype.element_ty),
+             mask=h_mask[:, None])
+    tl.store(lse_ptr + heads * stride_lh, tl.where(tot > 0.0, m + tl.log(denom), float("-inf")), mask=h_mask)
 
 
 @jit_unspecialized("stride_btb", "num_splits", "fused_merge")
@@ -199,8 +200,20 @@ def merge_splits_kernel(
     results of one row."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    merge_split_row(
-        mid_o_ptr + b * stride_mob + h * stride_moh, mid_lse_ptr + b * stride_mlb + h * stride_mlh,
-        o_ptr + b * stride_ob + h * stride_oh, lse_ptr + b * stride_lb + h * stride_lh,
-        num_splits, stride_mos, stride_mls, SPLITS_PAD, HEAD_DIM, "",
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < num_splits
+    lse = tl.load(mid_lse_ptr + b * stride_mlb + h * stride_mlh + offs_s * stride_mls, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    tot = tl.sum(w, 0)
+    o = tl.load(
+        mid_o_ptr + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
+        mask=s_mask[:, None], other=0.0,
     )
+    denom = tl.where(tot > 0.0, tot, 1.0)
+    out = tl.sum(o * w[:, None], 0) / denom
+    out_lse = tl.where(tot > 0.0, m_safe + tl.log(denom), float("-inf"))
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh, out_lse)
