@@ -2,9 +2,11 @@
 
 On an H100 (Llama-3.1-8B attention shape: Hq=32, Hkv=8, D=128, bf16, block_size 16), side by side:
   (a) paged decode, batch x context: achieved GB/s vs device-copy bandwidth and vs torch SDPA (unpaged view of
-      the same memory: the cache uses an identity block table, so K/V are also a strided [B, Hkv, ctx, D] view);
+      the same memory: the cache uses an identity block table, so K/V are also a strided [B, Hkv, ctx, D] view),
+      replayed from CUDA graphs (the GPU's time, as the engine's decode steps) and eagerly (do_bench);
   (b) causal prefill of one sequence: TFLOP/s vs SDPA's flash backend on the same data;
-  (c) hybrid batches: pod_attention vs the prefill kernel then the decode kernel (ratio > 1: fused is faster).
+  (c) hybrid batches: pod_attention vs the prefill kernel then the decode kernel (ratio > 1: fused is faster),
+      eagerly and from CUDA graphs.
 Writes bench/results/kernels-<time>.json (GPU, torch/triton versions, git commit, settings, rows).
 `--quick`: tiny shapes on CPU under TRITON_INTERPRET=1 (only checks that the script executes).
 """
@@ -42,6 +44,7 @@ from accordion.kernels.attention import (  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 MAX_KV_BYTES = 40e9
+L2_COPY_BYTES = 256 << 20  # graph-timed decodes rotate over cache copies of at least this much in all
 
 
 def bench(fn, dev) -> float:
@@ -86,7 +89,22 @@ def sdpa(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=causal)
 
 
+def graph_ms(fns, dev) -> float:
+    """Median milliseconds per call of ``fns`` (called in turn) replayed from a CUDA graph: GPU time without the
+    host's launch cost, as the engine's decode steps run. Each fn reads its own copy of the data, so that L2 never
+    holds what the next call reads."""
+    def run():
+        for fn in fns:
+            fn()
+
+    if dev.type != "cuda":
+        return bench(run, dev) / len(fns)
+    return triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns)
+
+
 def run_decode(dev, dtype, batches, contexts, copy_bw):
+    """Decode rows: eager (`do_bench`, L2 flushed between calls; includes the host launch cost where it exceeds the
+    GPU time) and from CUDA graphs (over copies of the cache adding up to >= L2_COPY_BYTES), against SDPA."""
     rows = []
     esz = torch.finfo(dtype).bits // 8
     for B in batches:
@@ -94,27 +112,33 @@ def run_decode(dev, dtype, batches, contexts, copy_bw):
             kv_bytes = 2 * B * ctx * HKV * D * esz
             if kv_bytes > MAX_KV_BYTES:
                 continue
-            kv, table, nb = identity_cache(B, ctx, dtype, dev)
+            copies = max(1, min(32, -(-L2_COPY_BYTES // kv_bytes))) if dev.type == "cuda" else 1
+            caches = [identity_cache(B, ctx, dtype, dev) for _ in range(copies)]
             sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
             q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
             out = torch.empty_like(q)
             lse = torch.empty(B, HQ, dtype=torch.float32, device=dev)
-            ms = bench(lambda: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
-                                                      max_seq_len=ctx), dev)
-            k4, v4 = unpaged(kv[0], B, nb), unpaged(kv[1], B, nb)
             q4 = q.view(B, HQ, 1, D)
+            ours = [lambda kv=kv, table=table: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5,
+                                                                      out=out, lse=lse, max_seq_len=ctx)
+                    for kv, table, _ in caches]
+            theirs = [lambda k4=unpaged(kv[0], B, nb), v4=unpaged(kv[1], B, nb): sdpa(q4, k4, v4, False)
+                      for kv, _, nb in caches]
+            ms, g_ms = bench(ours[0], dev), graph_ms(ours, dev)
             try:
-                ms_sdpa = bench(lambda: sdpa(q4, k4, v4, False), dev)
+                ms_sdpa, g_sdpa = bench(theirs[0], dev), graph_ms(theirs, dev)
             except Exception as e:  # noqa: BLE001 - report, keep going
                 print(f"sdpa decode B={B} ctx={ctx} failed: {e}")
-                ms_sdpa = float("nan")
+                ms_sdpa = g_sdpa = float("nan")
             moved = kv_bytes + 2 * q.numel() * esz
-            gbs = moved / (ms * 1e-3) / 1e9
-            rows.append(dict(batch=B, context=ctx, ms=ms, gb_s=gbs, pct_copy_bw=100 * gbs / copy_bw,
-                             sdpa_ms=ms_sdpa, speedup_vs_sdpa=ms_sdpa / ms))
-            print(f"decode B={B:4d} ctx={ctx:6d}: {ms:8.3f} ms {gbs:7.0f} GB/s ({100 * gbs / copy_bw:5.1f}% copy) "
-                  f"sdpa {ms_sdpa:8.3f} ms -> x{ms_sdpa / ms:.2f}", flush=True)
-            kv = k4 = v4 = None  # free the GPU memory before the next shape
+            gbs = moved / (g_ms * 1e-3) / 1e9
+            rows.append(dict(batch=B, context=ctx, ms=ms, sdpa_ms=ms_sdpa, speedup_vs_sdpa=ms_sdpa / ms,
+                             graph_ms=g_ms, sdpa_graph_ms=g_sdpa, graph_speedup_vs_sdpa=g_sdpa / g_ms,
+                             graph_gb_s=gbs, graph_pct_copy_bw=100 * gbs / copy_bw, cache_copies=copies))
+            print(f"decode B={B:4d} ctx={ctx:6d}: graphs {g_ms * 1e3:8.1f} us {gbs:7.0f} GB/s "
+                  f"({100 * gbs / copy_bw:5.1f}% copy), sdpa {g_sdpa * 1e3:8.1f} us -> x{g_sdpa / g_ms:.3f}; "
+                  f"eager {ms * 1e3:8.1f} us, sdpa {ms_sdpa * 1e3:8.1f} us -> x{ms_sdpa / ms:.2f}", flush=True)
+            caches = ours = theirs = None  # free the GPU memory before the next shape
     return rows
 
 
@@ -189,12 +213,16 @@ def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
                     decode_only()
 
                 ms_seq = bench(seq, dev)
-                ms_pod = bench(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5), dev)
+                def pod():
+                    pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5)
+
+                ms_pod = bench(pod, dev)
+                g_seq, g_pod = graph_ms([seq], dev), graph_ms([pod], dev)
                 rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx, batch=B,
-                                 sequential_ms=ms_seq, pod_ms=ms_pod,
-                                 speedup=ms_seq / ms_pod))
+                                 sequential_ms=ms_seq, pod_ms=ms_pod, speedup=ms_seq / ms_pod,
+                                 graph_sequential_ms=g_seq, graph_pod_ms=g_pod, graph_speedup=g_seq / g_pod))
                 print(f"hybrid chunk={chunk:5d}@{p_ctx:6d} decodes={bd:4d}@{d_ctx:6d}: seq {ms_seq:7.3f} ms, "
-                      f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f})", flush=True)
+                      f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f}); graphs x{g_seq / g_pod:.3f}", flush=True)
                 kv = None  # free the GPU memory before the next shape
     return rows
 
@@ -203,7 +231,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter smoke run)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<time>.json)")
+    ap.add_argument("--parts", default="decode,prefill,hybrid", help="comma list of decode, prefill, hybrid")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -218,9 +248,9 @@ def main() -> None:
     t0 = time.time()
     copy_bw = copy_bandwidth(dev, settings["copy_bytes"])
     print(f"device copy bandwidth: {copy_bw:.0f} GB/s (read + write)", flush=True)
-    decode = run_decode(dev, dtype, settings["batches"], settings["contexts"], copy_bw)
-    prefill = run_prefill(dev, dtype, settings["prefill"])
-    hybrid = run_hybrid(dev, dtype, settings["chunks"], settings["decodes"], settings["d_ctx"])
+    decode = run_decode(dev, dtype, settings["batches"], settings["contexts"], copy_bw) if "decode" in parts else []
+    prefill = run_prefill(dev, dtype, settings["prefill"]) if "prefill" in parts else []
+    hybrid = run_hybrid(dev, dtype, settings["chunks"], settings["decodes"], settings["d_ctx"]) if "hybrid" in parts else []
     result = dict(
         gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (TRITON_INTERPRET)",
         torch=torch.__version__, triton=triton.__version__, git_commit=git_commit(),
@@ -235,16 +265,17 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
 
     print(f"\n== summary ({result['gpu']}, copy {copy_bw:.0f} GB/s) ==")
-    print(f"{'decode B':>9} {'ctx':>7} {'GB/s':>7} {'%copy':>6} {'xSDPA':>6}")
+    print(f"{'decode B':>9} {'ctx':>7} {'us':>8} {'GB/s':>7} {'%copy':>6} {'xSDPA':>6} {'eager xSDPA':>11}  (CUDA graphs)")
     for r in decode:
-        print(f"{r['batch']:>9} {r['context']:>7} {r['gb_s']:>7.0f} {r['pct_copy_bw']:>6.1f} {r['speedup_vs_sdpa']:>6.2f}")
+        print(f"{r['batch']:>9} {r['context']:>7} {r['graph_ms'] * 1e3:>8.1f} {r['graph_gb_s']:>7.0f} "
+              f"{r['graph_pct_copy_bw']:>6.1f} {r['graph_speedup_vs_sdpa']:>6.3f} {r['speedup_vs_sdpa']:>11.2f}")
     print(f"{'prefill n':>9} {'TFLOP/s':>8} {'SDPA':>8} {'ratio':>6}")
     for r in prefill:
         print(f"{r['tokens']:>9} {r['tflop_s']:>8.1f} {r['sdpa_flash_tflop_s']:>8.1f} {r['ratio_vs_sdpa']:>6.2f}")
-    print(f"{'chunk':>6} {'pctx':>6} {'dec':>4} {'dctx':>6} {'seq ms':>8} {'pod ms':>8} {'x':>5}")
+    print(f"{'chunk':>6} {'pctx':>6} {'dec':>4} {'dctx':>6} {'seq ms':>8} {'pod ms':>8} {'x':>5} {'x graphs':>8}")
     for r in hybrid:
         print(f"{r['chunk']:>6} {r['prefill_context']:>6} {r['decodes']:>4} {r['decode_context']:>6} "
-              f"{r['sequential_ms']:>8.3f} {r['pod_ms']:>8.3f} {r['speedup']:>5.2f}")
+              f"{r['sequential_ms']:>8.3f} {r['pod_ms']:>8.3f} {r['speedup']:>5.2f} {r['graph_speedup']:>8.3f}")
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
 
 
