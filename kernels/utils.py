@@ -23,8 +23,10 @@ def is_power_of_2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
+@functools.cache
 def is_interpreter() -> bool:
-    """True when Triton runs kernels in the numpy interpreter (TRITON_INTERPRET=1, e.g. CPU tests)."""
+    """True when Triton runs kernels in the numpy interpreter (TRITON_INTERPRET=1, e.g. CPU tests). Read once, as
+    Triton does when it decorates the kernels (a launcher calls this several times per launch)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

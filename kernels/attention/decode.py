@@ -144,26 +144,20 @@ def paged_decode_attention(
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    common = (
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_table.stride(0),
-    )
+    # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
+    so, sl = out.stride()[:2], lse.stride()
+    common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
     grid = (Hkv, B, num_splits) if meta["HEADS_FASTEST"] else (B, Hkv, num_splits)
-    final = (out.stride(0), out.stride(1), lse.stride(0), lse.stride(1))
     if num_splits == 1:
         paged_decode_kernel[grid](
             q, k_cache, v_cache, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
-            out.stride(0), out.stride(1), 0, lse.stride(0), lse.stride(1), 0, *final, qk_scale, **meta,
+            *so, 0, *sl, 0, *so, *sl, qk_scale, **meta,
         )
         return out, lse
     mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
     paged_decode_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
-        int(fused), *common,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2), *final, qk_scale, **meta,
+        int(fused), *common, *mid_o.stride()[:3], *mid_lse.stride(), *so, *sl, qk_scale, **meta,
     )
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)

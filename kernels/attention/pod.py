@@ -160,7 +160,7 @@ def pod_attention(
         raise ValueError(f"num_splits must be in [1, 1024], got {splits}")
     fused_merge = merges_in_kernel(splits, Bd * Hkv, cfg.get("D_FUSED_MERGE", True))
     if splits == 1:
-        d_o, d_l, d_strides = do, dlse, (do.stride(0), do.stride(1), 0, dlse.stride(0), dlse.stride(1), 0)
+        d_o, d_l, d_strides = do, dlse, (*do.stride()[:2], 0, *dlse.stride(), 0)
     else:
         d_o, d_l = split_partials(Bd, Hq, splits, D, pq.device)
         d_strides = (*d_o.stride()[:3], *d_l.stride())
@@ -186,12 +186,9 @@ def pod_attention(
         prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens, decode.block_table, decode.seq_lens,
         po, plse, d_o, d_l, do, dlse, split_tickets(pq.device), counters,
         n_prefill, n_decode, Hq, num_m, Bp, Hkv, slots_per_sm, splits, int(fused_merge),
-        pq.stride(0), pq.stride(1), dq.stride(0), dq.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        prefill.block_table.stride(0), decode.block_table.stride(0),
-        po.stride(0), po.stride(1), plse.stride(0), plse.stride(1),
-        *d_strides, do.stride(0), do.stride(1), dlse.stride(0), dlse.stride(1),
+        *pq.stride()[:2], *dq.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        prefill.block_table.stride(0), decode.block_table.stride(0), *po.stride()[:2], *plse.stride(),
+        *d_strides, *do.stride()[:2], *dlse.stride(),
         float(scale) * 1.4426950408889634, **constants,
     )
     if use_smid and key not in _resident and compiled is not None:

@@ -93,11 +93,8 @@ def paged_prefill_attention(
     grid = (cdiv(max_seqlen_q, cfg["BLOCK_M"]), Hq, B)
     paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_table.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        float(scale) * 1.4426950408889634,
+        *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+        *out.stride()[:2], *lse.stride(), float(scale) * 1.4426950408889634,
         GROUP=Hq // k_cache.shape[2], HEAD_DIM=D, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
