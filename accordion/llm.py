@@ -36,6 +36,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
+        hybrid_attention: str = "separate",
         cuda_graphs: bool = True,
         async_scheduling: bool | None = None,
         seed: int = 0,
@@ -48,7 +49,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       policy=scheduling_policy,
                                       **({} if async_scheduling is None else {"async_scheduling": async_scheduling})),
-            device=DeviceConfig(device=device, attention_backend=attention_backend, cuda_graphs=cuda_graphs),
+            device=DeviceConfig(device=device, attention_backend=attention_backend, hybrid_attention=hybrid_attention,
+                                cuda_graphs=cuda_graphs),
         )
         self.tokenizer = Tokenizer(path)
         self.instance = EngineInstance(self.config)

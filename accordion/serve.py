@@ -59,6 +59,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: Triton kernels on CUDA, torch on CPU")
+    e.add_argument("--hybrid-attention", default="separate", choices=["separate", "fused"],
+                   help="steps with prefill chunks and decodes: two kernels in sequence, or the POD fused kernel")
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=256)
     e.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -95,7 +99,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                                     else args.async_scheduling),
                                   max_out_of_order=getattr(args, "max_out_of_order", 0),
                                   engine_thread_switch_interval_us=_switch_interval(args)),
-        device=DeviceConfig(device=args.device),
+        device=DeviceConfig(device=args.device, attention_backend=getattr(args, "attention_backend", "auto"),
+                            hybrid_attention=getattr(args, "hybrid_attention", "separate")),
     )
 
 

@@ -78,8 +78,7 @@ def main() -> None:
     for fuse in (True, False):
         llm = LLM(str(path), max_model_len=2048, max_num_seqs=args.max_num_seqs or args.num_prompts,
                   gpu_memory_utilization=0.4,
-                  max_num_batched_tokens=args.max_num_batched_tokens)
-        llm.instance.worker.backend.fuse_hybrid = fuse
+                  max_num_batched_tokens=args.max_num_batched_tokens, hybrid_attention="fused" if fuse else "separate")
         run(llm, prompts(), args.output_len, "warm")
         r = run(llm, prompts(), args.output_len, "timed")
         results[f"fuse={fuse}"] = r

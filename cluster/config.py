@@ -10,15 +10,23 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
+HybridAttention = Literal["separate", "fused"]
 
 
 def cache_dir() -> Path:
     """Where accordion keeps prepared models (``ACCORDION_CACHE_DIR``, default ``~/.cache/accordion``)."""
     return Path(os.environ.get("ACCORDION_CACHE_DIR", Path.home() / ".cache" / "accordion"))
+
+
+def _one_of(name: str, value: str, choices) -> None:
+    """``value`` must be one of the Literal type ``choices``' arguments."""
+    if value not in get_args(choices):
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, get_args(choices)))}, got {value!r}")
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -113,12 +121,24 @@ class SchedulerConfig:
 class DeviceConfig:
     device: Device = "auto"
     """``auto`` picks CUDA when available."""
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    attention_backend: AttentionBackendName = "auto"
     """``auto`` = Triton kernels on CUDA, torch on CPU."""
+    hybrid_attention: HybridAttention = "separate"
+    """Triton backend, a step holding prefill chunks and decodes: the prefill kernel then the decode kernel
+    (``separate``), or the POD-style fused kernel, one launch for both (``fused``). Separate is the faster on an
+    H100 since the prefill kernel's register-capped tiles: fused ran 0.73-1.02x the two kernels on the kernel
+    benchmark's hybrid batches and 13% slower end to end on the engine stress run (bench/results/
+    kernels-h100-20261127T135524Z.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T133729Z.json)."""
     cuda_graphs: bool = True
     """Capture decode steps in CUDA graphs (CUDA only)."""
     cuda_graph_max_batch: int = 256
     """Largest decode batch captured in a graph."""
+
+    def __post_init__(self) -> None:
+        _one_of("device", self.device, Device)
+        _one_of("attention_backend", self.attention_backend, AttentionBackendName)
+        _one_of("hybrid_attention", self.hybrid_attention, HybridAttention)
+        _positive("cuda_graph_max_batch", self.cuda_graph_max_batch)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -1,8 +1,8 @@
 """Attention on CUDA through accordion's Triton kernels (``accordion.kernels.attention``).
 
 Decode rows run the paged split-KV decode kernel; prefill chunks the paged prefill kernel; a hybrid step (both)
-runs the POD-style fused kernel, one launch for both kinds of work, when its two halves are balanced enough for
-fusing to pay (`pod_pays_off`), else the two kernels in sequence. Every path returns the log-sum-exp.
+runs the two in sequence, or with ``fuse_hybrid`` the POD-style fused kernel, one launch for both kinds of work
+(DeviceConfig.hybrid_attention says which is faster). Every path returns the log-sum-exp.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from accordion.kernels.attention import (
     paged_decode_attention,
     paged_prefill_attention,
     pod_attention,
-    pod_pays_off,
     write_kv_cache,
 )
 from accordion.kernels.utils import is_interpreter
@@ -26,28 +25,16 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     stores_kv_with_rotary = True
 
-    def __init__(self, *args, fuse_hybrid: bool | None = None, **kw):
-        """fuse_hybrid: None = fuse a hybrid step when `pod_pays_off`; True / False = always / never."""
+    def __init__(self, *args, fuse_hybrid: bool = False, **kw):
+        """fuse_hybrid: hybrid steps through the fused kernel (True) or the two kernels in sequence (False)."""
         super().__init__(*args, **kw)
         self.fuse_hybrid = fuse_hybrid
-        self._fuse_step: tuple[AttentionMetadata | None, bool] = (None, False)
-
-    def _fuse(self, meta: AttentionMetadata, elem_bytes: int) -> bool:
-        """The fuse decision of a hybrid step, made once per step (every layer sees the same ``meta``)."""
-        if self.fuse_hybrid is not None:
-            return self.fuse_hybrid
-        if self._fuse_step[0] is not meta:
-            nd = meta.num_decodes
-            self._fuse_step = (meta, pod_pays_off(meta.query_lens_cpu[nd:], meta.seq_lens_cpu[nd:],
-                                                  meta.seq_lens_cpu[:nd], self.num_heads, self.num_kv_heads,
-                                                  self.head_dim, elem_bytes))
-        return self._fuse_step[1]
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
         if k is not None:
             write_kv_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         hybrid = meta.num_decodes > 0 and meta.prefill_query_start_loc is not None
-        return self._attend(q, kv_cache, meta, fuse=hybrid and self._fuse(meta, q.element_size()))
+        return self._attend(q, kv_cache, meta, fuse=hybrid and self.fuse_hybrid)
 
     def _attend(self, q, kv_cache, meta: AttentionMetadata, fuse: bool):
         """Attention of ``q`` [T, Hq, D] over the cache (this step's K/V stored); hybrid steps fused or not."""

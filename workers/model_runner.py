@@ -33,14 +33,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def make_backend(kind: str, device: torch.device, arch: ArchConfig) -> AttentionBackend:
+def make_backend(kind: str, device: torch.device, arch: ArchConfig, hybrid: str = "separate") -> AttentionBackend:
+    """``kind``: DeviceConfig.attention_backend; ``hybrid``: DeviceConfig.hybrid_attention (Triton only)."""
     args = (arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.head_dim ** -0.5)
     if kind == "auto":
         kind = "triton" if device.type == "cuda" else "torch"
     if kind == "triton":
         from accordion.workers.attention_triton import TritonAttentionBackend
 
-        return TritonAttentionBackend(*args)
+        return TritonAttentionBackend(*args, fuse_hybrid=hybrid == "fused")
     return TorchAttentionBackend(*args)
 
 
@@ -59,7 +60,8 @@ class ModelRunner:
         self.arch = ArchConfig.from_hf(config.model.hf_config())
         self.max_model_len = config.model.resolved_max_model_len()
         self.block_size = config.cache.block_size
-        self.backend = make_backend(config.device.attention_backend, self.device, self.arch)
+        self.backend = make_backend(config.device.attention_backend, self.device, self.arch,
+                                    config.device.hybrid_attention)
         self.batch = InputBatch(self.block_size)
         self.sampler = Sampler(self.device, config.model.seed)
         self.stager = HostStager(self.device)

@@ -61,25 +61,6 @@ class DecodeArgs:
 _resident: dict[tuple, int] = {}  # (device, compile-time parameters) -> programs resident per SM (persistent grid)
 
 
-# When fusing pays (bench/tune_attention.py, H100, 8B attention shape): the fused kernel beat the two kernels in
-# sequence by 1.13x when prefill and decode took comparable time alone (0.84 + 1.42 ms, 3.2 + 5.6 ms) and lost
-# up to 3% when one side dominated (3.2 + 0.15 ms); on the engine with 8k-token chunks over long prefixes and a
-# few short decodes it lost 25% (bench/engine_stress.py). Fuse only when the lighter side is at least this share
-# of the heavier one, both estimated at the H100's measured prefill and decode rates.
-POD_MIN_BALANCE = 0.4
-PREFILL_FLOPS_PER_S = 350e12
-DECODE_BYTES_PER_S = 3.0e12
-
-
-def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_seq_lens: list[int],
-                 num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int) -> bool:
-    """Whether a hybrid batch should run fused: its prefill and decode halves' estimated times are balanced."""
-    flops = sum(4 * q * (s - q / 2) for q, s in zip(prefill_q_lens, prefill_seq_lens)) * num_heads * head_dim
-    t_p = flops / PREFILL_FLOPS_PER_S
-    t_d = sum(decode_seq_lens) * 2 * num_kv_heads * head_dim * elem_bytes / DECODE_BYTES_PER_S
-    return min(t_p, t_d) >= POD_MIN_BALANCE * max(t_p, t_d)
-
-
 def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the fused kernel: prefill and decode CTAs of similar size so >= 2 co-reside per SM."""
     if is_interpreter():

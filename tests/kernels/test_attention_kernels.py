@@ -18,7 +18,6 @@ from accordion.kernels.attention import (
     paged_decode_attention,
     paged_prefill_attention,
     pod_attention,
-    pod_pays_off,
     varlen_attention_with_positions,
     write_kv_cache,
 )
@@ -435,15 +434,6 @@ def test_input_validation():
                                 scale=1.0, max_seqlen_q=torch.tensor(1))
     with pytest.raises(ValueError, match="int64"):
         write_kv_cache(q[:, :2], q[:, :2], kv[0], kv[1], torch.zeros(1, dtype=torch.int32, device=dev))
-
-
-def test_pod_pays_off_only_for_balanced_hybrid_batches():
-    """The measured rule: fuse when prefill and decode take comparable time alone (1024 queries over a 16k prefix
-    and 64 decodes over 16k keys: ~0.8 and ~1.4 ms on an H100), not when one side dominates."""
-    shape = dict(num_heads=32, num_kv_heads=8, head_dim=128, elem_bytes=2)
-    assert pod_pays_off([1024], [16384], [16384] * 64, **shape)
-    assert not pod_pays_off([8192], [90000], [2000] * 30, **shape)  # long chunk, few short decodes
-    assert not pod_pays_off([16], [64], [32768] * 128, **shape)  # tiny chunk beside heavy decodes
 
 
 def test_split_tickets_one_buffer_per_thread():

@@ -13,16 +13,16 @@ from tests.conftest import assert_idle_blocks_free
 from tests.workers.test_hf_equality import hf_greedy, random_prompts
 
 
-@pytest.mark.parametrize("fuse_hybrid", [True, False], ids=["pod-fused", "separate"])
-def test_triton_backend_equals_hf(tiny_ckpt, fuse_hybrid):
+@pytest.mark.parametrize("hybrid", ["fused", "separate"])
+def test_triton_backend_equals_hf(tiny_ckpt, hybrid):
     path = tiny_ckpt("tiny-llama")
     prompts = random_prompts(4, [3, 17, 40, 9], 500, seed=1)
     expected = hf_greedy(path, prompts, 8)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # A 16-token budget makes hybrid steps: decodes of short prompts beside chunks of the long ones.
-    llm = LLM(path, device=device, dtype="float32", attention_backend="triton", block_size=8, max_model_len=256,
-              max_num_batched_tokens=16, cuda_graphs=False)
-    llm.instance.worker.backend.fuse_hybrid = fuse_hybrid
+    llm = LLM(path, device=device, dtype="float32", attention_backend="triton", hybrid_attention=hybrid, block_size=8,
+              max_model_len=256, max_num_batched_tokens=16, cuda_graphs=False)
+    assert llm.instance.worker.backend.fuse_hybrid == (hybrid == "fused")
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert_idle_blocks_free(llm)
@@ -88,7 +88,7 @@ def test_no_compilation_after_warm_up(tiny_ckpt):
     assert sum(before.values()) > 0
     lengths = [1, 2, 3, 15, 16, 17, 31, 33, 64, 100, 257, 511, 1000, 1500, 1900]
     prompts = random_prompts(len(lengths), lengths, 500, seed=4)
-    for fuse in (True, False, None):
+    for fuse in (True, False):
         llm.instance.worker.backend.fuse_hybrid = fuse
         llm.generate(prompts, [SamplingParams(max_tokens=7 + 5 * i, temperature=0, ignore_eos=True)
                                for i in range(len(prompts))])
