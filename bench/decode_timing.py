@@ -19,9 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import print_table, write_result  # noqa: E402
-from bench.kernels import D, HQ, identity_cache, sdpa, unpaged  # noqa: E402
+from bench.kernels import D, DecodeCase  # noqa: E402
 
-from accordion.kernels.attention import paged_decode_attention  # noqa: E402
 
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (64, 8192)]
 
@@ -111,16 +110,8 @@ def main() -> None:
         return
     rows = []
     for B, ctx in SHAPES:
-        kv, table, nb = identity_cache(B, ctx, dtype, dev)
-        sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
-        out, lse = torch.empty_like(q), torch.empty(B, HQ, dtype=torch.float32, device=dev)
-        k4, v4, q4 = unpaged(kv[0], B, nb), unpaged(kv[1], B, nb), q.view(B, HQ, 1, D)
-        fns = {
-            "triton": lambda: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
-                                                     max_seq_len=ctx),
-            "sdpa": lambda: sdpa(q4, k4, v4, False),
-        }
+        case = DecodeCase(B, ctx, dtype, dev)
+        fns = {"triton": case.ours, "sdpa": case.theirs}
         for name, fn in fns.items():
             fn()
             h_us = host_us(fn)
@@ -131,7 +122,7 @@ def main() -> None:
             print(rows[-1], flush=True)
         if (B, ctx) == (1, 1024):
             launcher_profile(fns["triton"])
-        kv = k4 = v4 = None
+        case = None
     cols = ["batch", "context", "impl", "host_us", "eager_us", "graph_us", "kernel_us"]
     write_result("decode-timing", dict(rows=rows))
     print_table(rows, cols)

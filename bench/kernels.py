@@ -81,6 +81,27 @@ def unpaged(cache: torch.Tensor, B: int, nb: int) -> torch.Tensor:
     return cache.view(B, nb * PAGE, HKV, D).transpose(1, 2)
 
 
+class DecodeCase:
+    """One decode benchmark case: B sequences of ``ctx`` keys in an identity-mapped paged cache, the query, output
+    buffers, and SDPA's unpaged views of the same memory. ``ours(**kw)`` / ``theirs()`` run one decode each."""
+
+    def __init__(self, B: int, ctx: int, dtype, dev):
+        self.B, self.ctx = B, ctx
+        self.kv, self.table, nb = identity_cache(B, ctx, dtype, dev)
+        self.seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+        self.q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
+        self.out = torch.empty_like(self.q)
+        self.lse = torch.empty(B, HQ, dtype=torch.float32, device=dev)
+        self.k4, self.v4 = unpaged(self.kv[0], B, nb), unpaged(self.kv[1], B, nb)
+
+    def ours(self, **kw):
+        return paged_decode_attention(self.q, self.kv[0], self.kv[1], self.table, self.seq_lens, scale=D**-0.5,
+                                      out=self.out, lse=self.lse, max_seq_len=self.ctx, **kw)
+
+    def theirs(self):
+        return sdpa(self.q.view(self.B, HQ, 1, D), self.k4, self.v4, False)
+
+
 def sdpa(q, k, v, causal):
     try:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
@@ -113,24 +134,15 @@ def run_decode(dev, dtype, batches, contexts, copy_bw):
             if kv_bytes > MAX_KV_BYTES:
                 continue
             copies = max(1, min(32, -(-L2_COPY_BYTES // kv_bytes))) if dev.type == "cuda" else 1
-            caches = [identity_cache(B, ctx, dtype, dev) for _ in range(copies)]
-            sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-            q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
-            out = torch.empty_like(q)
-            lse = torch.empty(B, HQ, dtype=torch.float32, device=dev)
-            q4 = q.view(B, HQ, 1, D)
-            ours = [lambda kv=kv, table=table: paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5,
-                                                                      out=out, lse=lse, max_seq_len=ctx)
-                    for kv, table, _ in caches]
-            theirs = [lambda k4=unpaged(kv[0], B, nb), v4=unpaged(kv[1], B, nb): sdpa(q4, k4, v4, False)
-                      for kv, _, nb in caches]
+            cases = [DecodeCase(B, ctx, dtype, dev) for _ in range(copies)]
+            ours, theirs = [c.ours for c in cases], [c.theirs for c in cases]
             ms, g_ms = bench(ours[0], dev), graph_ms(ours, dev)
             try:
                 ms_sdpa, g_sdpa = bench(theirs[0], dev), graph_ms(theirs, dev)
             except Exception as e:  # noqa: BLE001 - report, keep going
                 print(f"sdpa decode B={B} ctx={ctx} failed: {e}")
                 ms_sdpa = g_sdpa = float("nan")
-            moved = kv_bytes + 2 * q.numel() * esz
+            moved = kv_bytes + 2 * cases[0].q.numel() * esz
             gbs = moved / (g_ms * 1e-3) / 1e9
             rows.append(dict(batch=B, context=ctx, ms=ms, sdpa_ms=ms_sdpa, speedup_vs_sdpa=ms_sdpa / ms,
                              graph_ms=g_ms, sdpa_graph_ms=g_sdpa, graph_speedup_vs_sdpa=g_sdpa / g_ms,
@@ -138,7 +150,7 @@ def run_decode(dev, dtype, batches, contexts, copy_bw):
             print(f"decode B={B:4d} ctx={ctx:6d}: graphs {g_ms * 1e3:8.1f} us {gbs:7.0f} GB/s "
                   f"({100 * gbs / copy_bw:5.1f}% copy), sdpa {g_sdpa * 1e3:8.1f} us -> x{g_sdpa / g_ms:.3f}; "
                   f"eager {ms * 1e3:8.1f} us, sdpa {ms_sdpa * 1e3:8.1f} us -> x{ms_sdpa / ms:.2f}", flush=True)
-            caches = ours = theirs = None  # free the GPU memory before the next shape
+            cases = ours = theirs = None  # free the GPU memory before the next shape
     return rows
 
 

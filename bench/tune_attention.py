@@ -28,13 +28,12 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
-    paged_decode_attention,
     paged_prefill_attention,
     pod_attention,
 )
 from accordion.kernels.attention.decode import choose_num_splits  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
-from bench.kernels import D, HKV, HQ, bench, hybrid_batch, identity_cache, sdpa, unpaged  # noqa: E402
+from bench.kernels import HKV, HQ, D, DecodeCase, bench, hybrid_batch  # noqa: E402
 
 DECODE_CONFIGS = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=4),
                   dict(BLOCK_N=128, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
@@ -76,13 +75,9 @@ def graph_bench(fn, dev) -> float:
 def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) -> list[dict]:
     rows = []
     for B, ctx in shapes:
-        kv, table, nb = identity_cache(B, ctx, dtype, dev)
-        sl = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
-        out, lse = torch.empty_like(q), torch.empty(B, HQ, dtype=torch.float32, device=dev)
-        k4, v4 = unpaged(kv[0], B, nb), unpaged(kv[1], B, nb)
-        ms_sdpa = bench(lambda: sdpa(q.view(B, HQ, 1, D), k4, v4, False), dev)
-        graph_sdpa = graph_bench(lambda: sdpa(q.view(B, HQ, 1, D), k4, v4, False), dev) if auto_only else None
+        case = DecodeCase(B, ctx, dtype, dev)
+        ms_sdpa = bench(case.theirs, dev)
+        graph_sdpa = graph_bench(case.theirs, dev) if auto_only else None
         for cfg in configs:
             auto = choose_num_splits(B, HKV, ctx, dev, cfg["BLOCK_N"])
             candidates = splits_list or ([auto] if auto_only else [auto, 2 * auto, 4 * auto, max(1, auto // 2)])
@@ -90,8 +85,7 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) 
                 if splits == 1 and not cfg.get("FUSED_MERGE", True):
                     continue  # one split merges nothing
                 def run():
-                    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=D**-0.5, out=out, lse=lse,
-                                           num_splits=splits, max_seq_len=ctx, config=cfg)
+                    case.ours(num_splits=splits, config=cfg)
                 ms = bench(run, dev)
                 rows.append(dict(batch=B, context=ctx, **cfg, splits=splits, auto_splits=auto, ms=ms,
                                  sdpa_ms=ms_sdpa, vs_sdpa=ms_sdpa / ms))
@@ -100,7 +94,7 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) 
                     rows[-1].update(graph_ms=g, graph_sdpa_ms=graph_sdpa, graph_vs_sdpa=graph_sdpa / g)
                 print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa"
                       + (f"; graphs x{rows[-1]['graph_vs_sdpa']:.3f}" if graph_sdpa is not None else ""), flush=True)
-        kv = k4 = v4 = None
+        case = None
     return rows
 
 
