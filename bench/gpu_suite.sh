@@ -45,7 +45,7 @@ for step in $steps; do
            for f in /tmp/accordion-mixed-*/server-*.log; do [ -f "$f" ] && tail -c 4000000 "$f" > "$OUT/$(basename "$f")"; done ;;
     multi-master) python3 bench/multi_master.py 2>&1 | grep -v "Loading weights" | tee "$OUT/multi-master.log" | tail -6 ;;
     layers) python3 bench/layers.py 2>&1 | tee "$OUT/layers.log" | tail -16 ;;
-    ring) python3 bench/ring_attention.py 2>&1 | tee "$OUT/ring.log" | tail -20 ;;
+    ring) python3 bench/ring_attention.py --compare-capped 2>&1 | tee "$OUT/ring.log" | tail -20 ;;
     decode-profile) for shape in 8b 1b; do python3 bench/profile_decode.py --shape $shape 2>&1 | grep -v "Loading weights" | tail -4; done ;;
     serving-noray) python3 bench/serving_overhead.py --no-ray 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-noray.log" | tail -6 ;;
     serving-sync) python3 bench/serving_overhead.py --no-async-scheduling 2>&1 | grep -v "Loading weights" | tee "$OUT/serving-sync.log" | tail -6 ;;

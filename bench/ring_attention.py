@@ -8,6 +8,8 @@ Llama-3.1-8B attention shape (Hq=32, Hkv=8, D=128, bf16), medians of triton.test
       (32k keys, padded with PAD positions like workers/sequence_parallel.py) for the hop patterns own shard /
       earlier rank / later rank, plain and merging into an fp32 state (prev_out/prev_lse, what the ring runs);
       TFLOP/s counts only visible (query, key) pairs.
+`--compare-capped`: each varlen timing also with the prefill kernel's register-capped tiles (two 8-warp programs per
+SM, 128 registers: `prefill_config`'s choice for wide head_dim-128 grids on Hopper), the ratio beside it.
 Writes bench/results/ring-attention-<gpu>-<time>.json (bench/common.py write_result).
 `--quick`: tiny shapes on CPU under TRITON_INTERPRET=1 (only checks that the script executes).
 """
@@ -37,6 +39,8 @@ from accordion.kernels.attention import paged_prefill_attention, varlen_attentio
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 PAD_POS = 2**31 - 1
+CAPPED = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, maxnreg=128)
+CAPPED_QUICK = dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1, maxnreg=128)  # interpreter-sized tiles
 
 
 def bench(fn, dev) -> float:
@@ -68,7 +72,7 @@ def sdpa_flash(q4, k4, v4):
                                                   is_causal=True)
 
 
-def causal_row(dev, dtype, n, hq, hkv) -> dict:
+def causal_row(dev, dtype, n, hq, hkv, capped: dict | None = None) -> dict:
     q = torch.randn(n, hq, D, dtype=dtype, device=dev)
     nb = -(-n // PAGE)
     kv = torch.randn(2, nb, PAGE, hkv, D, dtype=dtype, device=dev)
@@ -79,8 +83,12 @@ def causal_row(dev, dtype, n, hq, hkv) -> dict:
     table = torch.arange(nb, dtype=torch.int32, device=dev).view(1, nb)
     out = torch.empty_like(q)
     lse = torch.empty(n, hq, dtype=torch.float32, device=dev)
-    ms_var = bench(lambda: varlen_attention_with_positions(q, k, v, pos, pos, cu, cu, scale=D**-0.5, max_seqlen_q=n,
-                                                           max_seqlen_k=n, out=out, lse=lse), dev)
+    def varlen(config=None):
+        varlen_attention_with_positions(q, k, v, pos, pos, cu, cu, scale=D**-0.5, max_seqlen_q=n, max_seqlen_k=n,
+                                        out=out, lse=lse, config=config)
+
+    ms_var = bench(varlen, dev)
+    ms_cap = bench(lambda: varlen(capped), dev) if capped else float("nan")
     ms_paged = bench(lambda: paged_prefill_attention(q, kv[0], kv[1], table, cu, sl, scale=D**-0.5, max_seqlen_q=n,
                                                      out=out, lse=lse), dev)
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))
@@ -96,19 +104,20 @@ def causal_row(dev, dtype, n, hq, hkv) -> dict:
 
     return {"tokens": n, "varlen_ms": ms_var, "varlen_tflop_s": tf(ms_var), "paged_ms": ms_paged,
             "paged_tflop_s": tf(ms_paged), "sdpa_flash_ms": ms_sdpa, "sdpa_flash_tflop_s": tf(ms_sdpa),
-            "varlen_vs_paged": ms_paged / ms_var, "varlen_vs_sdpa": ms_sdpa / ms_var}
+            "varlen_vs_paged": ms_paged / ms_var, "varlen_vs_sdpa": ms_sdpa / ms_var,
+            "capped_ms": ms_cap, "capped_vs_default": ms_var / ms_cap}
 
 
-def run_causal(dev, dtype, lengths, hq, hkv):
+def run_causal(dev, dtype, lengths, hq, hkv, capped=None):
     rows = []
     for n in lengths:
-        rows.append(causal_row(dev, dtype, n, hq, hkv))
+        rows.append(causal_row(dev, dtype, n, hq, hkv, capped))
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the previous length's tensors are gone: free them before the next
     return rows
 
 
-def run_hops(dev, dtype, total, degree, hq, hkv, rank):
+def run_hops(dev, dtype, total, degree, hq, hkv, rank, capped=None):
     """One hop of instance `rank` against each source shard: own, earlier (rank-1), later (rank+1)."""
     pad_to = max(zigzag(total, degree, j).numel() for j in range(degree))
     qp = zigzag(total, degree, rank).to(dev)
@@ -131,16 +140,24 @@ def run_hops(dev, dtype, total, degree, hq, hkv, rank):
         kp[:real.numel()] = real
         kp = kp.to(dev)
         pairs = int(torch.searchsorted(kp.sort().values, qp, right=True).sum())  # visible (query, key) pairs
-        ms = bench(lambda kp=kp: varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=D**-0.5,
-                                                                 max_seqlen_q=tq, max_seqlen_k=pad_to, out=out,
-                                                                 lse=lse), dev)
-        ms_merge = bench(lambda kp=kp: varlen_attention_with_positions(
-            q, k, v, qp, kp, cu_q, cu_k, scale=D**-0.5, max_seqlen_q=tq, max_seqlen_k=pad_to, out=state,
-            lse=state_lse, prev_out=state, prev_lse=state_lse), dev)
+        def hop(kp=kp, config=None):
+            varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=D**-0.5, max_seqlen_q=tq,
+                                            max_seqlen_k=pad_to, out=out, lse=lse, config=config)
+
+        def hop_merge(kp=kp, config=None):
+            varlen_attention_with_positions(q, k, v, qp, kp, cu_q, cu_k, scale=D**-0.5, max_seqlen_q=tq,
+                                            max_seqlen_k=pad_to, out=state, lse=state_lse, prev_out=state,
+                                            prev_lse=state_lse, config=config)
+
+        ms, ms_merge = bench(hop, dev), bench(hop_merge, dev)
+        ms_cap = bench(lambda: hop(config=capped), dev) if capped else float("nan")
+        ms_cap_merge = bench(lambda: hop_merge(config=capped), dev) if capped else float("nan")
         flops = 4.0 * hq * D * pairs
         rows.append({"hop": name, "rank": rank, "src": src, "queries": tq, "keys": pad_to,
                      "visible_frac": pairs / (tq * pad_to), "ms": ms, "tflop_s": flops / (ms * 1e-3) / 1e12,
-                     "merge_fp32_ms": ms_merge, "merge_tflop_s": flops / (ms_merge * 1e-3) / 1e12})
+                     "merge_fp32_ms": ms_merge, "merge_tflop_s": flops / (ms_merge * 1e-3) / 1e12,
+                     "capped_ms": ms_cap, "capped_vs_default": ms / ms_cap, "capped_merge_ms": ms_cap_merge,
+                     "capped_merge_vs_default": ms_merge / ms_cap_merge})
     return rows
 
 
@@ -151,6 +168,7 @@ def main() -> None:
     ap.add_argument("--total", type=int, default=131072, help="ring prompt length")
     ap.add_argument("--degree", type=int, default=4)
     ap.add_argument("--rank", type=int, default=1, help="local instance (needs an earlier and a later rank)")
+    ap.add_argument("--compare-capped", action="store_true", help="also time register-capped tiles (CAPPED)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
@@ -159,14 +177,15 @@ def main() -> None:
     else:
         dtype, hq, hkv = torch.bfloat16, HQ, HKV
         lengths, total = [int(x) for x in args.lengths.split(",")], args.total
-    causal = run_causal(dev, dtype, lengths, hq, hkv)
+    capped = (CAPPED_QUICK if args.quick and dev.type != "cuda" else CAPPED) if args.compare_capped else None
+    causal = run_causal(dev, dtype, lengths, hq, hkv, capped)
     print_table(causal, ["tokens", "varlen_ms", "varlen_tflop_s", "paged_ms", "paged_tflop_s", "sdpa_flash_ms",
-                         "sdpa_flash_tflop_s", "varlen_vs_paged", "varlen_vs_sdpa"])
-    hops = run_hops(dev, dtype, total, args.degree, hq, hkv, args.rank)
+                         "sdpa_flash_tflop_s", "varlen_vs_paged", "varlen_vs_sdpa", "capped_vs_default"])
+    hops = run_hops(dev, dtype, total, args.degree, hq, hkv, args.rank, capped)
     print_table(hops, ["hop", "rank", "src", "queries", "keys", "visible_frac", "ms", "tflop_s", "merge_fp32_ms",
-                       "merge_tflop_s"])
+                       "merge_tflop_s", "capped_vs_default", "capped_merge_vs_default"])
     settings = {"quick": args.quick, "dtype": str(dtype), "hq": hq, "hkv": hkv, "head_dim": D, "page": PAGE,
-                "lengths": lengths, "total": total, "degree": args.degree, "rank": args.rank}
+                "lengths": lengths, "total": total, "degree": args.degree, "rank": args.rank, "capped": capped}
     path = write_result("ring-attention", {"settings": settings, "causal": causal, "hops": hops})
     print(f"wrote {path}")
 

@@ -62,6 +62,14 @@ def resident_programs(compiled, device: torch.device) -> int:
     return max(1, min(by_regs, by_smem, by_warps, 32))
 
 
+def register_cap(cfg: dict, device: torch.device) -> dict:
+    """Launch options for a config's ``maxnreg`` (registers per thread): ``{"maxnreg": n}`` on CUDA, nothing
+    under the interpreter or without the key."""
+    if "maxnreg" in cfg and device.type == "cuda" and not is_interpreter():
+        return {"maxnreg": cfg["maxnreg"]}
+    return {}
+
+
 def is_hopper(device: torch.device) -> bool:
     return cuda_capability(device)[0] == 9
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, resident_programs
+from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, register_cap, resident_programs
 from .decode import (
     choose_num_splits,
     decode_config,
@@ -157,8 +157,7 @@ def pod_attention(
         USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if "maxnreg" in cfg and pq.is_cuda and not is_interpreter():
-        constants["maxnreg"] = cfg["maxnreg"]
+    constants.update(register_cap(cfg, pq.device))
     key = (pq.device, pq.dtype, tuple(sorted(constants.items())))
     slots_per_sm = _resident.get(key, 2)
     grid = min(n_prefill + n_decode, slots_per_sm * num_sms(pq.device) if use_smid else 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import cdiv, check_same_device, check_tensor, is_hopper, is_interpreter, num_sms
+from ..utils import cdiv, check_same_device, check_tensor, is_hopper, is_interpreter, num_sms, register_cap
 from .decode import FLOAT_DTYPES, dot_precision, validate_paged_kv
 from .prefill_kernel import paged_prefill_kernel
 
@@ -89,7 +89,6 @@ def paged_prefill_attention(
     if Tq == 0 or B == 0 or max_seqlen_q == 0:
         return out, lse
     cfg = config if config is not None else prefill_config(D, q.dtype, q.device, cdiv(max_seqlen_q, 128) * Hq * B)
-    extra = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg and q.is_cuda and not is_interpreter() else {}
     grid = (cdiv(max_seqlen_q, cfg["BLOCK_M"]), Hq, B)
     paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
@@ -97,6 +96,6 @@ def paged_prefill_attention(
         *out.stride()[:2], *lse.stride(), float(scale) * 1.4426950408889634,
         GROUP=Hq // k_cache.shape[2], HEAD_DIM=D, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **register_cap(cfg, q.device),
     )
     return out, lse

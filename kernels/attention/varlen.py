@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_power_of_2
+from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_power_of_2, register_cap
 from .decode import FLOAT_DTYPES, dot_precision
 from .prefill import prefill_config
 from .varlen_kernel import varlen_pos_kernel, varlen_tile_bounds_kernel
@@ -44,6 +44,7 @@ def varlen_attention_with_positions(
     out_dtype: torch.dtype | None = None,
     prev_out: torch.Tensor | None = None,
     prev_lse: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed, non-paged K/V where key j is visible to query i iff k_pos[j] <= q_pos[i].
 
@@ -58,6 +59,7 @@ def varlen_attention_with_positions(
     prev_out, prev_lse: optional earlier attention state ([Tq, Hq, D] any float dtype, fp32 [Tq, Hq]) over a
                   key set disjoint from k: the result is merged with it (as merge_attention_states would) before it
                   is stored. out / lse may alias prev_out / prev_lse (in-place accumulation across ring hops).
+    config:       tile-size override (keys of `prefill_config`; `maxnreg` caps registers), for tuning.
     Returns (out, lse); rows with no visible key: out 0, lse -inf (mergeable with merge_attention_states).
     """
     check_tensor("q", q, 3, FLOAT_DTYPES)
@@ -105,7 +107,7 @@ def varlen_attention_with_positions(
     B = cu_seqlens_q.shape[0] - 1
     if Tq == 0 or B <= 0 or max_seqlen_q == 0:
         return out, lse
-    cfg = prefill_config(D, q.dtype, q.device)
+    cfg = prefill_config(D, q.dtype, q.device) if config is None else config
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_tiles = cdiv(max_seqlen_q, block_m)
     bounds = varlen_tile_bounds(q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_m, block_n)
@@ -118,5 +120,6 @@ def varlen_attention_with_positions(
         float(scale) * 1.4426950408889634,
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, MERGE=merge,
         DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **register_cap(cfg, q.device),
     )
     return out, lse

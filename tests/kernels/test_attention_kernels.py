@@ -204,7 +204,11 @@ def test_varlen_with_positions_ring_merge(group):
         _close(acc, full[qp.long()], acc_lse, full_lse[qp.long()])
 
 
-def test_varlen_multi_sequence_and_rows_without_keys():
+@pytest.mark.parametrize("config", [None, dict(BLOCK_M=32, BLOCK_N=16, num_warps=1, num_stages=1, maxnreg=128)],
+                         ids=["default", "override"])
+def test_varlen_multi_sequence_and_rows_without_keys(config):
+    """Several sequences, a query before every key and a sequence without keys; also through a tile override (the
+    tuning path: other tiles, a register cap that only CUDA applies)."""
     gen, dev = _gen(6), device()
     q_lens, k_lens = [5, 20, 3], [12, 30, 0]
     q = torch.randn(sum(q_lens), 8, 64, generator=gen).to(dev)
@@ -216,7 +220,7 @@ def test_varlen_multi_sequence_and_rows_without_keys():
     ck = torch.tensor([0, 12, 42, 42], dtype=torch.int32, device=dev)
     out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
     varlen_attention_with_positions(q, k, v, qp, kp, cq, ck, scale=0.125, max_seqlen_q=20, max_seqlen_k=30,
-                                    out=out, lse=lse)
+                                    out=out, lse=lse, config=config)
     ref, ref_lse = ref_varlen_attention_with_positions(q, k, v, qp, kp, cq, ck, scale=0.125)
     _close(out, ref, lse, ref_lse)
     assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0])) and torch.all(out[25:] == 0)
