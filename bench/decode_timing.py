@@ -2,7 +2,7 @@
 
 For each (batch, context), paged decode and SDPA on the same data (bench/kernels.py's identity cache), timed four
 ways: host microseconds per call (launches queued without a sync), `do_bench` eager (L2 flushed between calls,
-as bench/kernels.py does), CUDA-graph replay (20 calls per graph), and the kernels' own time from torch.profiler;
+as bench/kernels.py does), CUDA-graph replay (bench/kernels.graph_ms), and the kernels' own time from torch.profiler;
 then a cProfile of the decode launcher. `--host-only`: host microseconds per call of the decode, prefill and POD
 launchers alone (small shapes), for A/B runs of launcher changes.
 """
@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import print_table, write_result  # noqa: E402
-from bench.kernels import D, DecodeCase  # noqa: E402
+from bench.kernels import D, DecodeCase, graph_ms  # noqa: E402
 
 
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (64, 8192)]
@@ -33,29 +33,6 @@ def host_us(fn, n: int = 200) -> float:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / n * 1e6
-
-
-def graph_us(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(ts)[len(ts) // 2]
 
 
 def kernel_us(fn, reps: int = 20) -> tuple[float, str]:
@@ -118,7 +95,7 @@ def main() -> None:
             k_us, kernels = kernel_us(fn)
             rows.append(dict(batch=B, context=ctx, impl=name, host_us=h_us,
                              eager_us=triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3,
-                             graph_us=graph_us(fn), kernel_us=k_us, kernels=kernels))
+                             graph_us=graph_ms([fn], dev) * 1e3, kernel_us=k_us, kernels=kernels))
             print(rows[-1], flush=True)
         if (B, ctx) == (1, 1024):
             launcher_profile(fns["triton"])

@@ -262,7 +262,8 @@ def main() -> None:
     print(f"device copy bandwidth: {copy_bw:.0f} GB/s (read + write)", flush=True)
     decode = run_decode(dev, dtype, settings["batches"], settings["contexts"], copy_bw) if "decode" in parts else []
     prefill = run_prefill(dev, dtype, settings["prefill"]) if "prefill" in parts else []
-    hybrid = run_hybrid(dev, dtype, settings["chunks"], settings["decodes"], settings["d_ctx"]) if "hybrid" in parts else []
+    hybrid = (run_hybrid(dev, dtype, settings["chunks"], settings["decodes"], settings["d_ctx"])
+              if "hybrid" in parts else [])
     result = dict(
         gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (TRITON_INTERPRET)",
         torch=torch.__version__, triton=triton.__version__, git_commit=git_commit(),
@@ -277,7 +278,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
 
     print(f"\n== summary ({result['gpu']}, copy {copy_bw:.0f} GB/s) ==")
-    print(f"{'decode B':>9} {'ctx':>7} {'us':>8} {'GB/s':>7} {'%copy':>6} {'xSDPA':>6} {'eager xSDPA':>11}  (CUDA graphs)")
+    print(f"{'decode B':>9} {'ctx':>7} {'us':>8} {'GB/s':>7} {'%copy':>6} {'xSDPA':>6} {'eager xSDPA':>11}"
+          "  (CUDA graphs)")
     for r in decode:
         print(f"{r['batch']:>9} {r['context']:>7} {r['graph_ms'] * 1e3:>8.1f} {r['graph_gb_s']:>7.0f} "
               f"{r['graph_pct_copy_bw']:>6.1f} {r['graph_speedup_vs_sdpa']:>6.3f} {r['speedup_vs_sdpa']:>11.2f}")

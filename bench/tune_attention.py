@@ -25,7 +25,6 @@ if "--quick" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
     paged_prefill_attention,
@@ -33,7 +32,7 @@ from accordion.kernels.attention import (  # noqa: E402
 )
 from accordion.kernels.attention.decode import choose_num_splits  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
-from bench.kernels import HKV, HQ, D, DecodeCase, bench, hybrid_batch  # noqa: E402
+from bench.kernels import HKV, HQ, D, DecodeCase, bench, graph_ms, hybrid_batch  # noqa: E402
 
 DECODE_CONFIGS = [dict(BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_N=64, num_warps=4, num_stages=4),
                   dict(BLOCK_N=128, num_warps=4, num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
@@ -65,19 +64,12 @@ HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 163
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
 
-def graph_bench(fn, dev) -> float:
-    """Median milliseconds of fn() replayed from a CUDA graph (no host launch cost, as the engine's decode steps)."""
-    if dev.type != "cuda":
-        return bench(fn, dev)
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-
-
 def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) -> list[dict]:
     rows = []
     for B, ctx in shapes:
         case = DecodeCase(B, ctx, dtype, dev)
         ms_sdpa = bench(case.theirs, dev)
-        graph_sdpa = graph_bench(case.theirs, dev) if auto_only else None
+        graph_sdpa = graph_ms([case.theirs], dev) if auto_only else None
         for cfg in configs:
             auto = choose_num_splits(B, HKV, ctx, dev, cfg["BLOCK_N"])
             candidates = splits_list or ([auto] if auto_only else [auto, 2 * auto, 4 * auto, max(1, auto // 2)])
@@ -90,7 +82,7 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) 
                 rows.append(dict(batch=B, context=ctx, **cfg, splits=splits, auto_splits=auto, ms=ms,
                                  sdpa_ms=ms_sdpa, vs_sdpa=ms_sdpa / ms))
                 if graph_sdpa is not None:
-                    g = graph_bench(run, dev)
+                    g = graph_ms([run], dev)
                     rows[-1].update(graph_ms=g, graph_sdpa_ms=graph_sdpa, graph_vs_sdpa=graph_sdpa / g)
                 print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa"
                       + (f"; graphs x{rows[-1]['graph_vs_sdpa']:.3f}" if graph_sdpa is not None else ""), flush=True)
@@ -105,13 +97,13 @@ def tune_pod(dev, dtype, hybrids, configs) -> list[dict]:
     for chunk, p_ctx, bd, d_ctx in hybrids:
         kv, pa, da, prefill_only, decode_only = hybrid_batch(chunk, p_ctx, bd, d_ctx, dtype, dev)
         ms_p, ms_d = bench(prefill_only, dev), bench(decode_only, dev)
-        g_p, g_d = graph_bench(prefill_only, dev), graph_bench(decode_only, dev)
+        g_p, g_d = graph_ms([prefill_only], dev), graph_ms([decode_only], dev)
         for cfg in configs:
             def fused():
                 pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5, config=cfg)
             try:
                 ms = bench(fused, dev)
-                g = graph_bench(fused, dev)
+                g = graph_ms([fused], dev)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
                 print(f"pod {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
@@ -140,7 +132,7 @@ def tune_prefill(dev, dtype, shapes, configs) -> list[dict]:
                 paged_prefill_attention(pa.q, kv[0], kv[1], pa.block_table, pa.cu_seqlens_q, pa.seq_lens,
                                         scale=D**-0.5, max_seqlen_q=chunk, out=pa.out, lse=pa.lse, config=cfg)
             try:
-                ms = graph_bench(run, dev)
+                ms = graph_ms([run], dev)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not the end
                 print(f"prefill {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
