@@ -66,14 +66,17 @@ class TritonAttentionBackend(AttentionBackend):
         """Compile every kernel variant a step can launch, so that no step waits on a compilation (one costs
         0.1-2 s: a stall of every running request). Variants differ only in what cannot change between steps
         (dtypes, head counts, tile sizes, whether a decode splits its keys); everything else is a runtime argument
-        (`accordion.kernels.utils.jit_unspecialized`). Reads a few keys of ``kv_cache``, writes none.
+        (`accordion.kernels.utils.jit_unspecialized`). The fused kernel is compiled only when ``fuse_hybrid`` is
+        set (set it before warm-up). Reads a few keys of ``kv_cache``, writes none.
         Under the Triton interpreter there is nothing to compile."""
         if is_interpreter():
             return
         dev = kv_cache.device
+        # hybrid steps run the fused kernel or the two in sequence, never both: warm only the one in use
+        kinds = ("decode", "prefill", "fused" if self.fuse_hybrid else "hybrid")
         steps = [(int(kind != "prefill"), kind != "decode", max_seq_len, 1, kind == "fused")
                  for max_seq_len in (16, 1 << 16)  # the decode keys split or not
-                 for kind in ("decode", "prefill", "hybrid", "fused")]
+                 for kind in kinds]
         # and a prefill grid of many query tiles (`prefill_config` picks its tiles by grid size); the tiles past its
         # one query return at once
         steps.append((0, True, 16, 1 << 15, False))

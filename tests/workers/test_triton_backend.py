@@ -65,9 +65,11 @@ def test_cuda_graph_decode_equals_eager(tiny_ckpt):
 
 
 @pytest.mark.gpu
-def test_no_compilation_after_warm_up(tiny_ckpt):
-    """Once the engine is built, no step compiles a kernel: prompts of many lengths (chunked, hybrid steps fused
-    and not, decodes with and without split keys, block tables of every width) run on what warm-up compiled."""
+@pytest.mark.parametrize("hybrid", ["separate", "fused"])
+def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
+    """Once the engine is built, no step compiles a kernel: prompts of many lengths (chunked, hybrid steps,
+    decodes with and without split keys, block tables of every width) run on what warm-up compiled, with hybrid
+    steps fused or in sequence (warm-up compiles only the mode in use)."""
     from accordion.kernels.attention.decode_kernel import merge_splits_kernel, paged_decode_kernel
     from accordion.kernels.attention.pod_kernel import pod_attention_kernel
     from accordion.kernels.attention.prefill_kernel import paged_prefill_kernel
@@ -80,7 +82,8 @@ def test_no_compilation_after_warm_up(tiny_ckpt):
                silu_and_mul_kernel, rms_norm_kernel, rotary_cache_kernel)
     path = tiny_ckpt("tiny-llama")
     llm = LLM(path, device="cuda", dtype="bfloat16", block_size=16, max_model_len=2048, max_num_batched_tokens=96,
-              max_num_seqs=16, enable_prefix_caching=False)
+              max_num_seqs=16, enable_prefix_caching=False, hybrid_attention=hybrid)
+
     def variants():
         return {getattr(k, "__name__", repr(k)): compiled_variants(k) for k in kernels}
 
@@ -88,9 +91,7 @@ def test_no_compilation_after_warm_up(tiny_ckpt):
     assert sum(before.values()) > 0
     lengths = [1, 2, 3, 15, 16, 17, 31, 33, 64, 100, 257, 511, 1000, 1500, 1900]
     prompts = random_prompts(len(lengths), lengths, 500, seed=4)
-    for fuse in (True, False):
-        llm.instance.worker.backend.fuse_hybrid = fuse
-        llm.generate(prompts, [SamplingParams(max_tokens=7 + 5 * i, temperature=0, ignore_eos=True)
-                               for i in range(len(prompts))])
+    llm.generate(prompts, [SamplingParams(max_tokens=7 + 5 * i, temperature=0, ignore_eos=True)
+                           for i in range(len(prompts))])
     assert variants() == before
     assert_idle_blocks_free(llm)
