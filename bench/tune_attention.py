@@ -3,6 +3,7 @@
     python bench/tune_attention.py            # H100: Llama-3.1-8B attention shape, bf16
     python bench/tune_attention.py --merge    # decode: split merge in the launch or a second one, splits 1-4
     python bench/tune_attention.py --prefill  # prefill: default tiles against registers capped at 128
+    python bench/tune_attention.py --tma      # decode: K/V pages by TMA descriptors against the default tiles
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
@@ -53,6 +54,11 @@ ORDER_DECODE = [dict(BLOCK_N=64, num_warps=4, num_stages=3, HEADS_FASTEST=False)
 MERGE_DECODE = [dict(BLOCK_N=n, num_warps=w, num_stages=st, FUSED_MERGE=True)
                 for n, w, st in ((64, 4, 3), (64, 4, 4), (32, 4, 5), (32, 4, 6), (16, 4, 8), (128, 8, 3))]
 MERGE_DECODE.append(dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=False))
+# --tma: K/V pages fetched by TMA descriptors (one or two 16-token pages a tile) against the default tiles (split
+# and unsplit launches' configs), auto splits, eager and in CUDA graphs
+TMA_DECODE = [dict(BLOCK_N=32, num_warps=4, num_stages=5), dict(BLOCK_N=64, num_warps=4, num_stages=3)]
+TMA_DECODE += [dict(BLOCK_N=16 * pages, num_warps=w, num_stages=st, TMA=True, PAGES=pages)
+               for pages in (1, 2) for w, st in ((4, 4), (4, 6), (2, 6), (4, 8))]
 # --prefill: the default (one 8-warp program per SM) against registers capped at 128 (two per SM, as the POD
 # candidates that beat the prefill kernel on 2048-query chunks over 32k keys) and 4-warp 64-row tiles
 PREFILL_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -70,8 +76,12 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) 
         case = DecodeCase(B, ctx, dtype, dev)
         ms_sdpa = bench(case.theirs, dev)
         graph_sdpa = graph_ms([case.theirs], dev) if auto_only else None
+        expect = None
         for cfg in configs:
             auto = choose_num_splits(B, HKV, ctx, dev, cfg["BLOCK_N"])
+            got = case.ours(config=cfg)[0].float()
+            expect = got if expect is None else expect
+            err = (got - expect).abs().max().item()  # against the first config's output
             candidates = splits_list or ([auto] if auto_only else [auto, 2 * auto, 4 * auto, max(1, auto // 2)])
             for splits in sorted(set(candidates)):
                 if splits == 1 and not cfg.get("FUSED_MERGE", True):
@@ -80,11 +90,11 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) 
                     case.ours(num_splits=splits, config=cfg)
                 ms = bench(run, dev)
                 rows.append(dict(batch=B, context=ctx, **cfg, splits=splits, auto_splits=auto, ms=ms,
-                                 sdpa_ms=ms_sdpa, vs_sdpa=ms_sdpa / ms))
+                                 sdpa_ms=ms_sdpa, vs_sdpa=ms_sdpa / ms, max_abs_diff_vs_first=err))
                 if graph_sdpa is not None:
                     g = graph_ms([run], dev)
                     rows[-1].update(graph_ms=g, graph_sdpa_ms=graph_sdpa, graph_vs_sdpa=graph_sdpa / g)
-                print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa"
+                print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa, err {err:.1e}"
                       + (f"; graphs x{rows[-1]['graph_vs_sdpa']:.3f}" if graph_sdpa is not None else ""), flush=True)
         case = None
     return rows
@@ -170,6 +180,8 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true",
                     help="prefill only: the default tiles against registers capped at 128 (two programs per SM), "
                          "full prefills and long-context chunks, CUDA graphs")
+    ap.add_argument("--tma", action="store_true",
+                    help="decode only: K/V pages by TMA descriptors against the default tiles, also in CUDA graphs")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -179,8 +191,10 @@ def main() -> None:
     decode_configs, pod_configs = (ORDER_DECODE, []) if args.orders else (DECODE_CONFIGS, POD_CONFIGS)
     if args.merge:
         decode_configs, pod_configs = MERGE_DECODE, []
+    if args.tma:
+        decode_configs, pod_configs = TMA_DECODE, []
     if args.quick:
-        decode_configs, pod_configs = decode_configs[:1], pod_configs[:1]
+        decode_configs, pod_configs = decode_configs[:1] + decode_configs[-1:] * args.tma, pod_configs[:1]
         dshapes, hybrids = [(2, 64)], [(16, 64, 2, 48)]
     else:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (16, 131072)]
@@ -196,7 +210,7 @@ def main() -> None:
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
     decode = [] if args.skip_decode else tune_decode(
-        dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge,
+        dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge or args.tma,
         splits_list=[1, 2, 3, 4] if args.merge else None)
     pod = tune_pod(dev, dtype, hybrids, pod_configs) if pod_configs else []
     res = resources() if dev.type == "cuda" else []
@@ -207,7 +221,7 @@ def main() -> None:
         if k not in best or r["vs_sdpa"] > best[k]["vs_sdpa"]:
             best[k] = r
     print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
-                  + (" heads-fastest" if r.get("HEADS_FASTEST") else ""),
+                  + (" heads-fastest" if r.get("HEADS_FASTEST") else "") + (f" tma x{r['PAGES']}" if r.get("TMA") else ""),
                   f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}",
                   f"{r.get('graph_vs_sdpa', float('nan')):.3f}"]
                  for k, r in best.items()],

@@ -148,6 +148,8 @@ def paged_decode_attention(
     so, sl = out.stride()[:2], lse.stride()
     common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
     grid = (Hkv, B, num_splits) if meta["HEADS_FASTEST"] else (B, Hkv, num_splits)
+    if cfg.get("TMA"):
+        return _launch_tma(q, k_cache, v_cache, block_table, seq_lens, out, lse, num_splits, qk_scale, cfg, meta)
     if num_splits == 1:
         paged_decode_kernel[grid](
             q, k_cache, v_cache, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
@@ -158,6 +160,39 @@ def paged_decode_attention(
     paged_decode_kernel[grid](
         q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
         int(fused), *common, *mid_o.stride()[:3], *mid_lse.stride(), *so, *sl, qk_scale, **meta,
+    )
+    if not fused:
+        merge_splits(mid_o, mid_lse, out, lse)
+    return out, lse
+
+
+def _launch_tma(q, k_cache, v_cache, block_table, seq_lens, out, lse, num_splits, qk_scale, cfg, meta):
+    """`paged_decode_tma_kernel` launch (Hopper; caches with contiguous [block, page, head, dim] rows)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .decode_tma_kernel import paged_decode_tma_kernel
+
+    B, Hq, D = q.shape
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    descs = [TensorDescriptor.from_tensor(c.reshape(-1, Hkv * D), [page, D]) for c in (k_cache, v_cache)]
+    for c in (k_cache, v_cache):
+        if c.stride()[:3] != (page * Hkv * D, Hkv * D, D):
+            raise ValueError("the TMA decode kernel needs contiguous [num_blocks, block_size, Hkv, D] caches")
+    consts = dict(GROUP=meta["GROUP"], BLOCK_H=meta["BLOCK_H"], HEAD_DIM=D, PAGE_SIZE=page, PAGES=cfg.get("PAGES", 1),
+                  DOT_PRECISION=meta["DOT_PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    so, sl = out.stride()[:2], lse.stride()
+    common = (*q.stride()[:2], block_table.stride(0))
+    if num_splits == 1:
+        paged_decode_tma_kernel[(Hkv, B, 1)](
+            q, *descs, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
+            *so, 0, *sl, 0, *so, *sl, qk_scale, **consts,
+        )
+        return out, lse
+    fused = merges_in_kernel(num_splits, B * Hkv, cfg.get("FUSED_MERGE", True))
+    mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
+    paged_decode_tma_kernel[(Hkv, B, num_splits)](
+        q, *descs, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
+        int(fused), *common, *mid_o.stride()[:3], *mid_lse.stride(), *so, *sl, qk_scale, **consts,
     )
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)
