@@ -56,9 +56,13 @@ MERGE_DECODE = [dict(BLOCK_N=n, num_warps=w, num_stages=st, FUSED_MERGE=True)
 MERGE_DECODE.append(dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=False))
 # --tma: K/V pages fetched by TMA descriptors (one or two 16-token pages a tile) against the default tiles (split
 # and unsplit launches' configs), auto splits, eager and in CUDA graphs
+# (round 1, 20261127T151205Z: one page, 2 warps, 6 stages 1-3% faster than the default at batch 16-64, 8% slower at
+# 256, where two pages, 4 warps, 6 stages was 0.5% faster; 4 stages 12-15% slower everywhere). Split factors auto/2,
+# auto and 2 x auto.
 TMA_DECODE = [dict(BLOCK_N=32, num_warps=4, num_stages=5), dict(BLOCK_N=64, num_warps=4, num_stages=3)]
 TMA_DECODE += [dict(BLOCK_N=16 * pages, num_warps=w, num_stages=st, TMA=True, PAGES=pages)
-               for pages in (1, 2) for w, st in ((4, 4), (4, 6), (2, 6), (4, 8))]
+               for pages, w, st in ((1, 2, 6), (1, 2, 8), (1, 2, 10), (1, 1, 8), (1, 4, 7), (2, 4, 6), (2, 4, 7),
+                                    (2, 2, 8))]
 # --prefill: the default (one 8-warp program per SM) against registers capped at 128 (two per SM, as the POD
 # candidates that beat the prefill kernel on 2048-query chunks over 32k keys) and 4-warp 64-row tiles
 PREFILL_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -70,19 +74,23 @@ HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 128, 32768), (1024, 16384, 64, 163
            (2048, 32768, 16, 4096), (2048, 32768, 128, 32768)]
 
 
-def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None) -> list[dict]:
+def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None, factors=None) -> list[dict]:
+    """Every config x split factor against SDPA: a fixed ``splits_list``, else ``factors`` x the automatic one
+    (default: 1 with ``auto_only``, else 1/2 to 4). Also from CUDA graphs unless the default four factors run."""
+    graphs = auto_only or factors is not None
+    factors = factors or ((1,) if auto_only else (0.5, 1, 2, 4))
     rows = []
     for B, ctx in shapes:
         case = DecodeCase(B, ctx, dtype, dev)
         ms_sdpa = bench(case.theirs, dev)
-        graph_sdpa = graph_ms([case.theirs], dev) if auto_only else None
+        graph_sdpa = graph_ms([case.theirs], dev) if graphs else None
         expect = None
         for cfg in configs:
             auto = choose_num_splits(B, HKV, ctx, dev, cfg["BLOCK_N"])
             got = case.ours(config=cfg)[0].float()
             expect = got if expect is None else expect
             err = (got - expect).abs().max().item()  # against the first config's output
-            candidates = splits_list or ([auto] if auto_only else [auto, 2 * auto, 4 * auto, max(1, auto // 2)])
+            candidates = splits_list or [max(1, int(auto * f)) for f in factors]
             for splits in sorted(set(candidates)):
                 if splits == 1 and not cfg.get("FUSED_MERGE", True):
                     continue  # one split merges nothing
@@ -210,8 +218,8 @@ def main() -> None:
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
     decode = [] if args.skip_decode else tune_decode(
-        dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge or args.tma,
-        splits_list=[1, 2, 3, 4] if args.merge else None)
+        dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge,
+        splits_list=[1, 2, 3, 4] if args.merge else None, factors=(0.5, 1, 2) if args.tma else None)
     pod = tune_pod(dev, dtype, hybrids, pod_configs) if pod_configs else []
     res = resources() if dev.type == "cuda" else []
     path = write_result("tune-attention", dict(decode=decode, pod=pod, resources=res, quick=args.quick))
