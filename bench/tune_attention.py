@@ -60,7 +60,7 @@ MERGE_DECODE.append(dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=Fals
 # 256, where two pages, 4 warps, 6 stages was 0.5% faster; 4 stages 12-15% slower everywhere). Split factors auto/2,
 # auto and 2 x auto.
 TMA_DECODE = [dict(BLOCK_N=32, num_warps=4, num_stages=5), dict(BLOCK_N=64, num_warps=4, num_stages=3)]
-TMA_DECODE += [dict(BLOCK_N=16 * pages, num_warps=w, num_stages=st, TMA=True, PAGES=pages)
+TMA_DECODE += [dict(BLOCK_N=16 * pages, num_warps=w, num_stages=st, TMA=True)
                for pages, w, st in ((1, 2, 6), (1, 2, 8), (1, 2, 10), (1, 1, 8), (1, 4, 7), (2, 4, 6), (2, 4, 7),
                                     (2, 2, 8))]
 # --prefill: the default (one 8-warp program per SM) against registers capped at 128 (two per SM, as the POD
@@ -229,7 +229,7 @@ def main() -> None:
         if k not in best or r["vs_sdpa"] > best[k]["vs_sdpa"]:
             best[k] = r
     print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
-                  + (" heads-fastest" if r.get("HEADS_FASTEST") else "") + (f" tma x{r['PAGES']}" if r.get("TMA") else ""),
+                  + (" heads-fastest" if r.get("HEADS_FASTEST") else "") + (f" tma x{r['BLOCK_N'] // 16}" if r.get("TMA") else ""),
                   f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}",
                   f"{r.get('graph_vs_sdpa', float('nan')):.3f}"]
                  for k, r in best.items()],

@@ -6,9 +6,20 @@ import math
 import threading
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_power_of_2, next_power_of_2, num_sms
+from ..utils import (
+    cdiv,
+    check_same_device,
+    check_tensor,
+    is_hopper,
+    is_interpreter,
+    is_power_of_2,
+    next_power_of_2,
+    num_sms,
+)
 from .decode_kernel import merge_splits_kernel, paged_decode_kernel
+from .decode_tma_kernel import paged_decode_tma_kernel
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 64
@@ -25,15 +36,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False) -> dict:
-    """BLOCK_N / num_warps / num_stages of the decode kernel (one small config under the interpreter); ``split``:
-    for a launch whose keys are split (num_splits > 1)."""
+def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, programs: int = 0, tma: bool = False,
+                  device: torch.device | None = None) -> dict:
+    """BLOCK_N / num_warps / num_stages (and TMA) of the decode kernel (one small config under the interpreter).
+
+    split: a launch whose keys are split (num_splits > 1); programs: its (sequence, kv head, split) work items;
+    tma: the cache can be read by descriptors (`tma_capable`), on ``device``."""
     if is_interpreter():
         return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=True)
-    if split and head_dim == 128 and dtype != torch.float32:
-        # Few programs per SM: 32-key tiles, 5 stages. 1.5-3% faster than 64 x 3 at batch 16 over 8k / 32k keys on an
-        # H100; 0.5-2% slower at batch 64-256 unsplit (bench/tune_attention.py --merge, 20261127T122147Z, T123025Z)
-        return dict(BLOCK_N=32, num_warps=4, num_stages=5, HEADS_FASTEST=True)
+    if head_dim == 128 and dtype != torch.float32:
+        slots = num_sms(device) if device is not None else 132
+        # By programs per SM, on an H100 (bench/tune_attention.py --tma, 20261127T151205Z and T151715Z, batch
+        # 16-256 over 8k-128k keys, CUDA graphs):
+        if tma and programs > 4 * slots:
+            # many waves: two TMA pages a tile, 6 stages. 1.000-1.001x SDPA at 256 x 8k (pointer tiles 0.993-0.996)
+            return dict(BLOCK_N=32, num_warps=4, num_stages=6, TMA=True, HEADS_FASTEST=True)
+        if tma and programs > 2 * slots:
+            # up to four programs per SM: one TMA page a tile, 2 warps, 6 stages (48 KiB). 1.007-1.014x SDPA at
+            # 64 x 8k / 32k (pointer tiles 0.981-0.988)
+            return dict(BLOCK_N=16, num_warps=2, num_stages=6, TMA=True, HEADS_FASTEST=True)
+        if split or 0 < programs <= 2 * slots:
+            # up to two programs per SM: 32-key tiles, 5 stages (80 KiB). At 16 x 8k / 32k / 128k split in two:
+            # 0.969 / 1.001 / 1.002x SDPA (TMA tiles at best 0.970 / 1.003 / 1.008)
+            return dict(BLOCK_N=32, num_warps=4, num_stages=5, HEADS_FASTEST=True)
     block_n = 64 if head_dim <= 128 else 32
     if dtype == torch.float32:
         block_n //= 2
@@ -41,23 +66,46 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False) -> dic
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True)
 
 
+def tma_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the caches are contiguous [num_blocks, block_size, Hkv, D] rows (the engine's layout), 16-byte
+    aligned: what `tma_descriptors` needs."""
+    nb, page, hkv, d = k_cache.shape
+    return all(c.stride() == (page * hkv * d, hkv * d, d, 1) and c.data_ptr() % 16 == 0 for c in (k_cache, v_cache))
+
+
+def tma_capable(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether decode reads these caches by TMA by default: Hopper, 16-bit, 16-token pages of head_dim 128 (the
+    tuned case) in `tma_layout`."""
+    return (k_cache.is_cuda and not is_interpreter() and is_hopper(k_cache.device) and k_cache.shape[1] == 16
+            and k_cache.shape[3] == 128 and k_cache.dtype in (torch.float16, torch.bfloat16)
+            and tma_layout(k_cache, v_cache))
+
+
+def tma_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> list:
+    """Descriptors of the [num_blocks * block_size, Hkv * D] views of the caches, box one page of one kv head."""
+    nb, page, hkv, d = k_cache.shape
+    return [TensorDescriptor(c, [nb * page, hkv * d], [hkv * d, 1], [page, d]) for c in (k_cache, v_cache)]
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
-    """Split-KV factor from shapes only (no host sync): enough (b, kv_head, split) programs to fill every SM
-    about twice (two resident CTAs per SM), avoiding a badly quantised last wave, each split >= 256 keys."""
+    """Split-KV factor from shapes only (no host sync): the fewest splits (powers of two, each >= 256 keys) that
+    fill two resident programs per SM (one wave if that is well quantised, else as few as it takes).
+
+    Fewer splits win ties: at batch 16 (128 (sequence, kv head) pairs) two splits, one wave, ran 2-4% faster than
+    four, two waves (1xH100, bench/tune_attention.py --merge 20261127T122147Z, T123025Z, --tma T151715Z)."""
     work = batch * num_kv_heads
     cap = max(1, min(MAX_SPLITS, cdiv(max_context, max(MIN_TOKENS_PER_SPLIT, block_n))))
     slots = 2 * num_sms(device)
-    if work >= slots or cap == 1:
+    if work >= slots:
         return 1
-    # Powers of two only: a coarse search over few candidates.
     best, best_eff, s = 1, 0.0, 1
     while s <= cap:
         progs = work * s
         eff = progs / (math.ceil(progs / slots) * slots)
-        if progs >= slots and eff >= 0.85:
-            return s
-        if eff > best_eff + 1e-9:
+        if eff > best_eff + 0.02:
             best, best_eff = s, eff
+        if progs >= slots and eff >= 0.85:  # a full wave or more, well quantised: more splits only add waves
+            break
         s *= 2
     return best
 
@@ -129,14 +177,16 @@ def paged_decode_attention(
     if B == 0:
         return out, lse
     group = Hq // Hkv
-    cfg = decode_config(D, q.dtype) if config is None else config
     max_ctx = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, cfg["BLOCK_N"])
+        block_n = config["BLOCK_N"] if config is not None else decode_config(D, q.dtype)["BLOCK_N"]
+        num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, block_n)
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
-    if config is None and num_splits > 1:
-        cfg = decode_config(D, q.dtype, split=True)
+    tma = tma_capable(k_cache, v_cache)
+    cfg = config or decode_config(D, q.dtype, num_splits > 1, B * Hkv * num_splits, tma, q.device)
+    if cfg.get("TMA") and not (tma_layout(k_cache, v_cache) and cfg["BLOCK_N"] in (page, 2 * page)):
+        raise ValueError("a TMA decode config needs caches in `tma_layout` and BLOCK_N of one or two pages")
     qk_scale = float(scale) * 1.4426950408889634
     fused = merges_in_kernel(num_splits, B * Hkv, cfg.get("FUSED_MERGE", True))
     meta = dict(
@@ -144,55 +194,22 @@ def paged_decode_attention(
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    kernel, kv = ((paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache)) if cfg.get("TMA")
+                  else (paged_decode_kernel, (k_cache, v_cache)))
     # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
     so, sl = out.stride()[:2], lse.stride()
     common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
     grid = (Hkv, B, num_splits) if meta["HEADS_FASTEST"] else (B, Hkv, num_splits)
-    if cfg.get("TMA"):
-        return _launch_tma(q, k_cache, v_cache, block_table, seq_lens, out, lse, num_splits, qk_scale, cfg, meta)
     if num_splits == 1:
-        paged_decode_kernel[grid](
-            q, k_cache, v_cache, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
+        kernel[grid](
+            q, *kv, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
             *so, 0, *sl, 0, *so, *sl, qk_scale, **meta,
         )
         return out, lse
     mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
-    paged_decode_kernel[grid](
-        q, k_cache, v_cache, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
+    kernel[grid](
+        q, *kv, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
         int(fused), *common, *mid_o.stride()[:3], *mid_lse.stride(), *so, *sl, qk_scale, **meta,
-    )
-    if not fused:
-        merge_splits(mid_o, mid_lse, out, lse)
-    return out, lse
-
-
-def _launch_tma(q, k_cache, v_cache, block_table, seq_lens, out, lse, num_splits, qk_scale, cfg, meta):
-    """`paged_decode_tma_kernel` launch (Hopper; caches with contiguous [block, page, head, dim] rows)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from .decode_tma_kernel import paged_decode_tma_kernel
-
-    B, Hq, D = q.shape
-    Hkv, page = k_cache.shape[2], k_cache.shape[1]
-    descs = [TensorDescriptor.from_tensor(c.reshape(-1, Hkv * D), [page, D]) for c in (k_cache, v_cache)]
-    for c in (k_cache, v_cache):
-        if c.stride()[:3] != (page * Hkv * D, Hkv * D, D):
-            raise ValueError("the TMA decode kernel needs contiguous [num_blocks, block_size, Hkv, D] caches")
-    consts = dict(GROUP=meta["GROUP"], BLOCK_H=meta["BLOCK_H"], HEAD_DIM=D, PAGE_SIZE=page, PAGES=cfg.get("PAGES", 1),
-                  DOT_PRECISION=meta["DOT_PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    so, sl = out.stride()[:2], lse.stride()
-    common = (*q.stride()[:2], block_table.stride(0))
-    if num_splits == 1:
-        paged_decode_tma_kernel[(Hkv, B, 1)](
-            q, *descs, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
-            *so, 0, *sl, 0, *so, *sl, qk_scale, **consts,
-        )
-        return out, lse
-    fused = merges_in_kernel(num_splits, B * Hkv, cfg.get("FUSED_MERGE", True))
-    mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
-    paged_decode_tma_kernel[(Hkv, B, num_splits)](
-        q, *descs, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
-        int(fused), *common, *mid_o.stride()[:3], *mid_lse.stride(), *so, *sl, qk_scale, **consts,
     )
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)

@@ -92,6 +92,27 @@ def decode_work(
         stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
     )
+    finish_decode_item(
+        acc, l_i, m_i, b64, kvh, split, heads, h_mask, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr, num_splits,
+        fused_merge, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+        stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads, BLOCK_H, HEAD_DIM,
+    )
+
+
+@triton.jit
+def finish_decode_item(
+    acc, l_i, m_i,  # [BLOCK_H, D], [BLOCK_H], [BLOCK_H] running softmax state of one work item
+    b64, kvh, split, heads, h_mask,
+    o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,  # as in `decode_work`
+    num_splits, fused_merge,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Store a work item's normalised rows and lse (a split's partial when num_splits > 1); with fused_merge, the
+    last split of (b, kvh) to finish merges them all."""
+    offs_d = tl.arange(0, HEAD_DIM)
     out, lse = finalize(acc, l_i, m_i)
     o_off = b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])

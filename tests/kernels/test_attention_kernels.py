@@ -96,6 +96,40 @@ def test_decode_split_merge_fused_and_separate(num_splits):
     assert not split_tickets(dev).any()
 
 
+@pytest.mark.parametrize("dtype", [F32, torch.float16])  # (the interpreter misreads bf16 descriptor loads)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("pages,num_splits", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_decode_tma_kernel_matches_reference(dtype, group, pages, num_splits):
+    """The kernel reading K/V pages through tensor descriptors (one or two pages a tile), on lengths that end
+    mid-page, a one-token sequence and shuffled blocks (a page past a sequence's end re-reads its last one)."""
+    gen, dev = _gen(31 * group + 7 * pages + num_splits), device()
+    seq_lens = [1, 37, 100, 64]
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 64, 16, dtype, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * group, 64, generator=gen).to(dtype).to(dev)
+    out, lse = poisoned(q.shape, dtype, dev), poisoned(q.shape[:2], F32, dev)
+    cfg = {**decode_config(64, F32), "BLOCK_N": 16 * pages, "TMA": True}
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, num_splits=num_splits,
+                           config=cfg)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    tol = TOL if dtype == F32 else dict(atol=2e-3, rtol=2e-3)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float(), ref, **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+def test_decode_tma_config_rejects_other_layouts():
+    """A TMA config on a strided cache view, or with a tile that is not one or two pages, is a clear error."""
+    gen, dev = _gen(5), device()
+    kv, table, sl = make_paged_kv([20, 9], 1, 64, 8, F32, dev, gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(dev)
+    inter = kv.transpose(0, 1).contiguous()  # [num_blocks, 2, P, Hkv, D]: each cache a strided view
+    cfg = {**decode_config(64, F32), "BLOCK_N": 8, "TMA": True}
+    with pytest.raises(ValueError, match="tma_layout"):
+        paged_decode_attention(q, inter[:, 0], inter[:, 1], table, sl, scale=0.125, config=cfg)
+    with pytest.raises(ValueError, match="one or two pages"):
+        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, config={**cfg, "BLOCK_N": 32})
+
+
 def test_decode_mqa_strided_cache_and_empty_rows():
     """Hkv=1 (MQA), a cache interleaved as [num_blocks, 2, P, Hkv, D] (non-contiguous views), seq_len 0 rows."""
     gen, dev = _gen(7), device()

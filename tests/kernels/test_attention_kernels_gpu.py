@@ -52,6 +52,26 @@ def test_decode_gpu(hkv, group, head_dim, num_splits):
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=head_dim**-0.5))
 
 
+@pytest.mark.parametrize("block_n,num_splits", [(16, 1), (16, 5), (32, 1), (32, 5), (None, None)])
+def test_decode_tma_gpu(block_n, num_splits):
+    """The TMA decode kernel (explicit one- and two-page tiles, and as chosen by default for 80 sequences x 8 kv
+    heads, more programs than four per SM) against the reference, with empty and mid-page sequences."""
+    from accordion.kernels.attention.decode import decode_config, tma_capable
+
+    gen = torch.Generator().manual_seed(11 + (block_n or 0) + (num_splits or 0))
+    seq_lens = [1, 17, 500, 4096, 3001, 0, 2048, 33] * 10
+    kv, table, sl = make_paged_kv(seq_lens, 8, 128, 16, BF16, DEV, gen)
+    assert tma_capable(kv[0], kv[1])
+    q = torch.randn(len(seq_lens), 32, 128, generator=gen).to(BF16).to(DEV)
+    out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
+    cfg = None if block_n is None else dict(BLOCK_N=block_n, num_warps=4, num_stages=4, TMA=True)
+    if cfg is None:
+        assert decode_config(128, BF16, False, 80 * 8, True, DEV).get("TMA")
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5, out=out, lse=lse, num_splits=num_splits,
+                           config=cfg)
+    _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
+
+
 @pytest.mark.parametrize("hkv,group,head_dim,page", [(8, 4, 128, 16), (8, 1, 64, 32), (2, 8, 128, 8)])
 def test_prefill_gpu(hkv, group, head_dim, page):
     gen = torch.Generator().manual_seed(7 + hkv + group)
