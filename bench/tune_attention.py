@@ -102,7 +102,8 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None, 
                 if graph_sdpa is not None:
                     g = graph_ms([run], dev)
                     rows[-1].update(graph_ms=g, graph_sdpa_ms=graph_sdpa, graph_vs_sdpa=graph_sdpa / g)
-                print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa, err {err:.1e}"
+                print(f"decode B={B} ctx={ctx} {cfg} splits={splits}: {ms:.4f} ms, x{ms_sdpa / ms:.3f} sdpa, "
+                      f"err {err:.1e}"
                       + (f"; graphs x{rows[-1]['graph_vs_sdpa']:.3f}" if graph_sdpa is not None else ""), flush=True)
         case = None
     return rows
@@ -229,7 +230,8 @@ def main() -> None:
         if k not in best or r["vs_sdpa"] > best[k]["vs_sdpa"]:
             best[k] = r
     print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
-                  + (" heads-fastest" if r.get("HEADS_FASTEST") else "") + (f" tma x{r['BLOCK_N'] // 16}" if r.get("TMA") else ""),
+                  + (" heads-fastest" if r.get("HEADS_FASTEST") else "")
+                  + (f" tma x{r['BLOCK_N'] // 16}" if r.get("TMA") else ""),
                   f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}",
                   f"{r.get('graph_vs_sdpa', float('nan')):.3f}"]
                  for k, r in best.items()],
