@@ -27,6 +27,7 @@ for step in $steps; do
     offline) python3 bench/offline.py --compare-torch-backend --compare-async 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     offline-1b) python3 bench/offline.py --shapes 1b 2>&1 | grep -v "Loading weights" | tee "$OUT/offline.log" | tail -30 ;;
     tune) python3 bench/tune_attention.py 2>&1 | tee "$OUT/tune.log" | tail -40 ;;
+    tune-lean) python3 bench/tune_attention.py --lean 2>&1 | tee "$OUT/tune-lean.log" | tail -12 ;;
     tune-tma) python3 bench/tune_attention.py --tma 2>&1 | tee "$OUT/tune-tma.log" | tail -12 ;;
     tune-orders) python3 bench/tune_attention.py --orders 2>&1 | tee "$OUT/tune-orders.log" | tail -24 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;

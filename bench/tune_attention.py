@@ -4,6 +4,7 @@
     python bench/tune_attention.py --merge    # decode: split merge in the launch or a second one, splits 1-4
     python bench/tune_attention.py --prefill  # prefill: default tiles against registers capped at 128
     python bench/tune_attention.py --tma      # decode: K/V pages by TMA descriptors against the default tiles
+    python bench/tune_attention.py --lean     # decode: stream-K (equal key tiles per program) against split-KV
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
@@ -63,6 +64,11 @@ TMA_DECODE = [dict(BLOCK_N=32, num_warps=4, num_stages=5), dict(BLOCK_N=64, num_
 TMA_DECODE += [dict(BLOCK_N=16 * pages, num_warps=w, num_stages=st, TMA=True)
                for pages, w, st in ((1, 2, 6), (1, 2, 8), (1, 2, 10), (1, 1, 8), (1, 4, 7), (2, 4, 6), (2, 4, 7),
                                     (2, 2, 8))]
+# --lean: stream-K decode (every program the same number of key tiles over all rows, one wave) against the
+# default split-KV, at small batches
+LEAN_DECODE = [dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=True)]
+LEAN_DECODE += [dict(BLOCK_N=n, num_warps=w, num_stages=st, LEAN=True, PER_SM=per_sm)
+                for n, w, st, per_sm in ((32, 4, 5, 2), (64, 4, 3, 2), (32, 4, 4, 3), (32, 4, 3, 4), (16, 2, 6, 4))]
 # --prefill: the default (one 8-warp program per SM) against registers capped at 128 (two per SM, as the POD
 # candidates that beat the prefill kernel on 2048-query chunks over 32k keys) and 4-warp 64-row tiles
 PREFILL_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -191,6 +197,8 @@ def main() -> None:
                          "full prefills and long-context chunks, CUDA graphs")
     ap.add_argument("--tma", action="store_true",
                     help="decode only: K/V pages by TMA descriptors against the default tiles, also in CUDA graphs")
+    ap.add_argument("--lean", action="store_true",
+                    help="decode only: stream-K (equal key tiles per program) against split-KV, also in CUDA graphs")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -202,8 +210,11 @@ def main() -> None:
         decode_configs, pod_configs = MERGE_DECODE, []
     if args.tma:
         decode_configs, pod_configs = TMA_DECODE, []
+    if args.lean:
+        decode_configs, pod_configs = LEAN_DECODE, []
     if args.quick:
-        decode_configs, pod_configs = decode_configs[:1] + decode_configs[-1:] * args.tma, pod_configs[:1]
+        extra = decode_configs[-1:] if args.tma or args.lean else []
+        decode_configs, pod_configs = decode_configs[:1] + extra, pod_configs[:1]
         dshapes, hybrids = [(2, 64)], [(16, 64, 2, 48)]
     else:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (16, 131072)]
@@ -216,10 +227,14 @@ def main() -> None:
         rows = tune_prefill(dev, dtype, shapes, PREFILL_CONFIGS[:2] if args.quick else PREFILL_CONFIGS)
         print("wrote", write_result("tune-attention", dict(prefill=rows, quick=args.quick)))
         return
+    if args.lean and not args.quick:
+        # (33 x 8 kv heads = 264 rows: one split-KV wave that fills every slot of an H100)
+        dshapes = [(1, 8192), (1, 32768), (4, 8192), (16, 1024), (16, 8192), (16, 32768), (16, 131072), (24, 8192),
+                   (33, 8192)]
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
     decode = [] if args.skip_decode else tune_decode(
-        dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge,
+        dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge or args.lean,
         splits_list=[1, 2, 3, 4] if args.merge else None, factors=(0.5, 1, 2) if args.tma else None)
     pod = tune_pod(dev, dtype, hybrids, pod_configs) if pod_configs else []
     res = resources() if dev.type == "cuda" else []
@@ -231,7 +246,8 @@ def main() -> None:
             best[k] = r
     print_table([[f"{k[0]}@{k[1]}", f"N{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
                   + (" heads-fastest" if r.get("HEADS_FASTEST") else "")
-                  + (f" tma x{r['BLOCK_N'] // 16}" if r.get("TMA") else ""),
+                  + (f" tma x{r['BLOCK_N'] // 16}" if r.get("TMA") else "")
+                  + (f" lean {r['PER_SM']}/SM" if r.get("LEAN") else ""),
                   f"{r['splits']} ({r['auto_splits']})", f"{r['vs_sdpa']:.3f}",
                   f"{r.get('graph_vs_sdpa', float('nan')):.3f}"]
                  for k, r in best.items()],

@@ -19,6 +19,7 @@ from ..utils import (
     num_sms,
 )
 from .decode_kernel import merge_splits_kernel, paged_decode_kernel
+from .decode_lean_kernel import paged_decode_lean_kernel
 from .decode_tma_kernel import paged_decode_tma_kernel
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -194,6 +195,8 @@ def paged_decode_attention(
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if cfg.get("LEAN"):
+        return _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta)
     kernel, kv = ((paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache)) if cfg.get("TMA")
                   else (paged_decode_kernel, (k_cache, v_cache)))
     # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
@@ -213,6 +216,27 @@ def paged_decode_attention(
     )
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)
+    return out, lse
+
+
+def _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta):
+    """Stream-K launch (`paged_decode_lean_kernel`): cfg["PER_SM"] programs per SM (default two) of equal key
+    tile ranges over every (sequence, kv head) row."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if B * Hkv > MAX_TICKETS:
+        raise ValueError(f"a stream-K decode counts at most {MAX_TICKETS} (sequence, kv head) rows, got {B * Hkv}")
+    programs = cfg.get("PROGRAMS") or (3 if is_interpreter() else cfg.get("PER_SM", 2) * num_sms(q.device))
+    cu_tiles = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum(((seq_lens + (meta["BLOCK_N"] - 1)) // meta["BLOCK_N"]).clamp_(min=1), 0, out=cu_tiles[1:])
+    part_o = torch.empty(programs, 2, meta["BLOCK_H"], D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(programs, 2, meta["BLOCK_H"], dtype=torch.float32, device=q.device)
+    meta = {k: v for k, v in meta.items() if k != "HEADS_FASTEST"}
+    paged_decode_lean_kernel[(programs,)](
+        q, k_cache, v_cache, block_table, seq_lens, cu_tiles, out, lse, part_o, part_lse, split_tickets(q.device),
+        B, Hkv, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+        *out.stride()[:2], *lse.stride(), qk_scale, **meta,
+    )
     return out, lse
 
 
