@@ -29,6 +29,7 @@ MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can coun
 # The in-kernel merge reads a row's splits one after another: a win up to 8 splits (one launch fewer), slower than
 # the merge kernel's parallel read at 64 (1xH100, bench/tune_attention.py --merge)
 FUSED_MERGE_MAX_SPLITS = 8
+LEAN_MAX_SEQS = 1024  # sequences a stream-K launch takes (its programs hold every sequence's tile offset)
 _tickets: dict[tuple[str, int, int], torch.Tensor] = {}  # (device, thread, stream) -> split_tickets buffer
 
 
@@ -224,18 +225,16 @@ def _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale,
     tile ranges over every (sequence, kv head) row."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    if B * Hkv > MAX_TICKETS:
-        raise ValueError(f"a stream-K decode counts at most {MAX_TICKETS} (sequence, kv head) rows, got {B * Hkv}")
+    if B > LEAN_MAX_SEQS or B * Hkv > MAX_TICKETS:
+        raise ValueError(f"a stream-K decode takes at most {LEAN_MAX_SEQS} sequences, got {B}")
     programs = cfg.get("PROGRAMS") or (3 if is_interpreter() else cfg.get("PER_SM", 2) * num_sms(q.device))
-    cu_tiles = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum(((seq_lens + (meta["BLOCK_N"] - 1)) // meta["BLOCK_N"]).clamp_(min=1), 0, out=cu_tiles[1:])
     part_o = torch.empty(programs, 2, meta["BLOCK_H"], D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(programs, 2, meta["BLOCK_H"], dtype=torch.float32, device=q.device)
     meta = {k: v for k, v in meta.items() if k != "HEADS_FASTEST"}
     paged_decode_lean_kernel[(programs,)](
-        q, k_cache, v_cache, block_table, seq_lens, cu_tiles, out, lse, part_o, part_lse, split_tickets(q.device),
+        q, k_cache, v_cache, block_table, seq_lens, out, lse, part_o, part_lse, split_tickets(q.device),
         B, Hkv, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
-        *out.stride()[:2], *lse.stride(), qk_scale, **meta,
+        *out.stride()[:2], *lse.stride(), qk_scale, MAX_SEQS=LEAN_MAX_SEQS, **meta,
     )
     return out, lse
 

@@ -2,11 +2,12 @@
 of key tiles, whatever the batch's lengths.
 
 The key tiles of all (sequence, kv head) rows are laid end to end: row (b, kvh) holds T_b = max(1, cdiv(seq_len_b,
-BLOCK_N)) tiles from offset cu_tiles[b] * Hkv + kvh * T_b. Program p of P takes tiles [p * L, (p + 1) * L),
-L = cdiv(total, P): whole rows in the middle of its range are written out directly; a row cut at either end of the
-range becomes a partial (out, lse) in the program's slot 0 (its first row) or 1 (its last), and the last program to
-finish a cut row (a ticket per row) merges the row's partials. Split-KV instead gives each row the same number of
-splits, so the SMs idle once the rows run out; here the grid is one wave of equal work.
+BLOCK_N)) tiles from offset F_b + kvh * T_b, F_b = Hkv * sum of T over the sequences before b (each program computes
+the F_b from seq_lens in registers). Program p of P takes tiles [p * L, (p + 1) * L), L = cdiv(total, P): whole rows
+inside its range are written out directly; a row cut at either end of the range becomes a partial (out, lse) in the
+program's slot 0 (its first row) or 1 (its last), and the last program to finish a cut row (a ticket per row)
+merges the row's partials. Split-KV instead gives each row the same number of splits, so when the rows x splits do
+not divide evenly over the SMs, some SMs idle at the end; here one wave of programs does equal work.
 """
 
 import triton
@@ -17,17 +18,9 @@ from .paged_common import NEG_BIG, finalize, paged_attn_loop
 
 
 @triton.jit
-def _find_seq(cu_tiles_ptr, num_seqs, num_kv_heads, pos):
-    """The sequence b whose rows hold flattened tile ``pos``: the largest b with cu_tiles[b] * Hkv <= pos."""
-    lo = 0
-    hi = num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tl.load(cu_tiles_ptr + mid) * num_kv_heads <= pos:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def _pick(values, offs_s, b):
+    """values[b] of a [MAX_SEQS] register vector."""
+    return tl.sum(tl.where(offs_s == b, values, 0), 0)
 
 
 @triton.jit
@@ -67,13 +60,12 @@ def paged_decode_lean_kernel(
     v_ptr,  # [num_blocks, PAGE, Hkv, D]
     bt_ptr,  # int32 [B, max_blocks]
     seq_lens_ptr,  # int32 [B]
-    cu_tiles_ptr,  # int32 [B + 1]: prefix sums of max(1, cdiv(seq_len, BLOCK_N))
     o_ptr,  # out [B, Hq, D]
     lse_ptr,  # fp32 [B, Hq]
     part_o_ptr,  # fp32 [P, 2, BLOCK_H, D] scratch
     part_lse_ptr,  # fp32 [P, 2, BLOCK_H] scratch
     ticket_ptr,  # int32 [B * Hkv] zeroed tickets (left zeroed)
-    num_seqs,
+    num_seqs,  # B <= MAX_SEQS
     num_kv_heads,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
@@ -88,23 +80,35 @@ def paged_decode_lean_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MAX_SEQS: tl.constexpr,
 ):
-    """Grid (P,): P programs of equal tile ranges (best: one wave of resident programs)."""
+    """Grid (P,): P programs of equal tile ranges (best: one wave of resident programs). Every program computes the
+    rows' tile offsets itself from seq_lens (a [MAX_SEQS] prefix sum in registers): no preparatory launch."""
     p = tl.program_id(0)
-    L = tl.cdiv(tl.load(cu_tiles_ptr + num_seqs) * num_kv_heads, tl.num_programs(0))
+    offs_s = tl.arange(0, MAX_SEQS)
+    s_mask = offs_s < num_seqs
+    tiles = tl.where(s_mask, tl.maximum(tl.cdiv(tl.load(seq_lens_ptr + offs_s, mask=s_mask, other=0), BLOCK_N), 1), 0)
+    first = (tl.cumsum(tiles, 0) - tiles) * num_kv_heads  # flattened offset of each sequence's first row
+    total = tl.sum(tiles, 0) * num_kv_heads
+    L = tl.cdiv(total, tl.num_programs(0))
     start = p * L
-    end = tl.minimum(start + L, tl.load(cu_tiles_ptr + num_seqs) * num_kv_heads)
+    end = tl.minimum(start + L, total)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     h_mask = offs_h < GROUP
-    pos = start
-    while pos < end:
-        b = _find_seq(cu_tiles_ptr, num_seqs, num_kv_heads, pos)
-        c0 = tl.load(cu_tiles_ptr + b)
-        T = tl.load(cu_tiles_ptr + b + 1) - c0
-        kvh = (pos - c0 * num_kv_heads) // T
-        row_start = c0 * num_kv_heads + kvh * T
+    # rows (b * Hkv + kvh) holding the range's first and last tiles
+    b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
+    b_last = tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1
+    first_row = b_first * num_kv_heads + (start - _pick(first, offs_s, b_first)) // _pick(tiles, offs_s, b_first)
+    last_row = b_last * num_kv_heads + (end - 1 - _pick(first, offs_s, b_last)) // _pick(tiles, offs_s, b_last)
+    last_row = tl.where(start < end, last_row, -1)
+    for row in range(first_row, last_row + 1):
+        b = row // num_kv_heads
+        kvh = row % num_kv_heads
+        T = _pick(tiles, offs_s, b)
+        row_start = _pick(first, offs_s, b) + kvh * T
         row_end = row_start + T
+        seg_start = tl.maximum(start, row_start)
         seg_end = tl.minimum(end, row_end)
         seq_len = tl.load(seq_lens_ptr + b)
         hi = tl.minimum((seg_end - row_start) * BLOCK_N, seq_len)
@@ -119,18 +123,18 @@ def paged_decode_lean_kernel(
         acc, l_i, m_i = paged_attn_loop(
             acc, l_i, m_i, q, offs_h,
             k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
-            (pos - row_start) * BLOCK_N, hi, hi,
+            (seg_start - row_start) * BLOCK_N, hi, hi,
             stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
             HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
         )
         out, lse = finalize(acc, l_i, m_i)
         o_rows = o_ptr + b64 * stride_ob + heads * stride_oh
         lse_rows = lse_ptr + b64 * stride_lb + heads * stride_lh
-        if (pos == row_start) & (seg_end == row_end):  # the whole row: final
+        if (seg_start == row_start) & (seg_end == row_end):  # the whole row: final
             tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
             tl.store(lse_rows, lse, mask=h_mask)
         else:
-            piece = (p * 2 + tl.where(pos == start, 0, 1)).to(tl.int64) * BLOCK_H
+            piece = (p * 2 + tl.where(seg_start == start, 0, 1)).to(tl.int64) * BLOCK_H
             tl.store(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], out)
             tl.store(part_lse_ptr + piece + offs_h, lse)
             tl.debug_barrier()  # every thread's partial stores precede the ticket (release, gpu scope)
@@ -141,4 +145,3 @@ def paged_decode_lean_kernel(
                 tl.atomic_xchg(t_ptr, 0)
                 _merge_pieces(part_o_ptr, part_lse_ptr, o_rows, lse_rows, p0, p1,
                               tl.where(row_start == p0 * L, 0, 1), offs_h, h_mask, BLOCK_H, HEAD_DIM)
-        pos = seg_end
