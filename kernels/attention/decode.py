@@ -228,6 +228,7 @@ def _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale,
     if B > LEAN_MAX_SEQS or B * Hkv > MAX_TICKETS:
         raise ValueError(f"a stream-K decode takes at most {LEAN_MAX_SEQS} sequences, got {B}")
     programs = cfg.get("PROGRAMS") or (3 if is_interpreter() else cfg.get("PER_SM", 2) * num_sms(q.device))
+    programs = cdiv(programs, Hkv) * Hkv  # the same number per kv head
     part_o = torch.empty(programs, 2, meta["BLOCK_H"], D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(programs, 2, meta["BLOCK_H"], dtype=torch.float32, device=q.device)
     meta = {k: v for k, v in meta.items() if k != "HEADS_FASTEST"}

@@ -1,12 +1,12 @@
 """@triton.jit code for stream-K paged decode attention (LeanAttention's split): every program gets the same number
 of key tiles, whatever the batch's lengths.
 
-The key tiles of all (sequence, kv head) rows are laid end to end: row (b, kvh) holds T_b = max(1, cdiv(seq_len_b,
-BLOCK_N)) tiles from offset F_b + kvh * T_b, F_b = Hkv * sum of T over the sequences before b (each program computes
-the F_b from seq_lens in registers). Program p of P takes tiles [p * L, (p + 1) * L), L = cdiv(total, P): whole rows
-inside its range are written out directly; a row cut at either end of the range becomes a partial (out, lse) in the
-program's slot 0 (its first row) or 1 (its last), and the last program to finish a cut row (a ticket per row)
-merges the row's partials. Split-KV instead gives each row the same number of splits, so when the rows x splits do
+Per kv head, the key tiles of all sequences are laid end to end: sequence b holds T_b = max(1, cdiv(seq_len_b,
+BLOCK_N)) tiles from offset F_b = sum of T over the sequences before b (each program computes the F_b from seq_lens
+in registers). Program p = r * Hkv + kvh of P takes kv head kvh's tiles [r * L, (r + 1) * L), L = cdiv(total,
+P / Hkv): whole rows (sequence, kv head) inside its range are written out directly; a row cut at either end of the
+range becomes a partial (out, lse) in the program's slot 0 (its first row) or 1 (its last), and the last program to
+finish a cut row (a ticket per row) merges the row's partials. Split-KV instead gives each row the same number of splits, so when the rows x splits do
 not divide evenly over the SMs, some SMs idle at the end; here one wave of programs does equal work.
 """
 
@@ -27,18 +27,19 @@ def _pick(values, offs_s, b):
 def _merge_pieces(
     part_o_ptr, part_lse_ptr,  # fp32 [P, 2, BLOCK_H, D], [P, 2, BLOCK_H]
     o_rows, lse_rows,  # pointers of the row's output [BLOCK_H, D] / lse [BLOCK_H] (head offsets applied)
-    p0, p1, first_slot, offs_h, h_mask,
+    p0, p1, first_slot, kvh, num_kv_heads, offs_h, h_mask,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Log-sum-exp combination of a cut row's partials: program p0's slot ``first_slot``, then slot 0 of programs
-    p0 + 1 .. p1, read through L2 (".cg": written by other SMs in this launch)."""
+    """Log-sum-exp combination of a cut row's partials: those of kv head ``kvh``'s programs p0 .. p1 (program ids
+    p * Hkv + kvh), p0's in slot ``first_slot``, the others' in slot 0, read through L2 (".cg": written by other SMs
+    in this launch)."""
     offs_d = tl.arange(0, HEAD_DIM)
     m = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
     tot = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for p in range(p0, p1 + 1):
-        piece = (p * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
+        piece = ((p * num_kv_heads + kvh) * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
         lse_s = tl.load(part_lse_ptr + piece + offs_h, cache_modifier=".cg")
         o_s = tl.load(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
         m_new = tl.maximum(m, lse_s)
@@ -82,39 +83,35 @@ def paged_decode_lean_kernel(
     DOT_PRECISION: tl.constexpr,
     MAX_SEQS: tl.constexpr,
 ):
-    """Grid (P,): P programs of equal tile ranges (best: one wave of resident programs). Every program computes the
-    rows' tile offsets itself from seq_lens (a [MAX_SEQS] prefix sum in registers): no preparatory launch."""
+    """Grid (P,), P a multiple of Hkv: P / Hkv programs per kv head, each of an equal range of that head's tiles
+    (best: one wave of resident programs). Every program computes the sequences' tile offsets itself from seq_lens
+    (a [MAX_SEQS] prefix sum in registers): no preparatory launch."""
     p = tl.program_id(0)
+    kvh = p % num_kv_heads  # programs of one range index and neighbouring kv heads run side by side, reading the
+    r = p // num_kv_heads  # same tokens (adjacent in the cache), as split-KV's heads-fastest grid does
     offs_s = tl.arange(0, MAX_SEQS)
     s_mask = offs_s < num_seqs
     tiles = tl.where(s_mask, tl.maximum(tl.cdiv(tl.load(seq_lens_ptr + offs_s, mask=s_mask, other=0), BLOCK_N), 1), 0)
-    first = (tl.cumsum(tiles, 0) - tiles) * num_kv_heads  # flattened offset of each sequence's first row
-    total = tl.sum(tiles, 0) * num_kv_heads
-    L = tl.cdiv(total, tl.num_programs(0))
-    start = p * L
+    first = tl.cumsum(tiles, 0) - tiles  # each sequence's first tile in its kv head's flattened range
+    total = tl.sum(tiles, 0)
+    L = tl.cdiv(total, tl.num_programs(0) // num_kv_heads)
+    start = r * L
     end = tl.minimum(start + L, total)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     h_mask = offs_h < GROUP
-    # rows (b * Hkv + kvh) holding the range's first and last tiles
+    heads = kvh * GROUP + offs_h
     b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
-    b_last = tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1
-    first_row = b_first * num_kv_heads + (start - _pick(first, offs_s, b_first)) // _pick(tiles, offs_s, b_first)
-    last_row = b_last * num_kv_heads + (end - 1 - _pick(first, offs_s, b_last)) // _pick(tiles, offs_s, b_last)
-    last_row = tl.where(start < end, last_row, -1)
-    for row in range(first_row, last_row + 1):
-        b = row // num_kv_heads
-        kvh = row % num_kv_heads
-        T = _pick(tiles, offs_s, b)
-        row_start = _pick(first, offs_s, b) + kvh * T
-        row_end = row_start + T
+    b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
+    for b in range(b_first, b_last + 1):
+        row_start = _pick(first, offs_s, b)
+        row_end = row_start + _pick(tiles, offs_s, b)
         seg_start = tl.maximum(start, row_start)
         seg_end = tl.minimum(end, row_end)
         seq_len = tl.load(seq_lens_ptr + b)
         hi = tl.minimum((seg_end - row_start) * BLOCK_N, seq_len)
 
-        heads = kvh * GROUP + offs_h
-        b64 = b.to(tl.int64)
+        b64 = tl.cast(b, tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask[:, None],
                     other=0.0)
         acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
@@ -138,10 +135,10 @@ def paged_decode_lean_kernel(
             tl.store(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], out)
             tl.store(part_lse_ptr + piece + offs_h, lse)
             tl.debug_barrier()  # every thread's partial stores precede the ticket (release, gpu scope)
-            p0 = row_start // L
+            p0 = row_start // L  # range indices of the row's first and last pieces
             p1 = (row_end - 1) // L
             t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
             if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == p1 - p0:
                 tl.atomic_xchg(t_ptr, 0)
-                _merge_pieces(part_o_ptr, part_lse_ptr, o_rows, lse_rows, p0, p1,
-                              tl.where(row_start == p0 * L, 0, 1), offs_h, h_mask, BLOCK_H, HEAD_DIM)
+                _merge_pieces(part_o_ptr, part_lse_ptr, o_rows, lse_rows, p0, p1, tl.where(row_start == p0 * L, 0, 1),
+                              kvh, num_kv_heads, offs_h, h_mask, BLOCK_H, HEAD_DIM)
