@@ -68,7 +68,8 @@ TMA_DECODE += [dict(BLOCK_N=16 * pages, num_warps=w, num_stages=st, TMA=True)
 # default split-KV, at small batches
 LEAN_DECODE = [dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=True)]
 LEAN_DECODE += [dict(BLOCK_N=n, num_warps=w, num_stages=st, LEAN=True, PER_SM=per_sm)
-                for n, w, st, per_sm in ((32, 4, 5, 2), (64, 4, 3, 2), (32, 4, 4, 3), (32, 4, 3, 4), (16, 2, 6, 4))]
+                for n, w, st, per_sm in ((32, 4, 5, 2), (64, 4, 3, 2), (32, 4, 6, 2), (16, 2, 6, 4))]
+# (round 2, 20261127T154233Z: three or four 4-warp programs per SM 0.61-0.84x split-KV, dropped)
 # --prefill: the default (one 8-warp program per SM) against registers capped at 128 (two per SM, as the POD
 # candidates that beat the prefill kernel on 2048-query chunks over 32k keys) and 4-warp 64-row tiles
 PREFILL_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -112,6 +113,30 @@ def tune_decode(dev, dtype, shapes, configs, auto_only=False, splits_list=None, 
                       f"err {err:.1e}"
                       + (f"; graphs x{rows[-1]['graph_vs_sdpa']:.3f}" if graph_sdpa is not None else ""), flush=True)
         case = None
+    return rows
+
+
+def tune_lean_ragged(dev, dtype, batches, max_ctx) -> list[dict]:
+    """Ragged batches (lengths uniform in [512, max_ctx], seeded): split-KV at the automatic split against stream-K,
+    and what the launcher picks by default, from CUDA graphs (no SDPA: it would need padding)."""
+    rows = []
+    for B in batches:
+        case = DecodeCase(B, max_ctx, dtype, dev)
+        g = torch.Generator().manual_seed(B)
+        case.seq_lens.copy_(torch.randint(min(512, max_ctx // 2), max_ctx + 1, (B,), generator=g, dtype=torch.int32))
+        auto = choose_num_splits(B, HKV, max_ctx, dev, 32)
+        split = case.ours(num_splits=auto)[0].float()
+        lean = case.ours(config=LEAN_DECODE[1])[0].float()
+        err = (split - lean).abs().max().item()
+        times = {name: graph_ms([lambda kw=kw: case.ours(**kw)], dev)
+                 for name, kw in (("split", dict(num_splits=auto)), ("lean", dict(config=LEAN_DECODE[1])),
+                                  ("default", {}))}
+        rows.append(dict(batch=B, max_context=max_ctx, total_keys=int(case.seq_lens.sum()), splits=auto,
+                         **{f"{k}_ms": v for k, v in times.items()}, lean_vs_split=times["split"] / times["lean"],
+                         max_abs_diff=err))
+        print(f"ragged B={B} <= {max_ctx}: split x{auto} {times['split'] * 1e3:.1f} us, stream-K "
+              f"{times['lean'] * 1e3:.1f} us (x{times['split'] / times['lean']:.3f}), default "
+              f"{times['default'] * 1e3:.1f} us, err {err:.1e}", flush=True)
     return rows
 
 
@@ -229,7 +254,7 @@ def main() -> None:
         return
     if args.lean and not args.quick:
         # (33 x 8 kv heads = 264 rows: one split-KV wave that fills every slot of an H100)
-        dshapes = [(1, 8192), (1, 32768), (4, 8192), (16, 1024), (16, 8192), (16, 32768), (16, 131072), (24, 8192),
+        dshapes = [(1, 8192), (4, 8192), (12, 8192), (16, 8192), (16, 32768), (20, 8192), (24, 8192), (24, 32768),
                    (33, 8192)]
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
@@ -237,8 +262,10 @@ def main() -> None:
         dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge or args.lean,
         splits_list=[1, 2, 3, 4] if args.merge else None, factors=(0.5, 1, 2) if args.tma else None)
     pod = tune_pod(dev, dtype, hybrids, pod_configs) if pod_configs else []
+    ragged = tune_lean_ragged(dev, dtype, [2, 4] if args.quick else [8, 12, 16, 24, 32], 64 if args.quick else 32768) \
+        if args.lean else []
     res = resources() if dev.type == "cuda" else []
-    path = write_result("tune-attention", dict(decode=decode, pod=pod, resources=res, quick=args.quick))
+    path = write_result("tune-attention", dict(decode=decode, pod=pod, ragged=ragged, resources=res, quick=args.quick))
     best = {}
     for r in decode:
         k = (r["batch"], r["context"])

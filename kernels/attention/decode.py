@@ -112,6 +112,21 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return best
 
 
+def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.device) -> bool:
+    """Whether a decode runs stream-K (`decode_lean_kernel`) instead of split-KV by ``num_splits``: when the split
+    launch fills its wave of two programs per SM badly (under 90%) or needs more than one, and the rows number at
+    least a quarter of the programs (so a row is cut into few pieces: the last program merges them one by one).
+
+    1xH100, 8 kv heads (bench/tune_attention.py --lean, 20261127T154233Z): 24 x 8k keys 1.015x SDPA stream-K, 0.863x
+    split four ways (three waves); split-KV stays ahead where it fills one wave (16 x 8k / 32k: 0.98 / 1.00x against
+    stream-K's 0.93 / 0.98x; 1-4 sequences: 0.79-1.00x against 0.42-0.91x)."""
+    rows, slots = batch * num_kv_heads, 2 * num_sms(device)
+    programs = rows * num_splits
+    badly_filled = programs > slots or programs < 0.9 * slots
+    return (rows < slots and badly_filled and 4 * rows >= slots and batch <= LEAN_MAX_SEQS
+            and rows <= MAX_TICKETS)
+
+
 def validate_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int, dtype: torch.dtype) -> None:
     check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, 4, FLOAT_DTYPES)
@@ -150,8 +165,9 @@ def paged_decode_attention(
     seq_lens:    int32 [B]                           KV length per sequence (current token included); 0 -> out 0
     out:         optional [B, Hq, D] (q.dtype)       written in place
     lse:         optional fp32 [B, Hq]               natural-log LSE of the scaled scores (-inf when seq_len 0)
-    num_splits:  split-KV factor; None = automatic from B * Hkv vs SM count and the maximum context. The splits
-                 of a row are merged by the last of them to finish (<= FUSED_MERGE_MAX_SPLITS) or by a merge kernel.
+    num_splits:  split-KV factor; None = automatic from B * Hkv vs SM count and the maximum context, or stream-K
+                 where splits would fill the SMs badly (`lean_pays_off`). The splits of a row are merged by the last
+                 of them to finish (<= FUSED_MERGE_MAX_SPLITS) or by a merge kernel.
     max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
                  block_table.shape[1] * block_size.
     config:      tile-size override (keys of `decode_config`), for tuning.
@@ -180,13 +196,17 @@ def paged_decode_attention(
         return out, lse
     group = Hq // Hkv
     max_ctx = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
+    lean = False
     if num_splits is None:
         block_n = config["BLOCK_N"] if config is not None else decode_config(D, q.dtype)["BLOCK_N"]
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, block_n)
+        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device)
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     tma = tma_capable(k_cache, v_cache)
-    cfg = config or decode_config(D, q.dtype, num_splits > 1, B * Hkv * num_splits, tma, q.device)
+    cfg = config or decode_config(D, q.dtype, num_splits > 1, B * Hkv * num_splits, tma and not lean, q.device)
+    if lean:
+        cfg = {**cfg, "LEAN": True}
     if cfg.get("TMA") and not (tma_layout(k_cache, v_cache) and cfg["BLOCK_N"] in (page, 2 * page)):
         raise ValueError("a TMA decode config needs caches in `tma_layout` and BLOCK_N of one or two pages")
     qk_scale = float(scale) * 1.4426950408889634

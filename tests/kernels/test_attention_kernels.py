@@ -117,6 +117,36 @@ def test_decode_tma_kernel_matches_reference(dtype, group, pages, num_splits):
     torch.testing.assert_close(lse, ref_lse, **tol)
 
 
+@pytest.mark.parametrize("programs", [1, 3, 8, 40])
+@pytest.mark.parametrize("seq_lens", [[1, 37, 100, 64], [0, 200, 0, 5], [300, 1, 1, 1]])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_stream_k_matches_reference(programs, seq_lens, group):
+    """Stream-K decode (equal key tiles per program over every row, cut rows merged by the last program to finish)
+    with ranges that cut rows anywhere, whole rows inside one range, empty sequences and more programs than tiles;
+    the row tickets end zeroed."""
+    from accordion.kernels.attention.decode import split_tickets
+
+    gen, dev = _gen(programs * 13 + group + sum(seq_lens)), device()
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * group, 32, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    cfg = {**decode_config(32, F32), "LEAN": True, "PROGRAMS": programs}
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, config=cfg)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+    assert not split_tickets(dev).any()
+
+
+def test_decode_default_picks_stream_k_where_splits_fill_badly():
+    """On a 132-SM device with 8 kv heads: split-KV where it fills one wave well (1-8 and 15-16 sequences),
+    stream-K for 9-14 and 17-29 sequences (split waves under 90% full or several), plain decode from 33 up."""
+    from accordion.kernels.attention.decode import choose_num_splits, lean_pays_off
+
+    dev = torch.device("cpu")  # num_sms: a nominal 132 off-GPU
+    picks = [b for b in range(1, 64) if lean_pays_off(b, 8, choose_num_splits(b, 8, 8192, dev, 32), dev)]
+    assert picks == [*range(9, 15), *range(17, 30)]
+
+
 def test_decode_tma_config_rejects_other_layouts():
     """A TMA config on a strided cache view, or with a tile that is not one or two pages, is a clear error."""
     gen, dev = _gen(5), device()

@@ -65,6 +65,29 @@ def test_cuda_graph_decode_equals_eager(tiny_ckpt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_tma_decode_in_engine_equals_hf(tiny_ckpt, monkeypatch, cuda_graphs):
+    """Decode steps through the TMA decode kernel, forced for every decode launch and allowed in fp32 so greedy
+    tokens can equal HF's: descriptors over the engine's per-layer caches, captured into CUDA graphs or not."""
+    from accordion.kernels.attention import decode as dec
+
+    auto_config, made = dec.decode_config, []  # made: one entry per TMA launch
+    monkeypatch.setattr(dec, "tma_capable", dec.tma_layout)
+    monkeypatch.setattr(dec, "decode_config", lambda d, dtype, split=False, programs=0, tma=False, device=None: (
+        dict(BLOCK_N=32, num_warps=4, num_stages=3, TMA=True) if tma else auto_config(d, dtype, split)))
+    describe = dec.tma_descriptors
+    monkeypatch.setattr(dec, "tma_descriptors", lambda k, v: made.append(1) or describe(k, v))
+    path = tiny_ckpt("tiny-llama")
+    prompts = random_prompts(5, [3, 17, 40, 9, 100], 500, seed=3)
+    llm = LLM(path, device="cuda", dtype="float32", block_size=16, cuda_graphs=cuda_graphs, max_model_len=256,
+              max_num_seqs=8, num_blocks=256)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, min_tokens=12, temperature=0))
+    assert made, "no decode launch read the cache by TMA"
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 12)
+    assert_idle_blocks_free(llm)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("hybrid", ["separate", "fused"])
 def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
     """Once the engine is built, no step compiles a kernel: prompts of many lengths (chunked, hybrid steps,
