@@ -6,8 +6,9 @@ BLOCK_N)) tiles from offset F_b = sum of T over the sequences before b (each pro
 in registers). Program p = r * Hkv + kvh of P takes kv head kvh's tiles [r * L, (r + 1) * L), L = cdiv(total,
 P / Hkv): whole rows (sequence, kv head) inside its range are written out directly; a row cut at either end of the
 range becomes a partial (out, lse) in the program's slot 0 (its first row) or 1 (its last), and the last program to
-finish a cut row (a ticket per row) merges the row's partials. Split-KV instead gives each row the same number of splits, so when the rows x splits do
-not divide evenly over the SMs, some SMs idle at the end; here one wave of programs does equal work.
+finish a cut row (a ticket per row) merges the row's partials. Split-KV instead gives each row the same number of
+splits, so when rows x splits do not divide evenly over the SMs, some SMs idle at the end; here one wave of programs
+does equal work.
 """
 
 import triton
