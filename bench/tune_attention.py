@@ -68,8 +68,9 @@ TMA_DECODE += [dict(BLOCK_N=16 * pages, num_warps=w, num_stages=st, TMA=True)
 # default split-KV, at small batches
 LEAN_DECODE = [dict(BLOCK_N=32, num_warps=4, num_stages=5, FUSED_MERGE=True)]
 LEAN_DECODE += [dict(BLOCK_N=n, num_warps=w, num_stages=st, LEAN=True, PER_SM=per_sm)
-                for n, w, st, per_sm in ((32, 4, 5, 2), (64, 4, 3, 2), (32, 4, 6, 2), (16, 2, 6, 4))]
-# (round 2, 20261127T154233Z: three or four 4-warp programs per SM 0.61-0.84x split-KV, dropped)
+                for n, w, st, per_sm in ((32, 4, 5, 2), (32, 4, 6, 2))]
+# (round 2, 20261127T154233Z: three or four 4-warp programs per SM 0.61-0.84x split-KV, dropped; round 3,
+# T154957Z: 64-key tiles or 2-warp 16-key tiles at four per SM no better than 32-key tiles at two)
 # --prefill: the default (one 8-warp program per SM) against registers capped at 128 (two per SM, as the POD
 # candidates that beat the prefill kernel on 2048-query chunks over 32k keys) and 4-warp 64-row tiles
 PREFILL_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
@@ -254,16 +255,15 @@ def main() -> None:
         return
     if args.lean and not args.quick:
         # (33 x 8 kv heads = 264 rows: one split-KV wave that fills every slot of an H100)
-        dshapes = [(1, 8192), (4, 8192), (12, 8192), (16, 8192), (16, 32768), (20, 8192), (24, 8192), (24, 32768),
-                   (33, 8192)]
+        dshapes = [(2, 8192), (8, 8192), (16, 8192), (24, 8192), (32, 8192), (48, 8192), (64, 8192), (128, 8192)]
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
     decode = [] if args.skip_decode else tune_decode(
         dev, dtype, dshapes, decode_configs, auto_only=args.orders or args.merge or args.lean,
         splits_list=[1, 2, 3, 4] if args.merge else None, factors=(0.5, 1, 2) if args.tma else None)
     pod = tune_pod(dev, dtype, hybrids, pod_configs) if pod_configs else []
-    ragged = tune_lean_ragged(dev, dtype, [2, 4] if args.quick else [8, 12, 16, 24, 32], 64 if args.quick else 32768) \
-        if args.lean else []
+    ragged = tune_lean_ragged(dev, dtype, [2, 4] if args.quick else [2, 4, 8, 16, 32, 48, 64, 128],
+                              64 if args.quick else 32768) if args.lean else []
     res = resources() if dev.type == "cuda" else []
     path = write_result("tune-attention", dict(decode=decode, pod=pod, ragged=ragged, resources=res, quick=args.quick))
     best = {}
