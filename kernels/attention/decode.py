@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -112,19 +113,24 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return best
 
 
-def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.device) -> bool:
-    """Whether a decode runs stream-K (`decode_lean_kernel`) instead of split-KV by ``num_splits``: when the split
-    launch fills its wave of two programs per SM badly (under 90%) or needs more than one, and the rows number at
-    least a quarter of the programs (so a row is cut into few pieces: the last program merges them one by one).
+def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.device, uniform: bool) -> bool:
+    """Whether a decode runs stream-K (`decode_lean_kernel`) instead of split-KV by ``num_splits``.
 
-    1xH100, 8 kv heads (bench/tune_attention.py --lean, 20261127T154233Z): 24 x 8k keys 1.015x SDPA stream-K, 0.863x
-    split four ways (three waves); split-KV stays ahead where it fills one wave (16 x 8k / 32k: 0.98 / 1.00x against
-    stream-K's 0.93 / 0.98x; 1-4 sequences: 0.79-1.00x against 0.42-0.91x)."""
+    Never for fewer rows (sequence, kv head) than a tenth of the two-per-SM program slots: a row would be cut into
+    many pieces, merged one by one. Otherwise always for batches of unequal or unknown lengths, the serving case: on
+    1xH100, 8 kv heads, lengths uniform in [512, 32k], stream-K ran 1.17-1.49x faster than split-KV from 4 to 128
+    sequences (0.87x at 2). For lengths known equal, only where the split launch fills its wave of programs badly
+    (under 90%) or needs more than one, and the rows number at least a quarter of the slots: there stream-K ran
+    1.02-1.05x SDPA against split-KV's 0.86-0.88x (24 sequences over 8k / 32k keys), while split-KV stays ahead where
+    it fills one wave (16 x 8k: 0.98x SDPA against 0.93x). bench/tune_attention.py --lean, 20261127T154957Z and
+    T155223Z."""
     rows, slots = batch * num_kv_heads, 2 * num_sms(device)
+    if 10 * rows < slots or batch > LEAN_MAX_SEQS or rows > MAX_TICKETS:
+        return False
+    if not uniform:
+        return True
     programs = rows * num_splits
-    badly_filled = programs > slots or programs < 0.9 * slots
-    return (rows < slots and badly_filled and 4 * rows >= slots and batch <= LEAN_MAX_SEQS
-            and rows <= MAX_TICKETS)
+    return rows < slots and (programs > slots or programs < 0.9 * slots) and 4 * rows >= slots
 
 
 def validate_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int, dtype: torch.dtype) -> None:
@@ -154,6 +160,7 @@ def paged_decode_attention(
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    seq_lens_host: Sequence[int] | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one query token per sequence over a paged KV cache.
@@ -165,11 +172,13 @@ def paged_decode_attention(
     seq_lens:    int32 [B]                           KV length per sequence (current token included); 0 -> out 0
     out:         optional [B, Hq, D] (q.dtype)       written in place
     lse:         optional fp32 [B, Hq]               natural-log LSE of the scaled scores (-inf when seq_len 0)
-    num_splits:  split-KV factor; None = automatic from B * Hkv vs SM count and the maximum context, or stream-K
-                 where splits would fill the SMs badly (`lean_pays_off`). The splits of a row are merged by the last
-                 of them to finish (<= FUSED_MERGE_MAX_SPLITS) or by a merge kernel.
+    num_splits:  split-KV factor; None = automatic: stream-K (`lean_pays_off`), else split-KV from B * Hkv vs SM
+                 count and the maximum context. The splits of a row are merged by the last of them to finish
+                 (<= FUSED_MERGE_MAX_SPLITS) or by a merge kernel.
     max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
                  block_table.shape[1] * block_size.
+    seq_lens_host: optional host copy of seq_lens (the automatic choice then knows whether lengths are equal;
+                 without it they are taken as unequal, as in serving).
     config:      tile-size override (keys of `decode_config`), for tuning.
     Returns (out, lse). No host syncs; scratch sizes depend on shapes only (CUDA-graph capturable).
     """
@@ -183,7 +192,8 @@ def paged_decode_attention(
     if Hq % Hkv != 0:
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
     if block_table.shape[0] != B or seq_lens.shape[0] != B:
-        raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)} must have B={B} rows")
+        raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)} must have "
+                         f"B={B} rows")
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -200,7 +210,8 @@ def paged_decode_attention(
     if num_splits is None:
         block_n = config["BLOCK_N"] if config is not None else decode_config(D, q.dtype)["BLOCK_N"]
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, block_n)
-        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device)
+        uniform = seq_lens_host is not None and max(seq_lens_host) * B <= 1.05 * sum(seq_lens_host)
+        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device, uniform)
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     tma = tma_capable(k_cache, v_cache)

@@ -137,14 +137,32 @@ def test_decode_stream_k_matches_reference(programs, seq_lens, group):
     assert not split_tickets(dev).any()
 
 
-def test_decode_default_picks_stream_k_where_splits_fill_badly():
-    """On a 132-SM device with 8 kv heads: split-KV where it fills one wave well (1-8 and 15-16 sequences),
-    stream-K for 9-14 and 17-29 sequences (split waves under 90% full or several), plain decode from 33 up."""
+def test_decode_default_picks_stream_k():
+    """On a 132-SM device with 8 kv heads: stream-K from 4 sequences up when lengths are unequal or unknown; when the
+    host says they are equal, only where split-KV fills its wave badly (9-14 and 17-29 sequences)."""
     from accordion.kernels.attention.decode import choose_num_splits, lean_pays_off
 
     dev = torch.device("cpu")  # num_sms: a nominal 132 off-GPU
-    picks = [b for b in range(1, 64) if lean_pays_off(b, 8, choose_num_splits(b, 8, 8192, dev, 32), dev)]
-    assert picks == [*range(9, 15), *range(17, 30)]
+
+    def picks(uniform):
+        return [b for b in range(1, 64) if lean_pays_off(b, 8, choose_num_splits(b, 8, 8192, dev, 32), dev, uniform)]
+
+    assert picks(False) == list(range(4, 64))
+    assert picks(True) == [*range(9, 15), *range(17, 30)]
+
+
+def test_decode_default_stream_k_matches_reference():
+    """The default schedule on unequal lengths without host lengths (stream-K here: 14 sequences x 2 kv heads) and
+    with them (equal lengths: split-KV), against the reference."""
+    gen, dev = _gen(23), device()
+    unequal = [int(n) for n in torch.randint(1, 90, (14,), generator=gen)]
+    for seq_lens, host in ((unequal, None), ([40] * 14, [40] * 14)):
+        kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
+        q = torch.randn(len(seq_lens), HKV * 4, 32, generator=gen).to(dev)
+        out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, seq_lens_host=host)
+        ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+        _close(out, ref, lse, ref_lse)
 
 
 def test_decode_tma_config_rejects_other_layouts():

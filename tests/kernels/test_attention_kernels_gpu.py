@@ -77,7 +77,7 @@ def test_decode_tma_gpu(block_n, num_splits):
 @pytest.mark.parametrize("hkv,group,head_dim", [(8, 4, 128), (2, 8, 64)])
 def test_decode_stream_k_gpu(cfg, hkv, group, head_dim):
     """Stream-K decode at real sizes on a ragged batch (empty, mid-page and long sequences), explicitly and as the
-    default picks it (24 sequences x 8 kv heads on a 132-SM card)."""
+    default picks it (24 sequences of unknown lengths)."""
     from accordion.kernels.attention.decode import choose_num_splits, lean_pays_off
 
     gen = torch.Generator().manual_seed(5 + hkv + (cfg or {}).get("BLOCK_N", 0))
@@ -85,8 +85,8 @@ def test_decode_stream_k_gpu(cfg, hkv, group, head_dim):
     kv, table, sl = make_paged_kv(seq_lens, hkv, head_dim, 16, BF16, DEV, gen)
     q = torch.randn(len(seq_lens), hkv * group, head_dim, generator=gen).to(BF16).to(DEV)
     out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
-    if cfg is None and hkv == 8 and torch.cuda.get_device_properties(DEV).multi_processor_count == 132:
-        assert lean_pays_off(24, 8, choose_num_splits(24, 8, table.shape[1] * 16, DEV, 32), DEV)
+    if cfg is None and hkv == 8:
+        assert lean_pays_off(24, 8, choose_num_splits(24, 8, table.shape[1] * 16, DEV, 32), DEV, uniform=False)
     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=head_dim**-0.5, out=out, lse=lse, config=cfg)
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=head_dim**-0.5))
 
