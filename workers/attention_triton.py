@@ -17,6 +17,7 @@ from accordion.kernels.attention import (
     pod_attention,
     write_kv_cache,
 )
+from accordion.kernels.attention.decode import decode_variants, tma_capable
 from accordion.kernels.utils import is_interpreter
 from accordion.workers.attention import AttentionBackend, AttentionMetadata
 
@@ -67,9 +68,9 @@ class TritonAttentionBackend(AttentionBackend):
     def warm_up(self, kv_cache: torch.Tensor) -> None:
         """Compile every kernel variant a step can launch, so that no step waits on a compilation (one costs
         0.1-2 s: a stall of every running request). Variants differ only in what cannot change between steps
-        (dtypes, head counts, tile sizes, whether a decode splits its keys); everything else is a runtime argument
-        (`accordion.kernels.utils.jit_unspecialized`). The fused kernel is compiled only when ``fuse_hybrid`` is
-        set (set it before warm-up). Reads a few keys of ``kv_cache``, writes none.
+        (dtypes, head counts, tile sizes, decode schedule, whether a decode splits its keys); everything else is a
+        runtime argument (`accordion.kernels.utils.jit_unspecialized`). The fused kernel is compiled only when
+        ``fuse_hybrid`` is set (set it before warm-up). Reads a few keys of ``kv_cache``, writes none.
         Under the Triton interpreter there is nothing to compile."""
         if is_interpreter():
             return
@@ -86,6 +87,14 @@ class TritonAttentionBackend(AttentionBackend):
             meta = _warm_up_meta(num_decodes, prefill, max_seq_len, dev, max_query_len)
             q = torch.zeros(meta.num_rows, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
             self._attend(q, kv_cache, meta, fuse=fuse)
+        # every decode schedule the launcher can pick for some batch (stream-K, TMA, tile sizes by programs per
+        # SM), each split or not, on a one-row batch
+        meta = _warm_up_meta(1, False, 16, dev)
+        q = torch.zeros(1, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
+        for cfg in decode_variants(self.head_dim, kv_cache.dtype, dev, tma_capable(kv_cache[0], kv_cache[1])):
+            for splits in (1,) if cfg.get("LEAN") else (1, 2):
+                paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_table, meta.seq_lens,
+                                       scale=self.scale, num_splits=splits, config=cfg)
 
 
 def _warm_up_meta(num_decodes: int, prefill: bool, max_seq_len: int, device: torch.device,

@@ -69,6 +69,20 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, progra
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True)
 
 
+def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma: bool) -> list[dict]:
+    """Every config the automatic choice of `paged_decode_attention` can pick for these shapes (split or not, each
+    programs-per-SM range, TMA or not, stream-K or not): what a warm-up compiles."""
+    slots = num_sms(device)
+    out: list[dict] = []
+    for split in (False, True):
+        for programs in (slots, 3 * slots, 5 * slots):  # <= 2, <= 4, > 4 programs per SM
+            for cfg in (decode_config(head_dim, dtype, split, programs, tma, device),
+                        {**decode_config(head_dim, dtype, split, programs, False, device), "LEAN": True}):
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
 def tma_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the caches are contiguous [num_blocks, block_size, Hkv, D] rows (the engine's layout), 16-byte
     aligned: what `tma_descriptors` needs."""

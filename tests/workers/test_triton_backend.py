@@ -94,6 +94,8 @@ def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
     decodes with and without split keys, block tables of every width) run on what warm-up compiled, with hybrid
     steps fused or in sequence (warm-up compiles only the mode in use)."""
     from accordion.kernels.attention.decode_kernel import merge_splits_kernel, paged_decode_kernel
+    from accordion.kernels.attention.decode_lean_kernel import paged_decode_lean_kernel
+    from accordion.kernels.attention.decode_tma_kernel import paged_decode_tma_kernel
     from accordion.kernels.attention.pod_kernel import pod_attention_kernel
     from accordion.kernels.attention.prefill_kernel import paged_prefill_kernel
     from accordion.kernels.layers.activation_kernel import silu_and_mul_kernel
@@ -101,7 +103,8 @@ def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
     from accordion.kernels.layers.rotary_kernel import rotary_cache_kernel
     from accordion.kernels.utils import compiled_variants
 
-    kernels = (paged_decode_kernel, merge_splits_kernel, pod_attention_kernel, paged_prefill_kernel,
+    kernels = (paged_decode_kernel, paged_decode_lean_kernel, paged_decode_tma_kernel, merge_splits_kernel,
+               pod_attention_kernel, paged_prefill_kernel,
                silu_and_mul_kernel, rms_norm_kernel, rotary_cache_kernel)
     path = tiny_ckpt("tiny-llama")
     llm = LLM(path, device="cuda", dtype="bfloat16", block_size=16, max_model_len=2048, max_num_batched_tokens=96,
