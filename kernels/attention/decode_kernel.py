@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..utils import jit_unspecialized
-from .paged_common import NEG_BIG, finalize, paged_attn_loop
+from .paged_common import NEG_BIG, finalize, merge_step, paged_attn_loop, store_merged
 
 
 @triton.jit
@@ -154,16 +154,8 @@ def merge_split_rows(
                         cache_modifier=".cg")
         o_s = tl.load(mid_o_ptr + heads[:, None] * stride_moh + s * stride_mos + offs_d[None, :],
                       mask=h_mask[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        alpha = tl.exp(m - m_new)
-        w = tl.exp(lse_s - m_new)
-        acc = acc * alpha[:, None] + o_s * w[:, None]
-        tot = tot * alpha + w
-        m = m_new
-    denom = tl.where(tot > 0.0, tot, 1.0)
-    tl.store(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], (acc / denom[:, None]).to(o_ptr.dtype.element_ty),
-             mask=h_mask[:, None])
-    tl.store(lse_ptr + heads * stride_lh, tl.where(tot > 0.0, m + tl.log(denom), float("-inf")), mask=h_mask)
+        acc, tot, m = merge_step(acc, tot, m, o_s, lse_s)
+    store_merged(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], lse_ptr + heads * stride_lh, acc, tot, m, h_mask)
 
 
 @jit_unspecialized("stride_btb", "num_splits", "fused_merge")

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..utils import jit_unspecialized
-from .paged_common import NEG_BIG, finalize, paged_attn_loop
+from .paged_common import NEG_BIG, finalize, merge_step, paged_attn_loop, store_merged
 
 
 @triton.jit
@@ -43,16 +43,8 @@ def _merge_pieces(
         piece = ((p * num_kv_heads + kvh) * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
         lse_s = tl.load(part_lse_ptr + piece + offs_h, cache_modifier=".cg")
         o_s = tl.load(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        alpha = tl.exp(m - m_new)
-        w = tl.exp(lse_s - m_new)
-        acc = acc * alpha[:, None] + o_s * w[:, None]
-        tot = tot * alpha + w
-        m = m_new
-    denom = tl.where(tot > 0.0, tot, 1.0)
-    tl.store(o_rows[:, None] + offs_d[None, :], (acc / denom[:, None]).to(o_rows.dtype.element_ty),
-             mask=h_mask[:, None])
-    tl.store(lse_rows, tl.where(tot > 0.0, m + tl.log(denom), float("-inf")), mask=h_mask)
+        acc, tot, m = merge_step(acc, tot, m, o_s, lse_s)
+    store_merged(o_rows[:, None] + offs_d[None, :], lse_rows, acc, tot, m, h_mask)
 
 
 @jit_unspecialized("num_seqs", "stride_btb")

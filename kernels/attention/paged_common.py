@@ -78,3 +78,22 @@ def finalize(acc, l_i, m_i):
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     return out, lse
+
+
+@triton.jit
+def merge_step(acc, tot, m, o_s, lse_s):
+    """Fold one normalised partial (o_s [ROWS, D], lse_s [ROWS], natural log) into a running log-sum-exp merge
+    (acc [ROWS, D], tot [ROWS], m [ROWS]; start from 0, 0, NEG_BIG); returns the new triple."""
+    m_new = tl.maximum(m, lse_s)
+    alpha = tl.exp(m - m_new)
+    w = tl.exp(lse_s - m_new)
+    return acc * alpha[:, None] + o_s * w[:, None], tot * alpha + w, m_new
+
+
+@triton.jit
+def store_merged(o_ptrs, lse_ptrs, acc, tot, m, mask):
+    """Store a merge's out [ROWS, D] at ``o_ptrs`` and lse [ROWS] at ``lse_ptrs`` (rows whose partials were all
+    empty: 0, -inf); ``mask`` [ROWS] selects the rows."""
+    denom = tl.where(tot > 0.0, tot, 1.0)
+    tl.store(o_ptrs, (acc / denom[:, None]).to(o_ptrs.dtype.element_ty), mask=mask[:, None])
+    tl.store(lse_ptrs, tl.where(tot > 0.0, m + tl.log(denom), float("-inf")), mask=mask)
