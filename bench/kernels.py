@@ -89,14 +89,14 @@ class DecodeCase:
         self.B, self.ctx = B, ctx
         self.kv, self.table, nb = identity_cache(B, ctx, dtype, dev)
         self.seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        self.host_lens = [ctx] * B  # seq_lens on the host (the launcher's schedule choice sees equal lengths)
+        self.equal_lengths = True  # told to the launcher, as the engine does from its host lengths
         self.q = torch.randn(B, HQ, D, dtype=dtype, device=dev)
         self.out = torch.empty_like(self.q)
         self.lse = torch.empty(B, HQ, dtype=torch.float32, device=dev)
         self.k4, self.v4 = unpaged(self.kv[0], B, nb), unpaged(self.kv[1], B, nb)
 
     def ours(self, **kw):
-        kw.setdefault("seq_lens_host", self.host_lens)
+        kw.setdefault("equal_lengths", self.equal_lengths)
         return paged_decode_attention(self.q, self.kv[0], self.kv[1], self.table, self.seq_lens, scale=D**-0.5,
                                       out=self.out, lse=self.lse, max_seq_len=self.ctx, **kw)
 
@@ -209,7 +209,7 @@ def hybrid_batch(chunk: int, p_ctx: int, bd: int, d_ctx: int, dtype, dev):
 
     def decode_only():
         paged_decode_attention(da.q, kv[0], kv[1], da.block_table, da.seq_lens, scale=D**-0.5, out=da.out,
-                               lse=da.lse, max_seq_len=d_ctx, seq_lens_host=[d_ctx] * bd)
+                               lse=da.lse, max_seq_len=d_ctx, equal_lengths=True)
 
     return kv, pa, da, prefill_only, decode_only
 

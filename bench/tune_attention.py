@@ -125,7 +125,7 @@ def tune_lean_ragged(dev, dtype, batches, max_ctx) -> list[dict]:
         case = DecodeCase(B, max_ctx, dtype, dev)
         g = torch.Generator().manual_seed(B)
         case.seq_lens.copy_(torch.randint(min(512, max_ctx // 2), max_ctx + 1, (B,), generator=g, dtype=torch.int32))
-        case.host_lens = case.seq_lens.tolist()
+        case.equal_lengths = False
         auto = choose_num_splits(B, HKV, max_ctx, dev, 32)
         split = case.ours(num_splits=auto)[0].float()
         lean = case.ours(config=LEAN_DECODE[1])[0].float()

@@ -17,10 +17,13 @@ KV cache of one layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+EQUAL_LENGTHS_SLACK = 1.05  # decode lengths count as equal when the longest is within 5% of the mean
 
 
 @dataclass
@@ -51,6 +54,13 @@ class AttentionMetadata:
     @property
     def num_prefill_tokens(self) -> int:
         return sum(self.query_lens_cpu[self.num_decodes:])
+
+    @functools.cached_property
+    def decode_lengths_equal(self) -> bool:
+        """Whether the decode rows' key counts are (nearly) equal, from the host lengths (computed once per step; a
+        decode kernel picks its schedule by it). False for CUDA-graph steps, whose host lengths are placeholders."""
+        lens = self.seq_lens_cpu[:self.num_decodes]
+        return bool(lens) and lens[0] > 0 and max(lens) * len(lens) <= EQUAL_LENGTHS_SLACK * sum(lens)
 
 
 class AttentionBackend(ABC):

@@ -54,11 +54,9 @@ class TritonAttentionBackend(AttentionBackend):
             pod_attention(k_cache, v_cache, prefill, decode, scale=self.scale)
         else:
             if nd:
-                # host lengths let the kernel choice see equal lengths; CUDA-graph steps carry placeholder zeros
-                host = meta.seq_lens_cpu[:nd] if meta.seq_lens_cpu[0] > 0 else None
                 paged_decode_attention(decode.q, k_cache, v_cache, decode.block_table, decode.seq_lens,
                                        scale=self.scale, out=decode.out, lse=decode.lse,
-                                       max_seq_len=decode.max_seq_len, seq_lens_host=host)
+                                       max_seq_len=decode.max_seq_len, equal_lengths=meta.decode_lengths_equal)
             if has_prefill:
                 paged_prefill_attention(prefill.q, k_cache, v_cache, prefill.block_table, prefill.cu_seqlens_q,
                                         prefill.seq_lens, scale=self.scale, max_seqlen_q=prefill.max_seqlen_q,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -174,7 +173,7 @@ def paged_decode_attention(
     lse: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
-    seq_lens_host: Sequence[int] | None = None,
+    equal_lengths: bool = False,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one query token per sequence over a paged KV cache.
@@ -191,8 +190,8 @@ def paged_decode_attention(
                  (<= FUSED_MERGE_MAX_SPLITS) or by a merge kernel.
     max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
                  block_table.shape[1] * block_size.
-    seq_lens_host: optional host copy of seq_lens (the automatic choice then knows whether lengths are equal;
-                 without it they are taken as unequal, as in serving).
+    equal_lengths: the caller knows the seq_lens to be (nearly) equal, e.g. from a host copy; the automatic choice
+                 then prefers split-KV (`lean_pays_off`). Default: unequal or unknown, as in serving.
     config:      tile-size override (keys of `decode_config`), for tuning.
     Returns (out, lse). No host syncs; scratch sizes depend on shapes only (CUDA-graph capturable).
     """
@@ -224,8 +223,7 @@ def paged_decode_attention(
     if num_splits is None:
         block_n = config["BLOCK_N"] if config is not None else decode_config(D, q.dtype)["BLOCK_N"]
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, block_n)
-        uniform = seq_lens_host is not None and max(seq_lens_host) * B <= 1.05 * sum(seq_lens_host)
-        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device, uniform)
+        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device, equal_lengths)
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     tma = tma_capable(k_cache, v_cache)

@@ -152,15 +152,15 @@ def test_decode_default_picks_stream_k():
 
 
 def test_decode_default_stream_k_matches_reference():
-    """The default schedule on unequal lengths without host lengths (stream-K here: 14 sequences x 2 kv heads) and
-    with them (equal lengths: split-KV), against the reference."""
+    """The default schedule on unequal lengths (stream-K here: 14 sequences x 2 kv heads) and on lengths the caller
+    says are equal (split-KV), against the reference."""
     gen, dev = _gen(23), device()
     unequal = [int(n) for n in torch.randint(1, 90, (14,), generator=gen)]
-    for seq_lens, host in ((unequal, None), ([40] * 14, [40] * 14)):
+    for seq_lens, equal in ((unequal, False), ([40] * 14, True)):
         kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
         q = torch.randn(len(seq_lens), HKV * 4, 32, generator=gen).to(dev)
         out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
-        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, seq_lens_host=host)
+        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, equal_lengths=equal)
         ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
         _close(out, ref, lse, ref_lse)
 

@@ -122,3 +122,20 @@ def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
                            for i in range(len(prompts))])
     assert variants() == before
     assert_idle_blocks_free(llm)
+
+
+def test_decode_lengths_equal_from_host_lengths():
+    """A step's decode rows count as equal-length within 5% of the mean (the decode kernel then prefers split-KV);
+    CUDA-graph steps' placeholder zeros and steps without decodes do not."""
+    from accordion.workers.attention import AttentionMetadata
+
+    def meta(lens, num_decodes):
+        t = torch.zeros(len(lens), dtype=torch.int32)
+        return AttentionMetadata(num_decodes=num_decodes, slot_mapping=t.long(), block_table=t[:, None],
+                                 seq_lens=t, query_start_loc=t, max_query_len=1, max_seq_len=max(lens),
+                                 seq_lens_cpu=lens, query_lens_cpu=[1] * len(lens))
+
+    assert meta([100, 102, 98, 7], 3).decode_lengths_equal  # the prefill row (7) is not a decode
+    assert not meta([100, 200, 98], 3).decode_lengths_equal
+    assert not meta([0, 0, 0], 3).decode_lengths_equal
+    assert not meta([50], 0).decode_lengths_equal
