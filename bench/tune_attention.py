@@ -32,7 +32,7 @@ from accordion.kernels.attention import (  # noqa: E402
     paged_prefill_attention,
     pod_attention,
 )
-from accordion.kernels.attention.decode import choose_num_splits  # noqa: E402
+from accordion.kernels.attention.decode_schedule import choose_num_splits  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
 from bench.kernels import HKV, HQ, D, DecodeCase, bench, graph_ms, hybrid_batch  # noqa: E402
 

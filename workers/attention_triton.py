@@ -17,7 +17,7 @@ from accordion.kernels.attention import (
     pod_attention,
     write_kv_cache,
 )
-from accordion.kernels.attention.decode import decode_variants, tma_capable
+from accordion.kernels.attention.decode_schedule import decode_variants, tma_capable
 from accordion.kernels.utils import is_interpreter
 from accordion.workers.attention import AttentionBackend, AttentionMetadata
 

@@ -8,8 +8,6 @@ import torch
 
 from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, register_cap, resident_programs
 from .decode import (
-    choose_num_splits,
-    decode_config,
     dot_precision,
     merge_splits,
     merges_in_kernel,
@@ -17,6 +15,7 @@ from .decode import (
     split_partials,
     split_tickets,
 )
+from .decode_schedule import choose_num_splits, decode_config
 from .pod_kernel import pod_attention_kernel
 from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
 

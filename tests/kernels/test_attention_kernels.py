@@ -21,7 +21,7 @@ from accordion.kernels.attention import (
     varlen_attention_with_positions,
     write_kv_cache,
 )
-from accordion.kernels.attention.decode import decode_config
+from accordion.kernels.attention.decode_schedule import decode_config
 from accordion.kernels.attention.reference import (
     ref_merge_attention_states,
     ref_paged_decode_attention,
@@ -140,7 +140,7 @@ def test_decode_stream_k_matches_reference(programs, seq_lens, group):
 def test_decode_default_picks_stream_k():
     """On a 132-SM device with 8 kv heads: stream-K from 4 sequences up when lengths are unequal or unknown; when the
     host says they are equal, only where split-KV fills its wave badly (9-14 and 17-29 sequences)."""
-    from accordion.kernels.attention.decode import choose_num_splits, lean_pays_off
+    from accordion.kernels.attention.decode_schedule import choose_num_splits, lean_pays_off
 
     dev = torch.device("cpu")  # num_sms: a nominal 132 off-GPU
 

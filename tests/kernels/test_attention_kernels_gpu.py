@@ -56,7 +56,7 @@ def test_decode_gpu(hkv, group, head_dim, num_splits):
 def test_decode_tma_gpu(block_n, num_splits):
     """The TMA decode kernel (explicit one- and two-page tiles, and as chosen by default for 80 sequences x 8 kv
     heads, more programs than four per SM) against the reference, with empty and mid-page sequences."""
-    from accordion.kernels.attention.decode import decode_config, tma_capable
+    from accordion.kernels.attention.decode_schedule import decode_config, tma_capable
 
     gen = torch.Generator().manual_seed(11 + (block_n or 0) + (num_splits or 0))
     seq_lens = [1, 17, 500, 4096, 3001, 0, 2048, 33] * 10
@@ -78,7 +78,7 @@ def test_decode_tma_gpu(block_n, num_splits):
 def test_decode_stream_k_gpu(cfg, hkv, group, head_dim):
     """Stream-K decode at real sizes on a ragged batch (empty, mid-page and long sequences), explicitly and as the
     default picks it (24 sequences of unknown lengths)."""
-    from accordion.kernels.attention.decode import choose_num_splits, lean_pays_off
+    from accordion.kernels.attention.decode_schedule import choose_num_splits, lean_pays_off
 
     gen = torch.Generator().manual_seed(5 + hkv + (cfg or {}).get("BLOCK_N", 0))
     seq_lens = [1, 17, 500, 4096, 3001, 0, 20000, 33] * 3

@@ -1,0 +1,118 @@
+"""Which decode schedule and tiles a paged decode launch uses, from shapes alone (no host sync): split-KV over one
+well-filled wave, K/V pages by TMA when programs crowd the SMs, or stream-K for batches of unequal lengths. The
+numbers behind each rule are in the docstrings (1xH100, bench/tune_attention.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..utils import cdiv, is_hopper, is_interpreter, num_sms
+
+MAX_SPLITS = 64
+MIN_TOKENS_PER_SPLIT = 256
+MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
+LEAN_MAX_SEQS = 1024  # sequences a stream-K launch takes (its programs hold every sequence's tile offset)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, programs: int = 0, tma: bool = False,
+                  device: torch.device | None = None) -> dict:
+    """BLOCK_N / num_warps / num_stages (and TMA) of the decode kernel (one small config under the interpreter).
+
+    split: a launch whose keys are split (num_splits > 1); programs: its (sequence, kv head, split) work items;
+    tma: the cache can be read by descriptors (`tma_capable`), on ``device``."""
+    if is_interpreter():
+        return dict(BLOCK_N=16, num_warps=1, num_stages=1, HEADS_FASTEST=True)
+    if head_dim == 128 and dtype != torch.float32:
+        slots = num_sms(device) if device is not None else 132
+        # By programs per SM, on an H100 (bench/tune_attention.py --tma, 20261127T151205Z and T151715Z, batch
+        # 16-256 over 8k-128k keys, CUDA graphs):
+        if tma and programs > 4 * slots:
+            # many waves: two TMA pages a tile, 6 stages. 1.000-1.001x SDPA at 256 x 8k (pointer tiles 0.993-0.996)
+            return dict(BLOCK_N=32, num_warps=4, num_stages=6, TMA=True, HEADS_FASTEST=True)
+        if tma and programs > 2 * slots:
+            # up to four programs per SM: one TMA page a tile, 2 warps, 6 stages (48 KiB). 1.007-1.014x SDPA at
+            # 64 x 8k / 32k (pointer tiles 0.981-0.988)
+            return dict(BLOCK_N=16, num_warps=2, num_stages=6, TMA=True, HEADS_FASTEST=True)
+        if split or 0 < programs <= 2 * slots:
+            # up to two programs per SM: 32-key tiles, 5 stages (80 KiB). At 16 x 8k / 32k / 128k split in two:
+            # 0.969 / 1.001 / 1.002x SDPA (TMA tiles at best 0.970 / 1.003 / 1.008)
+            return dict(BLOCK_N=32, num_warps=4, num_stages=5, HEADS_FASTEST=True)
+    block_n = 64 if head_dim <= 128 else 32
+    if dtype == torch.float32:
+        block_n //= 2
+    # HEADS_FASTEST: 0-1.2% faster on an H100 at batch 16-256, 8k-32k keys (bench/tune_attention.py --orders)
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True)
+
+
+def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma: bool) -> list[dict]:
+    """Every config the automatic choice of `paged_decode_attention` can pick for these shapes (split or not, each
+    programs-per-SM range, TMA or not, stream-K or not): what a warm-up compiles."""
+    slots = num_sms(device)
+    out: list[dict] = []
+    for split in (False, True):
+        for programs in (slots, 3 * slots, 5 * slots):  # <= 2, <= 4, > 4 programs per SM
+            for cfg in (decode_config(head_dim, dtype, split, programs, tma, device),
+                        {**decode_config(head_dim, dtype, split, programs, False, device), "LEAN": True}):
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def tma_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the caches are contiguous [num_blocks, block_size, Hkv, D] rows (the engine's layout), 16-byte
+    aligned: what `tma_descriptors` needs."""
+    nb, page, hkv, d = k_cache.shape
+    return all(c.stride() == (page * hkv * d, hkv * d, d, 1) and c.data_ptr() % 16 == 0 for c in (k_cache, v_cache))
+
+
+def tma_capable(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether decode reads these caches by TMA by default: Hopper, 16-bit, 16-token pages of head_dim 128 (the
+    tuned case) in `tma_layout`."""
+    return (k_cache.is_cuda and not is_interpreter() and is_hopper(k_cache.device) and k_cache.shape[1] == 16
+            and k_cache.shape[3] == 128 and k_cache.dtype in (torch.float16, torch.bfloat16)
+            and tma_layout(k_cache, v_cache))
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
+    """Split-KV factor from shapes only (no host sync): the fewest splits (powers of two, each >= 256 keys) that
+    fill two resident programs per SM (one wave if that is well quantised, else as few as it takes).
+
+    Fewer splits win ties: at batch 16 (128 (sequence, kv head) pairs) two splits, one wave, ran 2-4% faster than
+    four, two waves (1xH100, bench/tune_attention.py --merge 20261127T122147Z, T123025Z, --tma T151715Z)."""
+    work = batch * num_kv_heads
+    cap = max(1, min(MAX_SPLITS, cdiv(max_context, max(MIN_TOKENS_PER_SPLIT, block_n))))
+    slots = 2 * num_sms(device)
+    if work >= slots:
+        return 1
+    best, best_eff, s = 1, 0.0, 1
+    while s <= cap:
+        progs = work * s
+        eff = progs / (math.ceil(progs / slots) * slots)
+        if eff > best_eff + 0.02:
+            best, best_eff = s, eff
+        if progs >= slots and eff >= 0.85:  # a full wave or more, well quantised: more splits only add waves
+            break
+        s *= 2
+    return best
+
+
+def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.device, uniform: bool) -> bool:
+    """Whether a decode runs stream-K (`decode_lean_kernel`) instead of split-KV by ``num_splits``.
+
+    Never for fewer rows (sequence, kv head) than a tenth of the two-per-SM program slots: a row would be cut into
+    many pieces, merged one by one. Otherwise always for batches of unequal or unknown lengths, the serving case: on
+    1xH100, 8 kv heads, lengths uniform in [512, 32k], stream-K ran 1.17-1.49x faster than split-KV from 4 to 128
+    sequences (0.87x at 2). For lengths known equal, only where the split launch fills its wave of programs badly
+    (under 90%) or needs more than one, and the rows number at least a quarter of the slots: there stream-K ran
+    1.02-1.05x SDPA against split-KV's 0.86-0.88x (24 sequences over 8k / 32k keys), while split-KV stays ahead where
+    it fills one wave (16 x 8k: 0.98x SDPA against 0.93x). bench/tune_attention.py --lean, 20261127T154957Z and
+    T155223Z."""
+    rows, slots = batch * num_kv_heads, 2 * num_sms(device)
+    if 10 * rows < slots or batch > LEAN_MAX_SEQS or rows > MAX_TICKETS:
+        return False
+    if not uniform:
+        return True
+    programs = rows * num_splits
+    return rows < slots and (programs > slots or programs < 0.9 * slots) and 4 * rows >= slots
