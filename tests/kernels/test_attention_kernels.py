@@ -9,6 +9,9 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from .attn_helpers import device, make_paged_kv, make_prefill_batch, poisoned
 
 from accordion.kernels.attention import (
@@ -133,6 +136,26 @@ def test_decode_stream_k_matches_reference(programs, seq_lens, group):
     cfg = {**decode_config(32, F32), "LEAN": True, "PROGRAMS": programs}
     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, config=cfg)
     ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+    assert not split_tickets(dev).any()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seq_lens=st.lists(st.integers(0, 120), min_size=1, max_size=6), hkv=st.integers(1, 3),
+       group=st.sampled_from([1, 2, 4]), page=st.sampled_from([8, 16]), programs=st.integers(1, 20),
+       seed=st.integers(0, 2**16))
+def test_decode_stream_k_fuzz(seq_lens, hkv, group, page, programs, seed):
+    """Stream-K on random batches: any lengths (empty ones included), kv heads, GQA group, page size and program
+    count (rounded up to a multiple of the kv heads) give the reference's rows, and leave the tickets zeroed."""
+    from accordion.kernels.attention.decode import split_tickets
+
+    gen, dev = _gen(seed), device()
+    kv, table, sl = make_paged_kv(seq_lens, hkv, 16, page, F32, dev, gen)
+    q = torch.randn(len(seq_lens), hkv * group, 16, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    cfg = {**decode_config(16, F32), "LEAN": True, "PROGRAMS": programs}
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.25, out=out, lse=lse, config=cfg)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.25)
     _close(out, ref, lse, ref_lse)
     assert not split_tickets(dev).any()
 
