@@ -120,24 +120,30 @@ def test_decode_tma_kernel_matches_reference(dtype, group, pages, num_splits):
     torch.testing.assert_close(lse, ref_lse, **tol)
 
 
+def _check_stream_k(seq_lens, hkv, group, head_dim, page, programs, seed):
+    """Stream-K decode with ``programs`` programs (rounded up to a multiple of hkv) against the reference; the row
+    tickets end zeroed."""
+    from accordion.kernels.attention.decode import split_tickets
+
+    gen, dev = _gen(seed), device()
+    kv, table, sl = make_paged_kv(seq_lens, hkv, head_dim, page, F32, dev, gen)
+    q = torch.randn(len(seq_lens), hkv * group, head_dim, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    cfg = {**decode_config(head_dim, F32), "LEAN": True, "PROGRAMS": programs}
+    scale = head_dim**-0.5
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale, out=out, lse=lse, config=cfg)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale)
+    _close(out, ref, lse, ref_lse)
+    assert not split_tickets(dev).any()
+
+
 @pytest.mark.parametrize("programs", [1, 3, 8, 40])
 @pytest.mark.parametrize("seq_lens", [[1, 37, 100, 64], [0, 200, 0, 5], [300, 1, 1, 1]])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_decode_stream_k_matches_reference(programs, seq_lens, group):
     """Stream-K decode (equal key tiles per program over every row, cut rows merged by the last program to finish)
-    with ranges that cut rows anywhere, whole rows inside one range, empty sequences and more programs than tiles;
-    the row tickets end zeroed."""
-    from accordion.kernels.attention.decode import split_tickets
-
-    gen, dev = _gen(programs * 13 + group + sum(seq_lens)), device()
-    kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
-    q = torch.randn(len(seq_lens), HKV * group, 32, generator=gen).to(dev)
-    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
-    cfg = {**decode_config(32, F32), "LEAN": True, "PROGRAMS": programs}
-    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, config=cfg)
-    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
-    _close(out, ref, lse, ref_lse)
-    assert not split_tickets(dev).any()
+    with ranges that cut rows anywhere, whole rows inside one range, empty sequences and more programs than tiles."""
+    _check_stream_k(seq_lens, HKV, group, 32, 8, programs, seed=programs * 13 + group + sum(seq_lens))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -146,18 +152,8 @@ def test_decode_stream_k_matches_reference(programs, seq_lens, group):
        seed=st.integers(0, 2**16))
 def test_decode_stream_k_fuzz(seq_lens, hkv, group, page, programs, seed):
     """Stream-K on random batches: any lengths (empty ones included), kv heads, GQA group, page size and program
-    count (rounded up to a multiple of the kv heads) give the reference's rows, and leave the tickets zeroed."""
-    from accordion.kernels.attention.decode import split_tickets
-
-    gen, dev = _gen(seed), device()
-    kv, table, sl = make_paged_kv(seq_lens, hkv, 16, page, F32, dev, gen)
-    q = torch.randn(len(seq_lens), hkv * group, 16, generator=gen).to(dev)
-    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
-    cfg = {**decode_config(16, F32), "LEAN": True, "PROGRAMS": programs}
-    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.25, out=out, lse=lse, config=cfg)
-    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.25)
-    _close(out, ref, lse, ref_lse)
-    assert not split_tickets(dev).any()
+    count give the reference's rows."""
+    _check_stream_k(seq_lens, hkv, group, 16, page, programs, seed)
 
 
 def test_decode_default_picks_stream_k():
