@@ -126,9 +126,9 @@ class DeviceConfig:
     hybrid_attention: HybridAttention = "separate"
     """Triton backend, a step holding prefill chunks and decodes: the prefill kernel then the decode kernel
     (``separate``), or the POD-style fused kernel, one launch for both (``fused``). Separate is the faster on an
-    H100 since the prefill kernel's register-capped tiles: fused ran 0.72-1.02x the two kernels on the kernel
-    benchmark's hybrid batches and 13% slower end to end on the engine stress run (bench/results/
-    kernels-h100-20261127T135524Z.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T133729Z.json)."""
+    H100 since the prefill kernel's register-capped tiles: fused ran 0.72-1.12x the two kernels on the kernel
+    benchmark's hybrid batches (ahead only beside 128 decodes) and 13% slower end to end on the engine stress run
+    (bench/results/kernels-20261127-153035.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T133729Z.json)."""
     cuda_graphs: bool = True
     """Capture decode steps in CUDA graphs (CUDA only)."""
     cuda_graph_max_batch: int = 256

@@ -1,6 +1,7 @@
 """Attention on CUDA through accordion's Triton kernels (``accordion.kernels.attention``).
 
-Decode rows run the paged split-KV decode kernel; prefill chunks the paged prefill kernel; a hybrid step (both)
+Decode rows run the paged decode kernels (split-KV, TMA pages or stream-K, as `decode_schedule` picks; the step's
+host lengths tell it whether they are equal); prefill chunks the paged prefill kernel; a hybrid step (both)
 runs the two in sequence, or with ``fuse_hybrid`` the POD-style fused kernel, one launch for both kinds of work
 (DeviceConfig.hybrid_attention says which is faster). Every path returns the log-sum-exp.
 """
