@@ -18,14 +18,19 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def _generate(target: str, n: int, max_tokens: int, started: asyncio.Event | None = None) -> list:
+    """``n`` greedy streams; ``started`` is set once every stream has received two chunks (all are in flight)."""
+    streaming = 0
     async with AsyncClient(target, timeout=60, max_retries=0) as client:
         async def one(i):
+            nonlocal streaming
             chunks = []
             async for ch in client.stream(token_ids=[9 + i, 4, 4, 2], max_tokens=max_tokens, temperature=0,
                                           ignore_eos=True):
                 chunks.append(ch)
-                if started is not None and len(chunks) == 2:
-                    started.set()
+                if len(chunks) == 2:
+                    streaming += 1
+                    if started is not None and streaming == n:
+                        started.set()
             return chunks
 
         return await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
