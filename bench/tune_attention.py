@@ -256,7 +256,8 @@ def main() -> None:
         return
     if args.lean and not args.quick:
         # (33 x 8 kv heads = 264 rows: one split-KV wave that fills every slot of an H100)
-        dshapes = [(2, 8192), (8, 8192), (16, 8192), (24, 8192), (32, 8192), (48, 8192), (64, 8192), (128, 8192)]
+        dshapes = [(2, 8192), (8, 8192), (16, 8192), (16, 32768), (24, 8192), (32, 8192), (48, 8192), (64, 8192),
+                   (128, 8192)]
     if args.merge and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192)]
     decode = [] if args.skip_decode else tune_decode(

@@ -19,27 +19,23 @@ from .paged_common import NEG_BIG, finalize, merge_step, paged_attn_loop, store_
 
 
 @triton.jit
-def _pick(values, offs_s, b):
-    """values[b] of a [MAX_SEQS] register vector."""
-    return tl.sum(tl.where(offs_s == b, values, 0), 0)
-
-
-@triton.jit
 def _merge_pieces(
+    own_o, own_lse,  # this program's piece of the row: fp32 [BLOCK_H, D], [BLOCK_H] (registers)
     part_o_ptr, part_lse_ptr,  # fp32 [P, 2, BLOCK_H, D], [P, 2, BLOCK_H]
     o_rows, lse_rows,  # pointers of the row's output [BLOCK_H, D] / lse [BLOCK_H] (head offsets applied)
-    p0, p1, first_slot, kvh, num_kv_heads, offs_h, h_mask,
+    r, p0, p1, first_slot, kvh, num_kv_heads, offs_h, h_mask,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Log-sum-exp combination of a cut row's partials: those of kv head ``kvh``'s programs p0 .. p1 (program ids
-    p * Hkv + kvh), p0's in slot ``first_slot``, the others' in slot 0, read through L2 (".cg": written by other SMs
-    in this launch)."""
+    """Log-sum-exp combination of a cut row's pieces, held by kv head ``kvh``'s programs of range indices p0 .. p1
+    (program ids p * Hkv + kvh): the caller's own (range index ``r``) from registers, the others' partials from
+    scratch, p0's in slot ``first_slot``, the rest in slot 0, read through L2 (".cg": written by other SMs in this
+    launch)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
-    tot = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    for p in range(p0, p1 + 1):
+    acc, tot, m = merge_step(tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32), tl.zeros([BLOCK_H], dtype=tl.float32),
+                             tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32), own_o, own_lse)
+    for i in range(0, p1 - p0):
+        p = p0 + i + (p0 + i >= r).to(tl.int32)  # every piece but the caller's
         piece = ((p * num_kv_heads + kvh) * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
         lse_s = tl.load(part_lse_ptr + piece + offs_h, cache_modifier=".cg")
         o_s = tl.load(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
@@ -82,6 +78,8 @@ def paged_decode_lean_kernel(
     p = tl.program_id(0)
     kvh = p % num_kv_heads  # programs of one range index and neighbouring kv heads run side by side, reading the
     r = p // num_kv_heads  # same tokens (adjacent in the cache), as split-KV's heads-fastest grid does
+    # The range's rows from a [MAX_SEQS] prefix sum of the tile counts; the vectors die before the key loops (held
+    # across them they cost the loops registers), which walk the rows from the first one's offset.
     offs_s = tl.arange(0, MAX_SEQS)
     s_mask = offs_s < num_seqs
     tiles = tl.where(s_mask, tl.maximum(tl.cdiv(tl.load(seq_lens_ptr + offs_s, mask=s_mask, other=0), BLOCK_N), 1), 0)
@@ -90,18 +88,18 @@ def paged_decode_lean_kernel(
     L = tl.cdiv(total, tl.num_programs(0) // num_kv_heads)
     start = r * L
     end = tl.minimum(start + L, total)
+    b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
+    b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
+    row_start = tl.sum(tl.where(offs_s < b_first, tiles, 0), 0)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     h_mask = offs_h < GROUP
     heads = kvh * GROUP + offs_h
-    b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
-    b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
     for b in range(b_first, b_last + 1):
-        row_start = _pick(first, offs_s, b)
-        row_end = row_start + _pick(tiles, offs_s, b)
+        seq_len = tl.load(seq_lens_ptr + b)
+        row_end = row_start + tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
         seg_start = tl.maximum(start, row_start)
         seg_end = tl.minimum(end, row_end)
-        seq_len = tl.load(seq_lens_ptr + b)
         hi = tl.minimum((seg_end - row_start) * BLOCK_N, seq_len)
 
         b64 = tl.cast(b, tl.int64)
@@ -133,5 +131,7 @@ def paged_decode_lean_kernel(
             t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
             if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == p1 - p0:
                 tl.atomic_xchg(t_ptr, 0)
-                _merge_pieces(part_o_ptr, part_lse_ptr, o_rows, lse_rows, p0, p1, tl.where(row_start == p0 * L, 0, 1),
-                              kvh, num_kv_heads, offs_h, h_mask, BLOCK_H, HEAD_DIM)
+                _merge_pieces(out, lse, part_o_ptr, part_lse_ptr, o_rows, lse_rows, r, p0, p1,
+                              tl.where(row_start == p0 * L, 0, 1), kvh, num_kv_heads, offs_h, h_mask, BLOCK_H,
+                              HEAD_DIM)
+        row_start = row_end
