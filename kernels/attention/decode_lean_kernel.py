@@ -9,6 +9,12 @@ range becomes a partial (out, lse) in the program's slot 0 (its first row) or 1 
 finish a cut row (a ticket per row) merges the row's partials. Split-KV instead gives each row the same number of
 splits, so when rows x splits do not divide evenly over the SMs, some SMs idle at the end; here one wave of programs
 does equal work.
+
+Cutting a row costs its two programs a pipeline restart and a merge (about 3% at 32 x 8k keys on an H100, where
+one whole row a program ran as fast as split-KV). So when the batch's non-empty rows are (within 5%) equally long
+and a split-KV partition keeps at least 90% of the programs busy, the kernel partitions as split-KV does, on the
+device: every row in k = max(1, (P / Hkv) // B) equal splits, work item i = b * k + split on program r = i mod
+(P / Hkv). A CUDA graph captured once thus runs the better partition for whatever lengths it replays.
 """
 
 import triton
@@ -34,7 +40,7 @@ def _merge_pieces(
     offs_d = tl.arange(0, HEAD_DIM)
     acc, tot, m = merge_step(tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32), tl.zeros([BLOCK_H], dtype=tl.float32),
                              tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32), own_o, own_lse)
-    for i in range(0, p1 - p0):
+    for i in range(p1 - p0):
         p = p0 + i + (p0 + i >= r).to(tl.int32)  # every piece but the caller's
         piece = ((p * num_kv_heads + kvh) * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
         lse_s = tl.load(part_lse_ptr + piece + offs_h, cache_modifier=".cg")
@@ -78,60 +84,100 @@ def paged_decode_lean_kernel(
     p = tl.program_id(0)
     kvh = p % num_kv_heads  # programs of one range index and neighbouring kv heads run side by side, reading the
     r = p // num_kv_heads  # same tokens (adjacent in the cache), as split-KV's heads-fastest grid does
+    per_head = tl.num_programs(0) // num_kv_heads
     # The range's rows from a [MAX_SEQS] prefix sum of the tile counts; the vectors die before the key loops (held
     # across them they cost the loops registers), which walk the rows from the first one's offset.
     offs_s = tl.arange(0, MAX_SEQS)
     s_mask = offs_s < num_seqs
-    tiles = tl.where(s_mask, tl.maximum(tl.cdiv(tl.load(seq_lens_ptr + offs_s, mask=s_mask, other=0), BLOCK_N), 1), 0)
+    lens = tl.load(seq_lens_ptr + offs_s, mask=s_mask, other=0)
+    tiles = tl.where(s_mask, tl.maximum(tl.cdiv(lens, BLOCK_N), 1), 0)
     first = tl.cumsum(tiles, 0) - tiles  # each sequence's first tile in its kv head's flattened range
     total = tl.sum(tiles, 0)
-    L = tl.cdiv(total, tl.num_programs(0) // num_kv_heads)
+    real = lens > 0
+    real_tiles = tl.where(real, tiles, 0)
+    k = tl.maximum(per_head // num_seqs, 1)  # split-KV partition: splits per row, items per program round
+    items = num_seqs * k
+    aligned = ((tl.max(real_tiles, 0) * tl.sum(real.to(tl.int32), 0) * 20 <= 21 * tl.sum(real_tiles, 0))
+               & (items * 10 >= tl.cdiv(items, per_head) * per_head * 9))
+    L = tl.cdiv(total, per_head)
     start = r * L
     end = tl.minimum(start + L, total)
     b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
     b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
     row_start = tl.sum(tl.where(offs_s < b_first, tiles, 0), 0)
+    if aligned:
+        for i in range(r, items, per_head):
+            b = i // k
+            seq_len = tl.load(seq_lens_ptr + b)
+            split_len = tl.cdiv(tl.cdiv(seq_len, k), BLOCK_N) * BLOCK_N
+            lo = (i % k) * split_len
+            _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+                       b, kvh, num_kv_heads, lo, tl.minimum(seq_len, lo + split_len), k == 1, p, 0, r,
+                       b * k, b * k + k - 1, 0,
+                       stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                       stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
+                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
+    else:
+        for b in range(b_first, b_last + 1):
+            seq_len = tl.load(seq_lens_ptr + b)
+            row_end = row_start + tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
+            seg_start = tl.maximum(start, row_start)
+            seg_end = tl.minimum(end, row_end)
+            _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+                       b, kvh, num_kv_heads, (seg_start - row_start) * BLOCK_N,
+                       tl.minimum((seg_end - row_start) * BLOCK_N, seq_len),
+                       (seg_start == row_start) & (seg_end == row_end), p, tl.where(seg_start == start, 0, 1), r,
+                       row_start // L, (row_end - 1) // L, tl.where(row_start == (row_start // L) * L, 0, 1),
+                       stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                       stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
+                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
+            row_start = row_end
+
+
+@triton.jit
+def _row_piece(
+    q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,  # as in the kernel
+    b, kvh, num_kv_heads,
+    lo, hi,  # keys [lo, hi) of row (b, kvh); lo a multiple of BLOCK_N
+    whole,  # the piece is the whole row: stored as the output
+    p, slot,  # else a partial, in program p's scratch slot
+    r, p0, p1, first_slot,  # the row's pieces: range indices p0 .. p1 (the caller r), p0's in slot first_slot
+    stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
+    stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Attention of row (b, kvh)'s query heads over keys [lo, hi): the output if ``whole``, else a partial that the
+    last of the row's pieces to finish (a ticket per row) merges."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     h_mask = offs_h < GROUP
     heads = kvh * GROUP + offs_h
-    for b in range(b_first, b_last + 1):
-        seq_len = tl.load(seq_lens_ptr + b)
-        row_end = row_start + tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
-        seg_start = tl.maximum(start, row_start)
-        seg_end = tl.minimum(end, row_end)
-        hi = tl.minimum((seg_end - row_start) * BLOCK_N, seq_len)
-
-        b64 = tl.cast(b, tl.int64)
-        q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask[:, None],
-                    other=0.0)
-        acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-        m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
-        acc, l_i, m_i = paged_attn_loop(
-            acc, l_i, m_i, q, offs_h,
-            k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
-            (seg_start - row_start) * BLOCK_N, hi, hi,
-            stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
-        )
-        out, lse = finalize(acc, l_i, m_i)
-        o_rows = o_ptr + b64 * stride_ob + heads * stride_oh
-        lse_rows = lse_ptr + b64 * stride_lb + heads * stride_lh
-        if (seg_start == row_start) & (seg_end == row_end):  # the whole row: final
-            tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
-            tl.store(lse_rows, lse, mask=h_mask)
-        else:
-            piece = (p * 2 + tl.where(seg_start == start, 0, 1)).to(tl.int64) * BLOCK_H
-            tl.store(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], out)
-            tl.store(part_lse_ptr + piece + offs_h, lse)
-            tl.debug_barrier()  # every thread's partial stores precede the ticket (release, gpu scope)
-            p0 = row_start // L  # range indices of the row's first and last pieces
-            p1 = (row_end - 1) // L
-            t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
-            if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == p1 - p0:
-                tl.atomic_xchg(t_ptr, 0)
-                _merge_pieces(out, lse, part_o_ptr, part_lse_ptr, o_rows, lse_rows, r, p0, p1,
-                              tl.where(row_start == p0 * L, 0, 1), kvh, num_kv_heads, offs_h, h_mask, BLOCK_H,
-                              HEAD_DIM)
-        row_start = row_end
+    b64 = tl.cast(b, tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask[:, None],
+                other=0.0)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    acc, l_i, m_i = paged_attn_loop(
+        acc, l_i, m_i, q, offs_h,
+        k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb, lo, hi, hi,
+        stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
+    )
+    out, lse = finalize(acc, l_i, m_i)
+    o_rows = o_ptr + b64 * stride_ob + heads * stride_oh
+    lse_rows = lse_ptr + b64 * stride_lb + heads * stride_lh
+    if whole:
+        tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
+        tl.store(lse_rows, lse, mask=h_mask)
+    else:
+        piece = (p * 2 + slot).to(tl.int64) * BLOCK_H
+        tl.store(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], out)
+        tl.store(part_lse_ptr + piece + offs_h, lse)
+        tl.debug_barrier()  # every thread's partial stores precede the ticket (release, gpu scope)
+        t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
+        if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == p1 - p0:
+            tl.atomic_xchg(t_ptr, 0)
+            _merge_pieces(out, lse, part_o_ptr, part_lse_ptr, o_rows, lse_rows, r, p0, p1, first_slot, kvh,
+                          num_kv_heads, offs_h, h_mask, BLOCK_H, HEAD_DIM)

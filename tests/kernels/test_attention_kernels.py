@@ -146,6 +146,20 @@ def test_decode_stream_k_matches_reference(programs, seq_lens, group):
     _check_stream_k(seq_lens, HKV, group, 32, 8, programs, seed=programs * 13 + group + sum(seq_lens))
 
 
+@pytest.mark.parametrize("programs,seq_lens", [
+    (16, [70, 70, 70, 70]),  # 8 programs a kv head: every row in 2 splits (one item a program)
+    (16, [70, 70, 70, 0]),  # the same with an empty row (a CUDA graph's padding)
+    (8, [50] * 11),  # 4 a kv head, 11 whole rows: three rounds, 11 of 12 slots busy
+    (24, [310, 320, 305, 315, 300, 318]),  # tile counts within 5%: 12 a kv head, 2 splits a row
+    (8, [50] * 10),  # 10 of 12 slots busy: under 90%, so stream-K's partition
+])
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_stream_k_equal_lengths(programs, seq_lens, group):
+    """Batches whose non-empty rows are equally long (within 5%) take split-KV's partition inside the stream-K
+    kernel (k splits a row, work items round-robin over the programs) where it keeps >= 90% of them busy."""
+    _check_stream_k(seq_lens, HKV, group, 32, 8, programs, seed=programs + group + len(seq_lens))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seq_lens=st.lists(st.integers(0, 120), min_size=1, max_size=6), hkv=st.integers(1, 3),
        group=st.sampled_from([1, 2, 4]), page=st.sampled_from([8, 16]), programs=st.integers(1, 20),
@@ -154,6 +168,15 @@ def test_decode_stream_k_fuzz(seq_lens, hkv, group, page, programs, seed):
     """Stream-K on random batches: any lengths (empty ones included), kv heads, GQA group, page size and program
     count give the reference's rows."""
     _check_stream_k(seq_lens, hkv, group, 16, page, programs, seed)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(length=st.integers(1, 150), rows=st.integers(1, 8), empty=st.integers(0, 3), hkv=st.integers(1, 2),
+       programs=st.integers(1, 24), seed=st.integers(0, 2**16))
+def test_decode_stream_k_equal_lengths_fuzz(length, rows, empty, hkv, programs, seed):
+    """Equal lengths with trailing empty rows (a padded CUDA-graph batch), any program count: whichever partition
+    the kernel takes, the reference's rows."""
+    _check_stream_k([length] * rows + [0] * empty, hkv, 2, 16, 8, programs, seed)
 
 
 def test_decode_default_picks_stream_k():
