@@ -124,7 +124,6 @@ def finish_decode_item(
             if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
                 tl.atomic_xchg(t_ptr, 0)
                 merge_split_rows(
-                    out, lse, split,
                     o_ptr + b64 * stride_ob, lse_ptr + b64 * stride_lb, fo_ptr + b64 * stride_fob,
                     flse_ptr + b64 * stride_flb, heads, h_mask, num_splits,
                     stride_oh, stride_os, stride_lh, stride_ls, stride_foh, stride_flh, BLOCK_H, HEAD_DIM,
@@ -133,9 +132,6 @@ def finish_decode_item(
 
 @triton.jit
 def merge_split_rows(
-    own_o,  # fp32 [BLOCK_H, D]: the caller's split partial (registers)
-    own_lse,  # fp32 [BLOCK_H]
-    own_split,  # its split index
     mid_o_ptr,  # fp32 [Hq, S, D] (one sequence)
     mid_lse_ptr,  # fp32 [Hq, S]
     o_ptr,  # [Hq, D]
@@ -147,14 +143,13 @@ def merge_split_rows(
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Log-sum-exp weighted combination of the num_splits partials of some heads of one sequence: the caller's own
-    from registers, the others read through L2 (".cg": written by other SMs in this launch). Empty splits (lse
-    -inf) weigh 0; all empty -> (0, -inf)."""
+    """Log-sum-exp weighted combination of the num_splits partials of some heads of one sequence, read through
+    L2 (".cg": written by other SMs in this launch). Empty splits (lse -inf) weigh 0; all empty -> (0, -inf)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    acc, tot, m = merge_step(tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32), tl.zeros([BLOCK_H], dtype=tl.float32),
-                             tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32), own_o, own_lse)
-    for i in range(num_splits - 1):
-        s = i + (i >= own_split).to(tl.int32)  # every split but the caller's
+    m = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    tot = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for s in range(num_splits):
         lse_s = tl.load(mid_lse_ptr + heads * stride_mlh + s * stride_mls, mask=h_mask, other=float("-inf"),
                         cache_modifier=".cg")
         o_s = tl.load(mid_o_ptr + heads[:, None] * stride_moh + s * stride_mos + offs_d[None, :],
