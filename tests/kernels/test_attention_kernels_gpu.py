@@ -91,6 +91,20 @@ def test_decode_stream_k_gpu(cfg, hkv, group, head_dim):
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=head_dim**-0.5))
 
 
+@pytest.mark.parametrize("seq_lens", [[5000] * 16, [5000] * 13 + [0] * 3, [3000] * 64, [4000, 4100, 3990] * 8])
+def test_decode_stream_k_equal_lengths_gpu(seq_lens):
+    """The stream-K kernel (what decode CUDA graphs run, not knowing the lengths) on equally long rows takes the
+    split-KV partition on the device: 2 splits a row at 16 rows (padding rows included), whole rows in rounds at 64.
+    24 rows within 5% would leave too many programs idle, so they take stream-K's cuts."""
+    gen = torch.Generator().manual_seed(len(seq_lens) + seq_lens[0])
+    kv, table, sl = make_paged_kv(seq_lens, 8, 128, 16, BF16, DEV, gen)
+    q = torch.randn(len(seq_lens), 32, 128, generator=gen).to(BF16).to(DEV)
+    out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5, out=out, lse=lse,
+                           config=dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True))
+    _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
+
+
 @pytest.mark.parametrize("hkv,group,head_dim,page", [(8, 4, 128, 16), (8, 1, 64, 32), (2, 8, 128, 8)])
 def test_prefill_gpu(hkv, group, head_dim, page):
     gen = torch.Generator().manual_seed(7 + hkv + group)
