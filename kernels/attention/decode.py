@@ -118,7 +118,7 @@ def paged_decode_attention(
     if num_splits is None:
         block_n = config["BLOCK_N"] if config is not None else decode_config(D, q.dtype)["BLOCK_N"]
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, block_n)
-        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device, equal_lengths)
+        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device, equal_lengths, max_ctx)
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     tma = tma_capable(k_cache, v_cache)

@@ -11,7 +11,15 @@ import torch
 from ..utils import cdiv, is_hopper, is_interpreter, num_sms
 
 MAX_SPLITS = 64
-MIN_TOKENS_PER_SPLIT = 256
+# Stream-K's fixed costs (its prefix sums, rows cut into many pieces merged one by one) lose to split-KV on short
+# batches: from CUDA graphs on an H100 at 8 kv heads, lengths uniform in [16, 1k], split-KV ran 1.52x stream-K at
+# 4 sequences, 1.19x at 8, 1.03x at 16, 1.06x at 64 (stream-K 1.08x at 128); in [64, 4k] split-KV won only at 4
+# (1.17x) and stream-K 1.03-1.34x from 8 up; in [256, 8k] split-KV 1.02x at 4, stream-K 1.19-1.39x from 8
+# (bench/results/experiments/decode-short-contexts-*.json). Hence stream-K only past LEAN_MIN_CONTEXT keys and with
+# at least LEAN_MIN_KEYS_PER_SLOT keys of work per resident program slot (rows x the context bound); that gives up
+# stream-K's 3% at 8 sequences of up to 4k and its 8% at 128 of up to 1k.
+LEAN_MIN_CONTEXT = 2048
+LEAN_MIN_KEYS_PER_SLOT = 1536
 MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
 LEAN_MAX_SEQS = 1024  # sequences a stream-K launch takes (its programs hold every sequence's tile offset)
 
@@ -76,13 +84,16 @@ def tma_capable(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
-    """Split-KV factor from shapes only (no host sync): the fewest splits (powers of two, each >= 256 keys) that
-    fill two resident programs per SM (one wave if that is well quantised, else as few as it takes).
+    """Split-KV factor from shapes only (no host sync): the fewest splits (powers of two, each at least one key
+    tile) that fill two resident programs per SM (one wave if that is well quantised, else as few as it takes).
 
     Fewer splits win ties: at batch 16 (128 (sequence, kv head) pairs) two splits, one wave, ran 2-4% faster than
-    four, two waves (1xH100, bench/tune_attention.py --merge 20261127T122147Z, T123025Z, --tma T151715Z)."""
+    four, two waves (1xH100, bench/tune_attention.py --merge 20261127T122147Z, T123025Z, --tma T151715Z). Splits
+    as short as one tile pay at batch 1-2: one sequence of 1k keys took 7.1 us in 32 splits (their merge a second
+    launch) against 11.7 us in four of 256 keys, 512 keys 6.8 against 11.1 us (SDPA 6.9 / 7.3 us; CUDA graphs,
+    bench/results/experiments/decode-short-contexts-*.json)."""
     work = batch * num_kv_heads
-    cap = max(1, min(MAX_SPLITS, cdiv(max_context, max(MIN_TOKENS_PER_SPLIT, block_n))))
+    cap = max(1, min(MAX_SPLITS, cdiv(max_context, block_n)))
     slots = 2 * num_sms(device)
     if work >= slots:
         return 1
@@ -98,19 +109,24 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return best
 
 
-def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.device, uniform: bool) -> bool:
-    """Whether a decode runs stream-K (`decode_lean_kernel`) instead of split-KV by ``num_splits``.
+def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.device, uniform: bool,
+                  max_context: int) -> bool:
+    """Whether a decode runs stream-K (`decode_lean_kernel`) instead of split-KV by ``num_splits``; ``max_context``
+    bounds the rows' lengths.
 
     Never for fewer rows (sequence, kv head) than a tenth of the two-per-SM program slots: a row would be cut into
-    many pieces, merged one by one. Otherwise always for batches of unequal or unknown lengths, the serving case: on
-    1xH100, 8 kv heads, lengths uniform in [512, 32k], stream-K ran 1.17-1.49x faster than split-KV from 4 to 128
-    sequences (0.87x at 2). For lengths known equal, only where the split launch fills its wave of programs badly
+    many pieces, merged one by one; nor for short batches (`LEAN_MIN_CONTEXT`, `LEAN_MIN_KEYS_PER_SLOT`). Otherwise
+    always for batches of unequal or unknown lengths, the serving case: on 1xH100, 8 kv heads, lengths uniform in
+    [512, 32k], stream-K ran 1.17-1.49x faster than split-KV from 4 to 128 sequences (0.87x at 2). For lengths known
+    equal, only where the split launch fills its wave of programs badly
     (under 90%) or needs more than one, and the rows number at least a quarter of the slots: there stream-K ran
     1.02-1.05x SDPA against split-KV's 0.86-0.88x (24 sequences over 8k / 32k keys), while split-KV stays ahead where
     it fills one wave (16 x 8k: 0.98x SDPA against 0.93x). bench/tune_attention.py --lean, 20261127T154957Z and
     T155223Z."""
     rows, slots = batch * num_kv_heads, 2 * num_sms(device)
     if 10 * rows < slots or batch > LEAN_MAX_SEQS or rows > MAX_TICKETS:
+        return False
+    if max_context <= LEAN_MIN_CONTEXT or rows * max_context < LEAN_MIN_KEYS_PER_SLOT * slots:
         return False
     if not uniform:
         return True

@@ -180,29 +180,44 @@ def test_decode_stream_k_equal_lengths_fuzz(length, rows, empty, hkv, programs, 
 
 
 def test_decode_default_picks_stream_k():
-    """On a 132-SM device with 8 kv heads: stream-K from 4 sequences up when lengths are unequal or unknown; when the
-    host says they are equal, only where split-KV fills its wave badly (9-14 and 17-29 sequences)."""
+    """On a 132-SM device with 8 kv heads: stream-K for lengths unequal or unknown once the batch has work enough for
+    it (from 7 sequences of up to 8k keys, 13 of up to 4k, never up to 2k); when the host says they are equal, only
+    where split-KV fills its wave badly (9-14 and 17-29 sequences)."""
     from accordion.kernels.attention.decode_schedule import choose_num_splits, lean_pays_off
 
     dev = torch.device("cpu")  # num_sms: a nominal 132 off-GPU
 
-    def picks(uniform):
-        return [b for b in range(1, 64) if lean_pays_off(b, 8, choose_num_splits(b, 8, 8192, dev, 32), dev, uniform)]
+    def picks(uniform, ctx=8192):
+        return [b for b in range(1, 64)
+                if lean_pays_off(b, 8, choose_num_splits(b, 8, ctx, dev, 32), dev, uniform, ctx)]
 
-    assert picks(False) == list(range(4, 64))
+    assert picks(False) == list(range(7, 64))
     assert picks(True) == [*range(9, 15), *range(17, 30)]
+    assert picks(False, 4096) == list(range(13, 64))
+    assert picks(False, 2048) == picks(True, 2048) == []
+
+
+def test_decode_splits_down_to_one_tile():
+    """Few rows split their keys down to one tile a split (at batch 1-2 that beat 256-key splits by 1.5x)."""
+    from accordion.kernels.attention.decode_schedule import choose_num_splits
+
+    dev = torch.device("cpu")
+    assert choose_num_splits(1, 8, 512, dev, 32) == 16
+    assert choose_num_splits(1, 8, 131072, dev, 32) == 32
+    assert choose_num_splits(16, 8, 512, dev, 32) == 2
 
 
 def test_decode_default_stream_k_matches_reference():
-    """The default schedule on unequal lengths (stream-K here: 14 sequences x 2 kv heads) and on lengths the caller
-    says are equal (split-KV), against the reference."""
+    """The default schedule on unequal lengths (stream-K here: 14 sequences x 2 kv heads, told a 64k bound) and on
+    lengths the caller says are equal (split-KV), against the reference."""
     gen, dev = _gen(23), device()
     unequal = [int(n) for n in torch.randint(1, 90, (14,), generator=gen)]
     for seq_lens, equal in ((unequal, False), ([40] * 14, True)):
         kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
         q = torch.randn(len(seq_lens), HKV * 4, 32, generator=gen).to(dev)
         out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
-        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, equal_lengths=equal)
+        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, max_seq_len=1 << 16,
+                               equal_lengths=equal)
         ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
         _close(out, ref, lse, ref_lse)
 

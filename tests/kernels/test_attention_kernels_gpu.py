@@ -86,7 +86,8 @@ def test_decode_stream_k_gpu(cfg, hkv, group, head_dim):
     q = torch.randn(len(seq_lens), hkv * group, head_dim, generator=gen).to(BF16).to(DEV)
     out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
     if cfg is None and hkv == 8:
-        assert lean_pays_off(24, 8, choose_num_splits(24, 8, table.shape[1] * 16, DEV, 32), DEV, uniform=False)
+        ctx = table.shape[1] * 16
+        assert lean_pays_off(24, 8, choose_num_splits(24, 8, ctx, DEV, 32), DEV, uniform=False, max_context=ctx)
     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=head_dim**-0.5, out=out, lse=lse, config=cfg)
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=head_dim**-0.5))
 
