@@ -92,6 +92,12 @@ class AttentionBackend(ABC):
         """Prepare everything :meth:`forward` may need (compiled kernels) before the first step; kv_cache as in
         ``forward``, only read. Nothing to do for eager backends."""
 
+    def decode_graph_bounds(self, max_model_len: int) -> list[int]:
+        """Context bounds (upper bounds of ``max_seq_len``) to capture decode CUDA graphs for, each <= max_model_len
+        and the last = max_model_len; a step replays the graph of the smallest bound >= its longest row. More than
+        one where ``forward`` picks its kernels by how long the rows may be."""
+        return [max_model_len]
+
 
 def write_kv_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V into the paged cache: k, v [T, Hkv, D]; slot_mapping [T] (-1: not stored here)."""

@@ -18,7 +18,7 @@ from accordion.kernels.attention import (
     pod_attention,
     write_kv_cache,
 )
-from accordion.kernels.attention.decode_schedule import decode_variants, tma_capable
+from accordion.kernels.attention.decode_schedule import LEAN_MIN_CONTEXT, decode_variants, tma_capable
 from accordion.kernels.utils import is_interpreter
 from accordion.workers.attention import AttentionBackend, AttentionMetadata
 
@@ -63,6 +63,11 @@ class TritonAttentionBackend(AttentionBackend):
                                         prefill.seq_lens, scale=self.scale, max_seqlen_q=prefill.max_seqlen_q,
                                         out=prefill.out, lse=prefill.lse)
         return out, lse
+
+    def decode_graph_bounds(self, max_model_len: int) -> list[int]:
+        """Decode graphs for rows of up to LEAN_MIN_CONTEXT keys, where the decode runs split-KV (stream-K's fixed
+        costs lose there), and for longer ones, where ragged batches take stream-K."""
+        return sorted({min(LEAN_MIN_CONTEXT, max_model_len), max_model_len})
 
     def warm_up(self, kv_cache: torch.Tensor) -> None:
         """Compile every kernel variant a step can launch, so that no step waits on a compilation (one costs

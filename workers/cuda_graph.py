@@ -1,9 +1,12 @@
 """Decode-only steps replayed from CUDA graphs, so small batches are not bound by kernel launches.
 
-Graphs are captured once per batch size in ``sizes`` over static input buffers; a decode step of B rows pads to
-the next captured size (padding rows have ``seq_len = 0`` and slot -1: they read and write nothing). The block
-table buffer is as wide as ``max_model_len`` needs, so any running request fits. Mixed steps (prefill chunks)
-run eagerly.
+Graphs are captured once per batch size in ``sizes`` and context bound in ``bounds`` over static input buffers; a
+decode step of B rows pads to the next captured size (padding rows have ``seq_len = 0`` and slot -1: they read and
+write nothing) and replays the graph of the smallest bound that holds its longest row. The bounds come from the
+attention backend (`AttentionBackend.decode_graph_bounds`): a kernel that picks its schedule by how long the rows
+may be (the Triton decode: split-KV for short batches, stream-K for long ones) then gets the one that fits, though a
+graph cannot see the lengths. The block table buffer is as wide as ``max_model_len`` needs, so any running request
+fits. Mixed steps (prefill chunks) run eagerly.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class DecodeGraphs:
         self.runner = runner
         cfg = runner.config
         self.sizes = capture_sizes(min(cfg.device.cuda_graph_max_batch, cfg.scheduler.max_num_seqs))
+        self.bounds = sorted(set(runner.backend.decode_graph_bounds(runner.max_model_len)))
         max_bs = self.sizes[-1]
         dev = runner.device
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
@@ -40,18 +44,18 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch size, context bound) -> graph
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, bound: int) -> AttentionMetadata:
         return AttentionMetadata(
             num_decodes=bs, slot_mapping=self.slots[:bs], block_table=self.block_table[:bs],
             seq_lens=self.seq_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1], max_query_len=1,
-            max_seq_len=self.runner.max_model_len, seq_lens_cpu=[0] * bs, query_lens_cpu=[1] * bs)
+            max_seq_len=bound, seq_lens_cpu=[0] * bs, query_lens_cpu=[1] * bs)
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, bound: int) -> torch.Tensor:
         r = self.runner
-        return r.model(self.input_ids[:bs], self.positions[:bs], r.kv_caches, r.backend, self._meta(bs))
+        return r.model(self.input_ids[:bs], self.positions[:bs], r.kv_caches, r.backend, self._meta(bs, bound))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -60,16 +64,17 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
             for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory pool
-                for _ in range(2):  # warm-up: Triton compilation and autotuning outside the capture
-                    self._forward(bs)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=stream):
-                    self.outputs[bs] = self._forward(bs)
-                pool = g.pool()
-                self.graphs[bs] = g
+                for bound in self.bounds:
+                    for _ in range(2):  # warm-up: Triton compilation and autotuning outside the capture
+                        self._forward(bs, bound)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, stream=stream):
+                        self.outputs[bs, bound] = self._forward(bs, bound)
+                    pool = g.pool()
+                    self.graphs[bs, bound] = g
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         torch.cuda.synchronize(self.runner.device)
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        logger.info("captured decode CUDA graphs for batch sizes %s, context bounds %s", self.sizes, self.bounds)
 
     def can_run(self, plan: StepPlan, inp: StepInputs) -> bool:
         n = len(plan.chunks)
@@ -83,6 +88,7 @@ class DecodeGraphs:
         the previous step's samples (async scheduling)."""
         b = len(inp.input_ids)
         bs = self.sizes[bisect.bisect_left(self.sizes, b)]
+        bound = self.bounds[bisect.bisect_left(self.bounds, int(inp.seq_lens.max()))]
         w = inp.block_table.shape[1]
         pad = bs - b
 
@@ -101,5 +107,5 @@ class DecodeGraphs:
         self.slots[:bs].copy_(slots)
         self.seq_lens[:bs].copy_(lens)
         self.block_table[:b, :w].copy_(table)
-        self.graphs[bs].replay()
-        return self.outputs[bs][:b]
+        self.graphs[bs, bound].replay()
+        return self.outputs[bs, bound][:b]

@@ -64,6 +64,43 @@ def test_cuda_graph_decode_equals_eager(tiny_ckpt):
     assert a == b == hf_greedy(path, prompts, 16)
 
 
+def test_decode_graph_bounds():
+    """The Triton backend asks for decode graphs of short rows (split-KV) and of long ones; the torch backend for
+    one set."""
+    from accordion.kernels.attention.decode_schedule import LEAN_MIN_CONTEXT
+    from accordion.workers.attention import TorchAttentionBackend
+    from accordion.workers.attention_triton import TritonAttentionBackend
+
+    triton_backend = TritonAttentionBackend(4, 2, 16, 0.25)
+    assert triton_backend.decode_graph_bounds(131072) == [LEAN_MIN_CONTEXT, 131072]
+    assert triton_backend.decode_graph_bounds(LEAN_MIN_CONTEXT) == [LEAN_MIN_CONTEXT]
+    assert triton_backend.decode_graph_bounds(256) == [256]
+    assert TorchAttentionBackend(4, 2, 16, 0.25).decode_graph_bounds(131072) == [131072]
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_per_context_bound_equal_hf(tiny_ckpt, monkeypatch):
+    """Decode graphs captured for two context bounds (here 64 and 256 keys): steps replay the short one until a
+    row passes 64 keys, then the long one, and greedy tokens equal HF's."""
+    from accordion.workers import attention_triton
+
+    monkeypatch.setattr(attention_triton, "LEAN_MIN_CONTEXT", 64)
+    path = tiny_ckpt("tiny-llama")
+    prompts = random_prompts(6, [40, 3, 55, 17, 9, 60], 500, seed=4)
+    llm = LLM(path, device="cuda", dtype="float32", cuda_graphs=True, max_model_len=256, max_num_seqs=8,
+              num_blocks=256)
+    graphs = llm.instance.worker.graphs
+    assert graphs.bounds == [64, 256]
+    replayed = []
+    for key, g in graphs.graphs.items():
+        g.replay = lambda key=key, run=g.replay: replayed.append(key[1]) or run()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, min_tokens=20, temperature=0))
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 20)
+    assert 64 in replayed and 256 in replayed
+    assert replayed.index(256) > replayed.index(64)  # the long graphs once a row has grown past 64 keys
+    assert_idle_blocks_free(llm)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_tma_decode_in_engine_equals_hf(tiny_ckpt, monkeypatch, cuda_graphs):
