@@ -26,22 +26,20 @@ from .paged_common import NEG_BIG, finalize, merge_step, paged_attn_loop, store_
 
 @triton.jit
 def _merge_pieces(
-    own_o, own_lse,  # this program's piece of the row: fp32 [BLOCK_H, D], [BLOCK_H] (registers)
     part_o_ptr, part_lse_ptr,  # fp32 [P, 2, BLOCK_H, D], [P, 2, BLOCK_H]
     o_rows, lse_rows,  # pointers of the row's output [BLOCK_H, D] / lse [BLOCK_H] (head offsets applied)
-    r, p0, p1, first_slot, kvh, num_kv_heads, offs_h, h_mask,
+    p0, p1, first_slot, kvh, num_kv_heads, offs_h, h_mask,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Log-sum-exp combination of a cut row's pieces, held by kv head ``kvh``'s programs of range indices p0 .. p1
-    (program ids p * Hkv + kvh): the caller's own (range index ``r``) from registers, the others' partials from
-    scratch, p0's in slot ``first_slot``, the rest in slot 0, read through L2 (".cg": written by other SMs in this
-    launch)."""
+    """Log-sum-exp combination of a cut row's partials: those of kv head ``kvh``'s programs of range indices p0 .. p1
+    (program ids p * Hkv + kvh), p0's in slot ``first_slot``, the others' in slot 0, read through L2 (".cg": written
+    by other SMs in this launch)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    acc, tot, m = merge_step(tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32), tl.zeros([BLOCK_H], dtype=tl.float32),
-                             tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32), own_o, own_lse)
-    for i in range(p1 - p0):
-        p = p0 + i + (p0 + i >= r).to(tl.int32)  # every piece but the caller's
+    m = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
+    tot = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for p in range(p0, p1 + 1):
         piece = ((p * num_kv_heads + kvh) * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
         lse_s = tl.load(part_lse_ptr + piece + offs_h, cache_modifier=".cg")
         o_s = tl.load(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
@@ -85,26 +83,15 @@ def paged_decode_lean_kernel(
     kvh = p % num_kv_heads  # programs of one range index and neighbouring kv heads run side by side, reading the
     r = p // num_kv_heads  # same tokens (adjacent in the cache), as split-KV's heads-fastest grid does
     per_head = tl.num_programs(0) // num_kv_heads
-    # The range's rows from a [MAX_SEQS] prefix sum of the tile counts; the vectors die before the key loops (held
-    # across them they cost the loops registers), which walk the rows from the first one's offset.
     offs_s = tl.arange(0, MAX_SEQS)
     s_mask = offs_s < num_seqs
     lens = tl.load(seq_lens_ptr + offs_s, mask=s_mask, other=0)
     tiles = tl.where(s_mask, tl.maximum(tl.cdiv(lens, BLOCK_N), 1), 0)
-    first = tl.cumsum(tiles, 0) - tiles  # each sequence's first tile in its kv head's flattened range
-    total = tl.sum(tiles, 0)
-    real = lens > 0
-    real_tiles = tl.where(real, tiles, 0)
+    real_tiles = tl.where(lens > 0, tiles, 0)
     k = tl.maximum(per_head // num_seqs, 1)  # split-KV partition: splits per row, items per program round
     items = num_seqs * k
-    aligned = ((tl.max(real_tiles, 0) * tl.sum(real.to(tl.int32), 0) * 20 <= 21 * tl.sum(real_tiles, 0))
+    aligned = ((tl.max(real_tiles, 0) * tl.sum((lens > 0).to(tl.int32), 0) * 20 <= 21 * tl.sum(real_tiles, 0))
                & (items * 10 >= tl.cdiv(items, per_head) * per_head * 9))
-    L = tl.cdiv(total, per_head)
-    start = r * L
-    end = tl.minimum(start + L, total)
-    b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
-    b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
-    row_start = tl.sum(tl.where(offs_s < b_first, tiles, 0), 0)
     if aligned:
         for i in range(r, items, per_head):
             b = i // k
@@ -112,12 +99,22 @@ def paged_decode_lean_kernel(
             split_len = tl.cdiv(tl.cdiv(seq_len, k), BLOCK_N) * BLOCK_N
             lo = (i % k) * split_len
             _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
-                       b, kvh, num_kv_heads, lo, tl.minimum(seq_len, lo + split_len), k == 1, p, 0, r,
+                       b, kvh, num_kv_heads, lo, tl.minimum(seq_len, lo + split_len), k == 1, p, 0,
                        b * k, b * k + k - 1, 0,
                        stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                        stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
                        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
     else:
+        # The range's rows from a prefix sum of the tile counts; the vectors die before the key loops (held across
+        # them they cost the loops registers), which walk the rows from the first one's offset.
+        first = tl.cumsum(tiles, 0) - tiles  # each sequence's first tile in its kv head's flattened range
+        total = tl.sum(tiles, 0)
+        L = tl.cdiv(total, per_head)
+        start = r * L
+        end = tl.minimum(start + L, total)
+        b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
+        b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
+        row_start = tl.sum(tl.where(offs_s < b_first, tiles, 0), 0)
         for b in range(b_first, b_last + 1):
             seq_len = tl.load(seq_lens_ptr + b)
             row_end = row_start + tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
@@ -126,13 +123,12 @@ def paged_decode_lean_kernel(
             _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
                        b, kvh, num_kv_heads, (seg_start - row_start) * BLOCK_N,
                        tl.minimum((seg_end - row_start) * BLOCK_N, seq_len),
-                       (seg_start == row_start) & (seg_end == row_end), p, tl.where(seg_start == start, 0, 1), r,
+                       (seg_start == row_start) & (seg_end == row_end), p, tl.where(seg_start == start, 0, 1),
                        row_start // L, (row_end - 1) // L, tl.where(row_start == (row_start // L) * L, 0, 1),
                        stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                        stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
                        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
             row_start = row_end
-
 
 @triton.jit
 def _row_piece(
@@ -141,7 +137,7 @@ def _row_piece(
     lo, hi,  # keys [lo, hi) of row (b, kvh); lo a multiple of BLOCK_N
     whole,  # the piece is the whole row: stored as the output
     p, slot,  # else a partial, in program p's scratch slot
-    r, p0, p1, first_slot,  # the row's pieces: range indices p0 .. p1 (the caller r), p0's in slot first_slot
+    p0, p1, first_slot,  # the row's pieces: range indices p0 .. p1, p0's in slot first_slot
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
     stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -179,5 +175,5 @@ def _row_piece(
         t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
         if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == p1 - p0:
             tl.atomic_xchg(t_ptr, 0)
-            _merge_pieces(out, lse, part_o_ptr, part_lse_ptr, o_rows, lse_rows, r, p0, p1, first_slot, kvh,
-                          num_kv_heads, offs_h, h_mask, BLOCK_H, HEAD_DIM)
+            _merge_pieces(part_o_ptr, part_lse_ptr, o_rows, lse_rows, p0, p1, first_slot, kvh, num_kv_heads, offs_h,
+                          h_mask, BLOCK_H, HEAD_DIM)
