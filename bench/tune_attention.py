@@ -5,6 +5,7 @@
     python bench/tune_attention.py --prefill  # prefill: default tiles against registers capped at 128
     python bench/tune_attention.py --tma      # decode: K/V pages by TMA descriptors against the default tiles
     python bench/tune_attention.py --lean     # decode: stream-K (equal key tiles per program) against split-KV
+    python bench/tune_attention.py --short    # decode: short batches as a CUDA graph sees them (split-KV vs stream-K)
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
@@ -29,6 +30,7 @@ if "--quick" in sys.argv:
 import torch  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
+    paged_decode_attention,
     paged_prefill_attention,
     pod_attention,
 )
@@ -142,6 +144,52 @@ def tune_lean_ragged(dev, dtype, batches, max_ctx) -> list[dict]:
     return rows
 
 
+def _call(case: DecodeCase, **kw):
+    """One decode of ``case`` through the launcher with its arguments (``max_seq_len`` default: the case's context)."""
+    kw.setdefault("max_seq_len", case.ctx)
+    return paged_decode_attention(case.q, case.kv[0], case.kv[1], case.table, case.seq_lens, scale=D**-0.5,
+                                  out=case.out, lse=case.lse, **kw)
+
+
+def tune_short(dev, dtype, batches, contexts, ragged, copies=6) -> tuple[list[dict], list[dict]]:
+    """Short batches from CUDA graphs (microseconds), over ``copies`` batches each so L2 holds none of the next.
+
+    Equal lengths: SDPA; the default told the context and equal lengths; the default as a decode graph sees it
+    (lengths unknown, bound 128k or 2k); fixed splits 1-8. Ragged lengths (uniform in each of ``ragged``'s ranges):
+    split-KV at the split count a 1k / 4k / 8k bound gives, stream-K, and the default under a 128k bound."""
+    equal, uneven = [], []
+    for B in batches:
+        for ctx in contexts:
+            cases = [DecodeCase(B, ctx, dtype, dev) for _ in range(copies)]
+            res = {"sdpa": graph_ms([c.theirs for c in cases], dev),
+                   "told": graph_ms([lambda c=c: _call(c, equal_lengths=True) for c in cases], dev),
+                   "graph_128k": graph_ms([lambda c=c: _call(c, max_seq_len=1 << 17) for c in cases], dev),
+                   "graph_2k": graph_ms([lambda c=c: _call(c, max_seq_len=2048) for c in cases], dev)}
+            for s in (1, 2, 4, 8):
+                res[f"split_{s}"] = graph_ms([lambda c=c, s=s: _call(c, num_splits=s) for c in cases], dev)
+            equal.append(dict(batch=B, context=ctx, **{f"{k}_us": v * 1e3 for k, v in res.items()}))
+            print(f"short equal B={B} ctx={ctx}: " + " ".join(f"{k} {v * 1e3:.1f}" for k, v in res.items()), flush=True)
+    for lo, hi in ragged:
+        for B in batches:
+            cases = []
+            for i in range(copies):
+                c = DecodeCase(B, hi, dtype, dev)
+                g = torch.Generator().manual_seed(B * 100 + i)
+                c.seq_lens.copy_(torch.randint(lo, hi + 1, (B,), generator=g, dtype=torch.int32))
+                cases.append(c)
+            res = {}
+            for bound in sorted({hi, 4096, 8192}):
+                s = choose_num_splits(B, HKV, bound, dev, 32)
+                res[f"split_at_{bound}_x{s}"] = graph_ms(
+                    [lambda c=c, s=s, bound=bound: _call(c, num_splits=s, max_seq_len=bound) for c in cases], dev)
+            res["stream_k"] = graph_ms([lambda c=c: _call(c, config=LEAN_DECODE[1]) for c in cases], dev)
+            res["default_128k"] = graph_ms([lambda c=c: _call(c, max_seq_len=1 << 17) for c in cases], dev)
+            uneven.append(dict(lengths=[lo, hi], batch=B, **{f"{k}_us": v * 1e3 for k, v in res.items()}))
+            print(f"short ragged [{lo}, {hi}] B={B}: " + " ".join(f"{k} {v * 1e3:.1f}" for k, v in res.items()),
+                  flush=True)
+    return equal, uneven
+
+
 def tune_pod(dev, dtype, hybrids, configs) -> list[dict]:
     """Every POD config against the prefill kernel then the decode kernel; each timed eagerly and replayed from a
     CUDA graph (GPU time alone: an eager ~0.1 ms decode launch can be host-bound under do_bench)."""
@@ -226,6 +274,8 @@ def main() -> None:
                     help="decode only: K/V pages by TMA descriptors against the default tiles, also in CUDA graphs")
     ap.add_argument("--lean", action="store_true",
                     help="decode only: stream-K (equal key tiles per program) against split-KV, also in CUDA graphs")
+    ap.add_argument("--short", action="store_true",
+                    help="decode only: short batches (512-8k keys) as a CUDA graph sees them, split-KV vs stream-K")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -248,7 +298,14 @@ def main() -> None:
         hybrids = HYBRIDS
     if args.orders and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (256, 32768)]
-    if args.prefill:
+    if args.short:
+        if args.quick:
+            equal, uneven = tune_short(dev, dtype, [1, 4], [48], [(8, 64)], copies=1)
+        else:
+            equal, uneven = tune_short(dev, dtype, [1, 2, 4, 8, 16, 32, 64, 128], [512, 1024, 4096],
+                                       [(16, 1024), (64, 4096), (256, 8192)])
+        print("wrote", write_result("tune-attention", dict(short_equal=equal, short_ragged=uneven, quick=args.quick)))
+        return
         shapes = [(16, 64), (16, 48)] if args.quick else [(4096, 4096), (16384, 16384), (512, 4096), (1024, 16384),
                                                            (2048, 32768), (4096, 65536)]
         rows = tune_prefill(dev, dtype, shapes, PREFILL_CONFIGS[:2] if args.quick else PREFILL_CONFIGS)
