@@ -15,11 +15,14 @@ MAX_SPLITS = 64
 # batches: from CUDA graphs on an H100 at 8 kv heads, lengths uniform in [16, 1k], split-KV ran 1.52x stream-K at
 # 4 sequences, 1.19x at 8, 1.03x at 16, 1.06x at 64 (stream-K 1.08x at 128); in [64, 4k] split-KV won only at 4
 # (1.17x) and stream-K 1.03-1.34x from 8 up; in [256, 8k] split-KV 1.02x at 4, stream-K 1.19-1.39x from 8
-# (bench/results/experiments/decode-short-contexts-*.json). Hence stream-K only past LEAN_MIN_CONTEXT keys and with
-# at least LEAN_MIN_KEYS_PER_SLOT keys of work per resident program slot (rows x the context bound); that gives up
-# stream-K's 3% at 8 sequences of up to 4k and its 8% at 128 of up to 1k.
+# (bench/results/experiments/decode-short-contexts-*.json; again at 3f9a5ae, tune-attention-...T183335Z.json). Hence
+# stream-K only with at least LEAN_MIN_KEYS_PER_SLOT keys of work per resident program slot (rows x the context
+# bound), and up to LEAN_MIN_CONTEXT keys only for LEAN_MANY_ROWS x the slots in rows: at 128 sequences of up to 1k
+# keys split-KV's grid of a program per row ran 1.08x (ragged) and 1.05x (equal) slower than stream-K, at 64 1.05x
+# faster. That gives up stream-K's 4-5% at 8 sequences of up to 4k.
 LEAN_MIN_CONTEXT = 2048
 LEAN_MIN_KEYS_PER_SLOT = 1536
+LEAN_MANY_ROWS = 3
 MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
 LEAN_MAX_SEQS = 1024  # sequences a stream-K launch takes (its programs hold every sequence's tile offset)
 
@@ -115,7 +118,7 @@ def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.
     bounds the rows' lengths.
 
     Never for fewer rows (sequence, kv head) than a tenth of the two-per-SM program slots: a row would be cut into
-    many pieces, merged one by one; nor for short batches (`LEAN_MIN_CONTEXT`, `LEAN_MIN_KEYS_PER_SLOT`). Otherwise
+    many pieces, merged one by one; nor for short batches (`LEAN_MIN_KEYS_PER_SLOT`, `LEAN_MIN_CONTEXT`). Otherwise
     always for batches of unequal or unknown lengths, the serving case: on 1xH100, 8 kv heads, lengths uniform in
     [512, 32k], stream-K ran 1.17-1.49x faster than split-KV from 4 to 128 sequences (0.87x at 2). For lengths known
     equal, only where the split launch fills its wave of programs badly
@@ -126,7 +129,9 @@ def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.
     rows, slots = batch * num_kv_heads, 2 * num_sms(device)
     if 10 * rows < slots or batch > LEAN_MAX_SEQS or rows > MAX_TICKETS:
         return False
-    if max_context <= LEAN_MIN_CONTEXT or rows * max_context < LEAN_MIN_KEYS_PER_SLOT * slots:
+    if rows * max_context < LEAN_MIN_KEYS_PER_SLOT * slots:
+        return False
+    if max_context <= LEAN_MIN_CONTEXT and rows < LEAN_MANY_ROWS * slots:
         return False
     if not uniform:
         return True
