@@ -65,8 +65,9 @@ class TritonAttentionBackend(AttentionBackend):
         return out, lse
 
     def decode_graph_bounds(self, max_model_len: int) -> list[int]:
-        """Decode graphs for rows of up to LEAN_MIN_CONTEXT keys, where the decode runs split-KV (stream-K's fixed
-        costs lose there), and for longer ones, where ragged batches take stream-K."""
+        """Decode graphs for rows of up to LEAN_MIN_CONTEXT keys, where the decode runs split-KV unless the batch has
+        rows for several program waves (stream-K's fixed costs lose on short rows), and for longer ones, where ragged
+        batches take stream-K (`decode_schedule.lean_pays_off`)."""
         return sorted({min(LEAN_MIN_CONTEXT, max_model_len), max_model_len})
 
     def warm_up(self, kv_cache: torch.Tensor) -> None:
