@@ -12,11 +12,13 @@ from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_po
 from .decode_kernel import merge_splits_kernel, paged_decode_kernel
 from .decode_lean_kernel import paged_decode_lean_kernel
 from .decode_schedule import (
+    DEEP_DECODE,
     LEAN_MAX_SEQS,
     MAX_SPLITS,
     MAX_TICKETS,
     choose_num_splits,
     decode_config,
+    deep_splits,
     lean_pays_off,
     tma_capable,
     tma_layout,
@@ -86,7 +88,8 @@ def paged_decode_attention(
     max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
                  block_table.shape[1] * block_size.
     equal_lengths: the caller knows the seq_lens to be (nearly) equal, e.g. from a host copy; the automatic choice
-                 then prefers split-KV (`lean_pays_off`). Default: unequal or unknown, as in serving.
+                 then prefers one deep program per SM (`deep_splits`) or split-KV (`lean_pays_off`). Default: unequal
+                 or unknown, as in serving.
     config:      tile-size override (keys of `decode_config`), for tuning.
     Returns (out, lse). No host syncs; scratch sizes depend on shapes only (CUDA-graph capturable).
     """
@@ -115,10 +118,14 @@ def paged_decode_attention(
     group = Hq // Hkv
     max_ctx = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
     lean = False
-    if num_splits is None:
+    auto = num_splits is None and config is None
+    deep = deep_splits(B, Hkv, max_ctx, D, q.dtype, q.device) if auto and equal_lengths else 0
+    if deep:
+        num_splits, config = deep, DEEP_DECODE
+    elif num_splits is None:
         block_n = config["BLOCK_N"] if config is not None else decode_config(D, q.dtype)["BLOCK_N"]
         num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, block_n)
-        lean = config is None and lean_pays_off(B, Hkv, num_splits, q.device, equal_lengths, max_ctx)
+        lean = auto and lean_pays_off(B, Hkv, num_splits, q.device, equal_lengths, max_ctx)
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
     tma = tma_capable(k_cache, v_cache)

@@ -1,5 +1,6 @@
 """Which decode schedule and tiles a paged decode launch uses, from shapes alone (no host sync): split-KV over one
-well-filled wave, K/V pages by TMA when programs crowd the SMs, or stream-K for batches of unequal lengths. The
+well-filled wave, K/V pages by TMA when programs crowd the SMs, one deep-pipelined program per SM for rows known to be
+equally long that fill the SMs once, or stream-K for batches of unequal lengths. The
 numbers behind each rule are in the docstrings (1xH100, bench/tune_attention.py)."""
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ MAX_SPLITS = 64
 LEAN_MIN_CONTEXT = 2048
 LEAN_MIN_KEYS_PER_SLOT = 1536
 LEAN_MANY_ROWS = 3
+# One program per SM for equal lengths (`deep_splits`): its tiles, and where it applies
+DEEP_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True)
+DEEP_MIN_FILL = 0.85
+DEEP_MIN_KEYS = 2048
 MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
 LEAN_MAX_SEQS = 1024  # sequences a stream-K launch takes (its programs hold every sequence's tile offset)
 
@@ -68,7 +73,39 @@ def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma
                         {**decode_config(head_dim, dtype, split, programs, False, device), "LEAN": True}):
                 if cfg not in out:
                     out.append(cfg)
+    if deep_tuned(head_dim, dtype, device):
+        out.append(DEEP_DECODE)
     return out
+
+
+def deep_tuned(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `DEEP_DECODE` was tuned for these shapes on this GPU (Hopper, head_dim 128, 16-bit)."""
+    return not is_interpreter() and head_dim == 128 and dtype != torch.float32 and is_hopper(device)
+
+
+def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device) -> int:
+    """Split factor of the one-program-per-SM schedule (`DEEP_DECODE`) for a batch of rows known to be equally
+    long, or 0 where it does not apply.
+
+    It applies where rows x splits (a power of two) fill `DEEP_MIN_FILL` to 1 x the SMs and every split keeps at
+    least `DEEP_MIN_KEYS` keys: one program per SM, no second program to hide a restart or a merge behind, so each
+    streams 128 KiB of K/V ahead instead (64-key tiles, 5 stages). Hopper, head_dim 128, 16-bit only (where it was
+    measured). On an H100 at 8 kv heads, CUDA graphs, against SDPA (cuDNN's flash kernel, itself one program per
+    (sequence, kv head) row): 1.000-1.008x at 16 x 8k (split-KV's two programs per SM 0.980-0.984x), 1.011-1.013x
+    at 16 x 32k (0.997), 1.014x at 16 x 128k (1.006), 0.991 / 0.993x at 16 x 2k / 4k (0.933 / 0.958), 0.986x at
+    4 x 8k (0.957), 1.019x at 4 x 32k (1.003), 1.014x at 1 x 128k (1.002) (bench/results/experiments/
+    decode-deep-pipeline-*.json). Not for unknown lengths: the longest row would set the time (0.63-0.81x
+    stream-K on ragged batches)."""
+    if not deep_tuned(head_dim, dtype, device):
+        return 0
+    rows, sms = batch * num_kv_heads, num_sms(device)
+    s = 1
+    while s <= MAX_SPLITS and max_context >= s * DEEP_MIN_KEYS:
+        if DEEP_MIN_FILL * sms <= rows * s <= sms:
+            return s
+        s *= 2
+    return 0
 
 
 def tma_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

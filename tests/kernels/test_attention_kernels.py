@@ -208,6 +208,47 @@ def test_decode_splits_down_to_one_tile():
     assert choose_num_splits(16, 8, 512, dev, 32) == 2
 
 
+def test_decode_deep_splits():
+    """Rows known equal that fill 85-100% of the SMs once (here a nominal 132), splits >= 2048 keys: one deep program
+    per SM (15-16 sequences x 8 kv heads unsplit, 8 in two, 4 in four, 1 x 128k in sixteen); else 0 (the other
+    schedules)."""
+    from accordion.kernels.attention import decode_schedule as ds
+
+    dev = torch.device("cpu")
+    assert ds.deep_splits(16, 8, 8192, 128, torch.bfloat16, dev) == 0  # not tuned here (no Hopper)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ds, "deep_tuned", lambda *a: True)
+        picks = {b: ds.deep_splits(b, 8, 8192, 128, torch.bfloat16, dev) for b in range(1, 40)}
+        assert {b: s for b, s in picks.items() if s} == {4: 4, 8: 2, 15: 1, 16: 1}
+        assert ds.deep_splits(1, 8, 131072, 128, torch.bfloat16, dev) == 16
+        assert ds.deep_splits(16, 8, 2048, 128, torch.bfloat16, dev) == 1
+        assert ds.deep_splits(16, 8, 2047, 128, torch.bfloat16, dev) == 0  # splits shorter than DEEP_MIN_KEYS
+        assert ds.deep_splits(4, 8, 4096, 128, torch.bfloat16, dev) == 0
+
+
+@pytest.mark.parametrize("batch,splits", [(4, 1), (2, 2)])
+def test_decode_deep_schedule_matches_reference(batch, splits, monkeypatch):
+    """The launcher told equal lengths takes the deep schedule where `deep_splits` says so (on 8 nominal SMs with
+    2 kv heads: 4 sequences unsplit, 2 in two splits merged in the launch), against the reference."""
+    from accordion.kernels.attention import decode as dec
+    from accordion.kernels.attention import decode_schedule as ds
+
+    monkeypatch.setattr(ds, "deep_tuned", lambda *a: True)
+    monkeypatch.setattr(ds, "num_sms", lambda device: 8)
+    monkeypatch.setattr(ds, "DEEP_MIN_KEYS", 64)
+    picked = []
+    monkeypatch.setattr(dec, "deep_splits", lambda *a: picked.append(ds.deep_splits(*a)) or picked[-1])
+    gen, dev = _gen(31 + batch), device()
+    seq_lens = [150] * batch
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
+    q = torch.randn(batch, HKV * 4, 32, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, equal_lengths=True)
+    assert picked == [splits]
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+
+
 def test_decode_default_stream_k_matches_reference():
     """The default schedule on unequal lengths (stream-K here: 14 sequences x 2 kv heads, told a 64k bound) and on
     lengths the caller says are equal (split-KV), against the reference."""

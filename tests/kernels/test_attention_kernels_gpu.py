@@ -106,6 +106,24 @@ def test_decode_stream_k_equal_lengths_gpu(seq_lens):
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
 
 
+@pytest.mark.parametrize("batch,ctx,splits", [(16, 5000, 1), (4, 9000, 4)])
+def test_decode_deep_schedule_gpu(batch, ctx, splits):
+    """Lengths told equal: one deep-pipelined program per SM (`deep_splits`, on a 132-SM Hopper: 16 sequences x 8 kv
+    heads unsplit, 4 in four splits merged in the launch), against the reference."""
+    from accordion.kernels.attention.decode_schedule import deep_splits, deep_tuned
+    from accordion.kernels.utils import num_sms
+
+    gen = torch.Generator().manual_seed(batch + ctx)
+    kv, table, sl = make_paged_kv([ctx] * batch, 8, 128, 16, BF16, DEV, gen)
+    q = torch.randn(batch, 32, 128, generator=gen).to(BF16).to(DEV)
+    if deep_tuned(128, BF16, DEV) and num_sms(DEV) == 132:
+        assert deep_splits(batch, 8, ctx, 128, BF16, DEV) == splits
+    out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5, out=out, lse=lse, max_seq_len=ctx,
+                           equal_lengths=True)
+    _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
+
+
 @pytest.mark.parametrize("hkv,group,head_dim,page", [(8, 4, 128, 16), (8, 1, 64, 32), (2, 8, 128, 8)])
 def test_prefill_gpu(hkv, group, head_dim, page):
     gen = torch.Generator().manual_seed(7 + hkv + group)
