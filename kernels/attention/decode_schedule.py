@@ -26,7 +26,7 @@ LEAN_MIN_KEYS_PER_SLOT = 1536
 LEAN_MANY_ROWS = 3
 # One program per SM for equal lengths (`deep_splits`): its tiles, and where it applies
 DEEP_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True)
-DEEP_MIN_FILL = 0.85
+DEEP_MIN_FILL = 0.8
 DEEP_MIN_KEYS = 2048
 MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
 LEAN_MAX_SEQS = 1024  # sequences a stream-K launch takes (its programs hold every sequence's tile offset)
@@ -91,12 +91,13 @@ def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, 
     It applies where rows x splits (a power of two) fill `DEEP_MIN_FILL` to 1 x the SMs and every split keeps at
     least `DEEP_MIN_KEYS` keys: one program per SM, no second program to hide a restart or a merge behind, so each
     streams 128 KiB of K/V ahead instead (64-key tiles, 5 stages). Hopper, head_dim 128, 16-bit only (where it was
-    measured). On an H100 at 8 kv heads, CUDA graphs, against SDPA (cuDNN's flash kernel, itself one program per
-    (sequence, kv head) row): 1.000-1.008x at 16 x 8k (split-KV's two programs per SM 0.980-0.984x), 1.011-1.013x
-    at 16 x 32k (0.997), 1.014x at 16 x 128k (1.006), 0.991 / 0.993x at 16 x 2k / 4k (0.933 / 0.958), 0.986x at
-    4 x 8k (0.957), 1.019x at 4 x 32k (1.003), 1.014x at 1 x 128k (1.002) (bench/results/experiments/
-    decode-deep-pipeline-*.json). Not for unknown lengths: the longest row would set the time (0.63-0.81x
-    stream-K on ragged batches)."""
+    measured). SDPA's decode (cuDNN's flash kernel) is itself one program per (sequence, kv head) row, unsplit.
+    On an H100 at 8 kv heads, CUDA graphs, against SDPA, over three leases (bench/results/experiments/
+    decode-deep-pipeline-*.json): 16 x 8k 0.994-1.008x (split-KV's two programs per SM 0.979-0.984x), 16 x 2k / 4k
+    0.991 / 0.993x (0.933 / 0.958x), 16 x 16k 0.986x (0.993x), 16 x 32k 1.011-1.013x (0.997-1.002x), 7 x 8k 1.020x
+    (0.926x), 14 x 8k 0.969x (stream-K 0.930x), 4 x 8k 0.986x (0.957x), 4 x 32k 1.019x (1.003x), 1 x 128k 1.014x
+    (1.002x); at 12 x 8k (73% of the SMs) 0.845x against stream-K's 0.913x, hence the fill bound. Not for unknown
+    lengths: the longest row would set the time (0.63-0.81x stream-K on ragged batches)."""
     if not deep_tuned(head_dim, dtype, device):
         return 0
     rows, sms = batch * num_kv_heads, num_sms(device)

@@ -182,7 +182,8 @@ def test_decode_stream_k_equal_lengths_fuzz(length, rows, empty, hkv, programs, 
 def test_decode_default_picks_stream_k():
     """On a 132-SM device with 8 kv heads: stream-K for lengths unequal or unknown once the batch has work enough for
     it (from 7 sequences of up to 8k keys, 13 of up to 4k; up to 2k only from 99, rows of three program waves); when
-    the host says they are equal, only where split-KV fills its wave badly (9-14 and 17-29 sequences)."""
+    the host says they are equal, only where split-KV fills its wave badly (9-14 and 17-29 sequences; the launcher
+    tries `deep_splits` first, which takes 14 of them)."""
     from accordion.kernels.attention.decode_schedule import choose_num_splits, lean_pays_off
 
     dev = torch.device("cpu")  # num_sms: a nominal 132 off-GPU
@@ -209,8 +210,8 @@ def test_decode_splits_down_to_one_tile():
 
 
 def test_decode_deep_splits():
-    """Rows known equal that fill 85-100% of the SMs once (here a nominal 132), splits >= 2048 keys: one deep program
-    per SM (15-16 sequences x 8 kv heads unsplit, 8 in two, 4 in four, 1 x 128k in sixteen); else 0 (the other
+    """Rows known equal that fill 80-100% of the SMs once (here a nominal 132), splits >= 2048 keys: one deep program
+    per SM (14-16 sequences x 8 kv heads unsplit, 7-8 in two, 4 in four, 1 x 128k in sixteen); else 0 (the other
     schedules)."""
     from accordion.kernels.attention import decode_schedule as ds
 
@@ -219,7 +220,7 @@ def test_decode_deep_splits():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ds, "deep_tuned", lambda *a: True)
         picks = {b: ds.deep_splits(b, 8, 8192, 128, torch.bfloat16, dev) for b in range(1, 40)}
-        assert {b: s for b, s in picks.items() if s} == {4: 4, 8: 2, 15: 1, 16: 1}
+        assert {b: s for b, s in picks.items() if s} == {4: 4, 7: 2, 8: 2, 14: 1, 15: 1, 16: 1}
         assert ds.deep_splits(1, 8, 131072, 128, torch.bfloat16, dev) == 16
         assert ds.deep_splits(16, 8, 2048, 128, torch.bfloat16, dev) == 1
         assert ds.deep_splits(16, 8, 2047, 128, torch.bfloat16, dev) == 0  # splits shorter than DEEP_MIN_KEYS
