@@ -256,9 +256,9 @@ def main() -> None:
         settings = dict(batches=[1, 2], contexts=[64], prefill=[64], chunks=[(16, 48)], decodes=[2], d_ctx=[64],
                         copy_bytes=1 << 20)
     else:
-        settings = dict(batches=[1, 16, 64, 256], contexts=[1024, 8192, 32768, 131072], prefill=[4096, 16384, 65536],
-                        chunks=[(512, 4096), (1024, 16384), (2048, 32768)], decodes=[16, 64, 128],
-                        d_ctx=[4096, 16384, 32768], copy_bytes=2 << 30)
+        settings = dict(batches=[1, 16, 64, 128, 256], contexts=[1024, 8192, 32768, 131072],
+                        prefill=[4096, 16384, 65536], chunks=[(512, 4096), (1024, 16384), (2048, 32768)],
+                        decodes=[16, 64, 128], d_ctx=[4096, 16384, 32768], copy_bytes=2 << 30)
     t0 = time.time()
     copy_bw = copy_bandwidth(dev, settings["copy_bytes"])
     print(f"device copy bandwidth: {copy_bw:.0f} GB/s (read + write)", flush=True)

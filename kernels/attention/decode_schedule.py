@@ -163,7 +163,10 @@ def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.
     (under 90%) or needs more than one, and the rows number at least a quarter of the slots: there stream-K ran
     1.02-1.05x SDPA against split-KV's 0.86-0.88x (24 sequences over 8k / 32k keys), while split-KV stays ahead where
     it fills one wave (16 x 8k: 0.98x SDPA against 0.93x). bench/tune_attention.py --lean, 20261127T154957Z and
-    T155223Z."""
+    T155223Z. And for lengths known equal where the rows alone are more than four programs per SM (from 67 sequences
+    at 8 kv heads), whose TMA tiles ran 0.77-0.94x SDPA at 96-256 x 8k on one H100 (1.00x at 256 on
+    another) and 0.90x at 128 x 4k on two, where stream-K's device-side split partition ran 0.993-1.000x
+    (bench/results/experiments/decode-many-rows-*.json)."""
     rows, slots = batch * num_kv_heads, 2 * num_sms(device)
     if 10 * rows < slots or batch > LEAN_MAX_SEQS or rows > MAX_TICKETS:
         return False
@@ -172,6 +175,8 @@ def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.
     if max_context <= LEAN_MIN_CONTEXT and rows < LEAN_MANY_ROWS * slots:
         return False
     if not uniform:
+        return True
+    if rows > 2 * slots:
         return True
     programs = rows * num_splits
     return rows < slots and (programs > slots or programs < 0.9 * slots) and 4 * rows >= slots

@@ -183,7 +183,7 @@ def test_decode_default_picks_stream_k():
     """On a 132-SM device with 8 kv heads: stream-K for lengths unequal or unknown once the batch has work enough for
     it (from 7 sequences of up to 8k keys, 13 of up to 4k; up to 2k only from 99, rows of three program waves); when
     the host says they are equal, only where split-KV fills its wave badly (9-14 and 17-29 sequences; the launcher
-    tries `deep_splits` first, which takes 14 of them)."""
+    tries `deep_splits` first, which takes 14 of them) or the rows alone fill more than four programs per SM."""
     from accordion.kernels.attention.decode_schedule import choose_num_splits, lean_pays_off
 
     dev = torch.device("cpu")  # num_sms: a nominal 132 off-GPU
@@ -197,6 +197,8 @@ def test_decode_default_picks_stream_k():
     assert picks(False, 4096) == list(range(13, 64))
     assert picks(False, 2048) == picks(True, 2048) == []
     assert [b for b in (64, 98, 99, 128) if lean_pays_off(b, 8, 1, dev, False, 1024)] == [99, 128]
+    # rows for more than four programs per SM: stream-K's device-side split partition also for equal lengths
+    assert [b for b in (64, 66, 67, 128, 256) if lean_pays_off(b, 8, 1, dev, True, 8192)] == [67, 128, 256]
 
 
 def test_decode_splits_down_to_one_tile():
