@@ -93,10 +93,10 @@ def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, 
     streams 128 KiB of K/V ahead instead (64-key tiles, 5 stages). Hopper, head_dim 128, 16-bit only (where it was
     measured). SDPA's decode (cuDNN's flash kernel) is itself one program per (sequence, kv head) row, unsplit.
     On an H100 at 8 kv heads, CUDA graphs, against SDPA (bench/results/experiments/decode-deep-pipeline-*.json and
-    the kernels tables at 8ac7ffe and ee3e4fd): 16 x 8k 0.991-1.008x over five leases (split-KV's two programs per SM 0.979-0.984x), 16 x 2k / 4k
-    0.991 / 0.993x (0.933 / 0.958x), 16 x 16k 0.986x (0.993x), 16 x 32k 1.011-1.013x (0.997-1.002x), 7 x 8k 1.020x
-    (0.926x), 14 x 8k 0.969x (stream-K 0.930x), 4 x 8k 0.986x (0.957x), 4 x 32k 1.019x (1.003x), 1 x 128k 1.014x
-    (1.002x); at 12 x 8k (73% of the SMs) 0.845x against stream-K's 0.913x, hence the fill bound. Not for unknown
+    the kernels tables at 8ac7ffe and ee3e4fd): 16 x 8k 0.991-1.008x over five leases (split-KV's two programs per
+    SM 0.979-0.984x), 16 x 2k / 4k 0.991 / 0.993x (0.933 / 0.958x), 16 x 16k 0.986x (0.993x), 16 x 32k 1.011-1.013x
+    (0.997-1.002x), 7 x 8k 1.020x (0.926x), 14 x 8k 0.969x (stream-K 0.930x), 4 x 8k 0.986x (0.957x), 4 x 32k
+    1.019x (1.003x), 1 x 128k 1.014x (1.002x); at 12 x 8k (73% of the SMs) 0.845x against stream-K's 0.913x, hence the fill bound. Not for unknown
     lengths: the longest row would set the time (0.63-0.81x stream-K on ragged batches)."""
     if not deep_tuned(head_dim, dtype, device):
         return 0
@@ -164,9 +164,9 @@ def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.
     1.02-1.05x SDPA against split-KV's 0.86-0.88x (24 sequences over 8k / 32k keys), while split-KV stays ahead where
     it fills one wave (16 x 8k: 0.98x SDPA against 0.93x). bench/tune_attention.py --lean, 20261127T154957Z and
     T155223Z. And for lengths known equal where the rows alone are more than four programs per SM (from 67 sequences
-    at 8 kv heads), whose TMA tiles ran 0.77-0.94x SDPA at 96-256 x 8k on one H100 (1.00x at 256 on
-    another) and 0.90x at 128 x 4k on two, where stream-K's device-side split partition ran 0.993-1.000x
-    (bench/results/experiments/decode-many-rows-*.json)."""
+    at 8 kv heads), whose TMA tiles ran 0.77-0.94x SDPA at 96-256 x 4k-32k on one H100, 0.78-0.87x at 96-192 and
+    0.999x at 256 on another, 1.00x at 256 on a third, where stream-K's device-side split partition ran 0.993-1.000x
+    on the first and 0.982-0.991x on the second (bench/results/experiments/decode-many-rows-*.json)."""
     rows, slots = batch * num_kv_heads, 2 * num_sms(device)
     if 10 * rows < slots or batch > LEAN_MAX_SEQS or rows > MAX_TICKETS:
         return False
