@@ -96,8 +96,9 @@ def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, 
     the kernels tables at 8ac7ffe and ee3e4fd): 16 x 8k 0.991-1.008x over five leases (split-KV's two programs per
     SM 0.979-0.984x), 16 x 2k / 4k 0.991 / 0.993x (0.933 / 0.958x), 16 x 16k 0.986x (0.993x), 16 x 32k 1.011-1.013x
     (0.997-1.002x), 7 x 8k 1.020x (0.926x), 14 x 8k 0.969x (stream-K 0.930x), 4 x 8k 0.986x (0.957x), 4 x 32k
-    1.019x (1.003x), 1 x 128k 1.014x (1.002x); at 12 x 8k (73% of the SMs) 0.845x against stream-K's 0.913x, hence the fill bound. Not for unknown
-    lengths: the longest row would set the time (0.63-0.81x stream-K on ragged batches)."""
+    1.019x (1.003x), 1 x 128k 1.014x (1.002x); at 12 x 8k (73% of the SMs) 0.845x against stream-K's 0.913x,
+    hence the fill bound. Not for unknown lengths: the longest row would set the time (0.63-0.81x stream-K on
+    ragged batches)."""
     if not deep_tuned(head_dim, dtype, device):
         return 0
     rows, sms = batch * num_kv_heads, num_sms(device)
