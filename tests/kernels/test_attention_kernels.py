@@ -252,6 +252,28 @@ def test_decode_deep_schedule_matches_reference(batch, splits, monkeypatch):
     _close(out, ref, lse, ref_lse)
 
 
+def test_decode_many_equal_rows_take_stream_k(monkeypatch):
+    """Told equal lengths, rows for more than four programs per SM (here 24 rows over 4 nominal SMs) run stream-K's
+    kernel (its device-side split partition), against the reference."""
+    from accordion.kernels.attention import decode as dec
+    from accordion.kernels.attention import decode_schedule as ds
+
+    monkeypatch.setattr(ds, "num_sms", lambda device: 4)
+    launched = []
+    launch = dec._launch_lean
+    monkeypatch.setattr(dec, "_launch_lean", lambda *a: launched.append(1) or launch(*a))
+    gen, dev = _gen(41), device()
+    seq_lens = [100] * 12
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * 4, 32, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, max_seq_len=1024,
+                           equal_lengths=True)
+    assert launched == [1]
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+
+
 def test_decode_default_stream_k_matches_reference():
     """The default schedule on unequal lengths (stream-K here: 14 sequences x 2 kv heads, told a 64k bound) and on
     lengths the caller says are equal (split-KV), against the reference."""
