@@ -6,6 +6,8 @@
     python bench/tune_attention.py --tma      # decode: K/V pages by TMA descriptors against the default tiles
     python bench/tune_attention.py --lean     # decode: stream-K (equal key tiles per program) against split-KV
     python bench/tune_attention.py --short    # decode: short batches as a CUDA graph sees them (split-KV vs stream-K)
+    python bench/tune_attention.py --deep     # decode, equal lengths: one deep program per SM against the others
+    python bench/tune_attention.py --streams  # hybrid batches: the two kernels in sequence, on two streams, POD
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
@@ -34,7 +36,7 @@ from accordion.kernels.attention import (  # noqa: E402
     paged_prefill_attention,
     pod_attention,
 )
-from accordion.kernels.attention.decode_schedule import choose_num_splits  # noqa: E402
+from accordion.kernels.attention.decode_schedule import DEEP_DECODE, choose_num_splits  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
 from bench.kernels import HKV, HQ, D, DecodeCase, bench, graph_ms, hybrid_batch  # noqa: E402
 
@@ -190,6 +192,99 @@ def tune_short(dev, dtype, batches, contexts, ragged, copies=6) -> tuple[list[di
     return equal, uneven
 
 
+# --deep: equal lengths told to the launcher, from CUDA graphs: SDPA; the default; one deep program per SM at the
+# fewest splits (powers of two) that fill >= 70% of the SMs once; split-KV at `choose_num_splits` with its own tiles;
+# stream-K (not told); TMA two pages a tile, unsplit (the many-rows default before ee3e4fd).
+# (bench/results/experiments/decode-deep-pipeline-*.json, decode-many-rows-*.json)
+DEEP_SHAPES = [(1, 32768), (1, 131072), (4, 8192), (4, 32768), (7, 8192), (8, 32768), (12, 8192), (14, 8192),
+               (15, 8192), (16, 2048), (16, 4096), (16, 8192), (16, 16384), (16, 32768), (16, 131072), (64, 8192),
+               (96, 8192), (128, 4096), (128, 32768), (192, 8192), (256, 8192)]
+
+
+def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
+    """Equal-length decodes, every schedule against SDPA, each over copies of the cache (>= ``copies_bytes`` in all)
+    so L2 never holds the next call's keys."""
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    tma2p = dict(BLOCK_N=32, num_warps=4, num_stages=6, TMA=True, HEADS_FASTEST=True)
+    rows = []
+    for B, ctx in shapes:
+        kv_bytes = 2 * B * ctx * HKV * D * torch.finfo(dtype).bits // 8
+        cases = [DecodeCase(B, ctx, dtype, dev) for _ in range(max(1, min(16, -(-copies_bytes // kv_bytes))))]
+        deep = next((s for s in (1, 2, 4, 8, 16, 32) if 0.7 * sms <= B * HKV * s <= sms), None)
+        auto = choose_num_splits(B, HKV, ctx, dev, 32)
+        variants = {"sdpa": [c.theirs for c in cases],
+                    "default": [lambda c=c: _call(c, equal_lengths=True) for c in cases],
+                    f"split_x{auto}": [lambda c=c: _call(c, num_splits=auto) for c in cases],
+                    "stream_k": [lambda c=c: _call(c) for c in cases]}
+        if deep:
+            variants[f"deep_x{deep}"] = [lambda c=c: _call(c, num_splits=deep, config=DEEP_DECODE) for c in cases]
+        if dev.type == "cuda" and B * HKV > 2 * sms:
+            variants["tma2p"] = [lambda c=c: _call(c, num_splits=1, config=tma2p) for c in cases]
+        us = {k: graph_ms(fns, dev) * 1e3 for k, fns in variants.items()}
+        rows.append(dict(batch=B, context=ctx, us=us, vs_sdpa={k: us["sdpa"] / t for k, t in us.items()}))
+        print(f"deep {B} x {ctx}: " + " ".join(f"{k} {t:.1f} ({us['sdpa'] / t:.3f})" for k, t in us.items()),
+              flush=True)
+    return rows
+
+
+def tune_streams(dev, dtype, hybrids) -> list[dict]:
+    """Hybrid batches from CUDA graphs: the prefill and decode kernels alone, in sequence, on two streams (forked and
+    joined inside the graph, either launched first) and POD fused. Replay time by CUDA events, median of 7 x 20."""
+    import statistics
+
+    def graph_time(body):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        ts = []
+        for _ in range(7):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(20):
+                g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / 20)
+        return statistics.median(ts)
+
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def two_streams(first, second):
+        def body():
+            cur = torch.cuda.current_stream()
+            s1.wait_stream(cur)
+            s2.wait_stream(cur)
+            with torch.cuda.stream(s1):
+                first()
+            with torch.cuda.stream(s2):
+                second()
+            cur.wait_stream(s1)
+            cur.wait_stream(s2)
+        return body
+
+    rows = []
+    for chunk, p_ctx, bd, d_ctx in hybrids:
+        kv, pa, da, prefill_only, decode_only = hybrid_batch(chunk, p_ctx, bd, d_ctx, dtype, dev)
+        ms = {"prefill": graph_time(prefill_only), "decode": graph_time(decode_only),
+              "sequence": graph_time(lambda: (prefill_only(), decode_only())),
+              "streams_decode_first": graph_time(two_streams(decode_only, prefill_only)),
+              "streams_prefill_first": graph_time(two_streams(prefill_only, decode_only)),
+              "pod": graph_time(lambda: pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5))}
+        rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx, ms=ms,
+                         vs_sequence={k: ms["sequence"] / v for k, v in ms.items()},
+                         ideal=ms["sequence"] / max(ms["prefill"], ms["decode"])))
+        print(f"streams {chunk}@{p_ctx} + {bd}@{d_ctx}: " + " ".join(f"{k} {v:.3f}" for k, v in ms.items())
+              + f" (ideal x{rows[-1]['ideal']:.2f})", flush=True)
+        kv = pa = da = None
+    return rows
+
+
 def tune_pod(dev, dtype, hybrids, configs) -> list[dict]:
     """Every POD config against the prefill kernel then the decode kernel; each timed eagerly and replayed from a
     CUDA graph (GPU time alone: an eager ~0.1 ms decode launch can be host-bound under do_bench)."""
@@ -276,6 +371,10 @@ def main() -> None:
                     help="decode only: stream-K (equal key tiles per program) against split-KV, also in CUDA graphs")
     ap.add_argument("--short", action="store_true",
                     help="decode only: short batches (512-8k keys) as a CUDA graph sees them, split-KV vs stream-K")
+    ap.add_argument("--deep", action="store_true",
+                    help="decode only, equal lengths: one deep program per SM against split-KV, stream-K, TMA, SDPA")
+    ap.add_argument("--streams", action="store_true",
+                    help="hybrid batches: the two kernels in sequence, on two CUDA streams, and POD fused (CUDA)")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -298,6 +397,18 @@ def main() -> None:
         hybrids = HYBRIDS
     if args.orders and not args.quick:
         dshapes = [(16, 8192), (16, 32768), (64, 8192), (64, 32768), (256, 8192), (256, 32768)]
+    if args.deep:
+        rows = tune_deep(dev, dtype, [(2, 64)] if args.quick else DEEP_SHAPES)
+        print("wrote", write_result("tune-attention", dict(deep=rows, quick=args.quick)))
+        return
+    if args.streams:
+        if dev.type != "cuda":
+            print("--streams needs CUDA")
+            return
+        hybrids = [(512, 4096, 16, 4096), (1024, 16384, 64, 4096), (1024, 16384, 64, 16384),
+                   (1024, 16384, 128, 16384), (2048, 32768, 64, 32768), (2048, 32768, 128, 16384)]
+        print("wrote", write_result("tune-attention", dict(streams=tune_streams(dev, dtype, hybrids))))
+        return
     if args.short:
         if args.quick:
             equal, uneven = tune_short(dev, dtype, [1, 4], [48], [(8, 64)], copies=1)
