@@ -93,8 +93,8 @@ def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, 
     streams 128 KiB of K/V ahead instead (64-key tiles, 5 stages). Hopper, head_dim 128, 16-bit only (where it was
     measured). SDPA's decode (cuDNN's flash kernel) is itself one program per (sequence, kv head) row, unsplit.
     On an H100 at 8 kv heads, CUDA graphs, against SDPA (bench/results/experiments/decode-deep-pipeline-*.json and
-    the kernels tables at 8ac7ffe and ee3e4fd): 16 x 8k 0.991-1.008x over five leases (split-KV's two programs per
-    SM 0.979-0.984x), 16 x 2k / 4k 0.991 / 0.993x (0.933 / 0.958x), 16 x 16k 0.986x (0.993x), 16 x 32k 1.011-1.013x
+    the kernels tables at 8ac7ffe and ee3e4fd): 16 x 8k 0.991-1.006x over five leases (split-KV's two programs per
+    SM 0.979-0.984x), 16 x 2k / 4k 0.991 / 0.993x (0.933 / 0.958x), 16 x 16k 0.986x (0.993x), 16 x 32k 1.003-1.015x
     (0.997-1.002x), 7 x 8k 1.020x (0.926x), 14 x 8k 0.969x (stream-K 0.930x), 4 x 8k 0.986x (0.957x), 4 x 32k
     1.019x (1.003x), 1 x 128k 1.014x (1.002x); at 12 x 8k (73% of the SMs) 0.845x against stream-K's 0.913x,
     hence the fill bound. Not for unknown lengths: the longest row would set the time (0.63-0.81x stream-K on
