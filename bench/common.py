@@ -44,6 +44,25 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def gpu_card() -> dict:
+    """Driver version, UUID and maximum SM / memory clocks of the current GPU from nvidia-smi ({} without it): which
+    physical card a run had (the same kernel ran 0.94x on one H100 lease and 1.00x on another)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    fields = ("driver_version", "uuid", "clocks.max.sm", "clocks.max.memory")
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+             "-i", str(torch.cuda.current_device())], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    values = [v.strip() for v in out.strip().split(",")]
+    keys = ("gpu_driver", "gpu_uuid", "gpu_max_sm_mhz", "gpu_max_mem_mhz")
+    return dict(zip(keys, values)) if len(values) == len(keys) else {}
+
+
 def env_info() -> dict:
     """GPU, library versions, CUDA version, git commit, host and UTC date, for the header of a result file."""
     import torch
@@ -63,6 +82,7 @@ def env_info() -> dict:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["gpu_sms"] = props.multi_processor_count
+        info.update(gpu_card())
     return info
 
 

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import git_commit  # noqa: E402
+from bench.common import env_info, git_commit  # noqa: E402
 
 from accordion.kernels.attention import (  # noqa: E402
     DecodeArgs,
@@ -272,7 +272,7 @@ def main() -> None:
         time=time.strftime("%Y-%m-%dT%H:%M:%S"), dtype=str(dtype),
         shape=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=PAGE),
         settings={k: v for k, v in settings.items()}, copy_bandwidth_gb_s=copy_bw,
-        decode=decode, prefill=prefill, hybrid=hybrid, wall_s=time.time() - t0,
+        decode=decode, prefill=prefill, hybrid=hybrid, wall_s=time.time() - t0, env=env_info(),
     )
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
         f"kernels-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json")
