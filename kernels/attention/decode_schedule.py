@@ -46,6 +46,9 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, progra
         # 16-256 over 8k-128k keys, CUDA graphs):
         if tma and programs > 4 * slots:
             # many waves: two TMA pages a tile, 6 stages. 1.000-1.001x SDPA at 256 x 8k (pointer tiles 0.993-0.996)
+            # on the lease that tuned it, but 0.78-0.94x at 96-256 sequences on others (decode-many-rows-*.json):
+            # equal-length batches of that many rows therefore take stream-K (`lean_pays_off`); this stays for
+            # explicit split counts, short rows (<= LEAN_MIN_CONTEXT, under LEAN_MANY_ROWS waves), > LEAN_MAX_SEQS
             return dict(BLOCK_N=32, num_warps=4, num_stages=6, TMA=True, HEADS_FASTEST=True)
         if tma and programs > 2 * slots:
             # up to four programs per SM: one TMA page a tile, 2 warps, 6 stages (48 KiB). 1.007-1.014x SDPA at
