@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..utils import cdiv, check_tensor, is_interpreter, next_power_of_2, num_sms, register_cap, resident_programs
+from ..utils import (
+    cdiv,
+    check_tensor,
+    cuda_capability,
+    is_interpreter,
+    next_power_of_2,
+    num_sms,
+    register_cap,
+    resident_programs,
+)
 from .decode import (
     dot_precision,
     merge_splits,
@@ -21,6 +30,23 @@ from .prefill import paged_prefill_attention, prefill_config, validate_prefill_i
 
 SMID_SLOTS = 1024
 POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as a prefill tile
+
+# Warp-specialized Gluon kernel (Hopper): 8 prefill warps + a 4-warp decode worker per CTA, one CTA per SM; three
+# 64-key prefill stages and two decode stages fill the shared memory (bench/results/experiments/pod-ws-*.json).
+WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_N=64, D_STAGES=2, D_REGS=152,
+                 num_warps=8)
+WS_ITEMS_PER_SM = 4  # decode splits: about this many (sequence, kv head, split) items per SM ...
+WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
+
+try:  # Gluon (triton.experimental) with list-form warp_specialize; otherwise only the Triton kernel is used
+    import inspect
+
+    from triton.experimental.gluon import language as _gl
+
+    from .pod_ws_kernel import pod_ws_kernel
+    _GLUON = "functions_and_args" in inspect.signature(_gl.warp_specialize).parameters
+except Exception:  # noqa: BLE001 -- any import or API mismatch means "not available"
+    pod_ws_kernel, _GLUON = None, False
 
 
 @dataclass
@@ -70,6 +96,18 @@ def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3)  # bench/tune_attention.py
 
 
+def ws_capable(k_cache: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the warp-specialized kernel serves these inputs: Gluon available, an sm_90 GPU, 16-bit, head_dim 64 or
+    128, GQA groups of at most 16 heads, and every tensor it copies 16-byte aligned (pointers and strides in
+    multiples of 16 elements, for cp.async). ``tensors``: the prefill / decode q and out tensors."""
+    if not _GLUON or is_interpreter() or not k_cache.is_cuda or cuda_capability(k_cache.device) != (9, 0):
+        return False
+    D = k_cache.shape[-1]
+    if k_cache.dtype not in (torch.bfloat16, torch.float16) or D not in (64, 128):
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1]) for t in (k_cache, *tensors))
+
+
 def pod_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -86,7 +124,10 @@ def pod_attention(
     One persistent program per resident slot of every SM: the first on each SM takes prefill tiles, the others
     decode tiles, each moving to the other kind when its own runs out (%smid on CUDA, program ids under the
     interpreter, where 3 programs run so that each takes both kinds).
-    config: tile-size override (keys of `pod_config`; `maxnreg` caps registers), for tuning.
+    On an sm_90 GPU (`ws_capable`) the launch is the warp-specialized Gluon kernel (`pod_ws_kernel`): per CTA, 8
+    warps of prefill tiles beside a 4-warp decode worker, each with its own registers and K/V ring; elsewhere, or
+    with ``config``, the Triton kernel below.
+    config: tile-size override of the Triton kernel (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
     Split-KV decode partials are merged in the same launch when `merges_in_kernel` says so, else by a second one.
@@ -132,6 +173,9 @@ def pod_attention(
             raise ValueError(f"{name} must be fp32 {list(shape)}")
 
     max_ctx = decode.max_seq_len if decode.max_seq_len is not None else decode.block_table.shape[1] * page
+    if config is None and Hq // Hkv <= WS_CONFIG["D_BLOCK_H"] and ws_capable(k_cache, v_cache, pq, dq, po, do):
+        _launch_ws(k_cache, v_cache, prefill, decode, po, plse, do, dlse, max_ctx, scale)
+        return po, plse, do, dlse
     splits = decode.num_splits
     if splits is None:
         splits = max(choose_num_splits(Bd, Hkv, max_ctx, pq.device, cfg["D_BLOCK_N"]),
@@ -175,3 +219,38 @@ def pod_attention(
     if splits > 1 and not fused_merge:
         merge_splits(d_o, d_l, do, dlse)
     return po, plse, do, dlse
+
+
+def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, plse, do, dlse, max_ctx: int,
+               scale: float) -> None:
+    """The warp-specialized launch (inputs validated, outputs allocated): one CTA per SM, decode split so that there
+    are about WS_ITEMS_PER_SM items per SM, partials merged by a second launch."""
+    pq, dq = prefill.q, decode.q
+    Tq, Hq, D = pq.shape
+    Bp, Bd = prefill.seq_lens.shape[0], dq.shape[0]
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    sms = num_sms(pq.device)
+    splits = decode.num_splits
+    if splits is None:
+        splits = max(1, min(cdiv(WS_ITEMS_PER_SM * sms, Bd * Hkv), cdiv(max_ctx, WS_MIN_SPLIT_KEYS), 64))
+    if not (1 <= splits <= 1024):
+        raise ValueError(f"num_splits must be in [1, 1024], got {splits}")
+    if splits == 1:
+        d_o, d_l, d_strides = do, dlse, (*do.stride()[:2], 0, *dlse.stride(), 0)
+    else:
+        d_o, d_l = split_partials(Bd, Hq, splits, D, pq.device)
+        d_strides = (*d_o.stride()[:3], *d_l.stride())
+    cfg = WS_CONFIG
+    num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
+    counters = torch.zeros(2, dtype=torch.int32, device=pq.device)
+    pod_ws_kernel[(sms,)](
+        pq, dq, k_cache, v_cache, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens,
+        decode.block_table, decode.seq_lens, po, plse, d_o, d_l, counters,
+        num_m * Hq * Bp, Bd * Hkv * splits, Hq, num_m, Bp, Hkv, splits,
+        *pq.stride()[:2], *dq.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        prefill.block_table.stride(0), decode.block_table.stride(0), *po.stride()[:2], *plse.stride(),
+        *d_strides, float(scale) * 1.4426950408889634,
+        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page, **cfg,
+    )
+    if splits > 1:
+        merge_splits(d_o, d_l, do, dlse)

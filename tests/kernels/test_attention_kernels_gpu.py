@@ -150,6 +150,34 @@ def test_pod_gpu_matches_references():
     _check(do, dlse, *ref_paged_decode_attention(dq, kv[0], kv[1], table[2:], sl[2:], scale=128**-0.5))
 
 
+@pytest.mark.parametrize("hkv,group,head_dim,dtype", [(8, 4, 128, BF16), (2, 8, 64, torch.float16), (4, 1, 128, BF16)])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_pod_gpu_both_kernels_match_references(hkv, group, head_dim, dtype, num_splits):
+    """The default launch (the warp-specialized Gluon kernel on sm_90, asserted there) and the Triton kernel (taken
+    when a config is given) against the references: ragged chunks (1 query, mid-page ends, several m-tiles) beside
+    empty, one-key and long decodes, the decode split automatic, 1 or 5."""
+    from accordion.kernels.attention.pod import pod_config, ws_capable
+    from accordion.kernels.utils import cuda_capability
+
+    gen = torch.Generator().manual_seed(hkv * 1000 + group * 10 + head_dim)
+    p_q, p_seq, d_seq = [1, 300, 777], [5000, 300, 2000], [0, 1, 17, 4096, 9000, 100]
+    kv, table, sl = make_paged_kv(p_seq + d_seq, hkv, head_dim, 16, dtype, DEV, gen)
+    pq, cu = make_prefill_batch(p_q, p_seq, hkv * group, head_dim, dtype, DEV, gen)
+    dq = torch.randn(len(d_seq), hkv * group, head_dim, generator=gen).to(dtype).to(DEV)
+    ref_p = ref_paged_prefill_attention(pq, kv[0], kv[1], table[:3], cu, sl[:3], scale=head_dim**-0.5)
+    ref_d = ref_paged_decode_attention(dq, kv[0], kv[1], table[3:], sl[3:], scale=head_dim**-0.5)
+    if cuda_capability(DEV) == (9, 0):
+        assert ws_capable(kv[0], pq, dq)
+    for config in (None, pod_config(head_dim, dtype)):
+        po, plse, do, dlse = pod_attention(
+            kv[0], kv[1], PrefillArgs(pq, table[:3], cu, sl[:3], max(p_q), out=poisoned(pq.shape, dtype, DEV)),
+            DecodeArgs(dq, table[3:], sl[3:], out=poisoned(dq.shape, dtype, DEV), num_splits=num_splits),
+            scale=head_dim**-0.5, config=config,
+        )
+        _check(po, plse, *ref_p)
+        _check(do, dlse, *ref_d)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_pod_gpu_random_hybrid_batches_equal_separate_kernels(seed):
     """Engine-like hybrid batches at real sizes: 1-3 prefill chunks (1-4096 queries over cached prefixes up to

@@ -1,0 +1,327 @@
+"""Gluon (Hopper) POD attention: one persistent CTA per SM whose warps are specialized by role.
+
+The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma; a 4-warp worker
+partition streams decode work items beside it (mma_v2 on [16, D] tiles of one GQA group). Each partition keeps its
+own registers (setmaxnreg) and its own cp.async K/V ring in shared memory, so a compute-bound and a bandwidth-bound
+stream share every SM with the resources each needs -- what one Triton program, whose registers, shared memory and
+pipeline depth are the larger role's, cannot do (`pod_kernel.py`). When its own kind runs out, each partition
+helps with the other (the worker takes prefill tiles 64 rows at a time), so neither idles while work is left.
+
+Tickets: counter_ptr[0] counts prefill tiles (m_tile, b, qh), heaviest causal m-tiles first; counter_ptr[1] decode
+items (b, kv_head, split). Conventions are those of `paged_common` (log2-domain scores, finite running-max init,
+rows with no keys written as 0 / lse -inf); the math matches `paged_prefill_attention` / `paged_decode_attention`.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+LN2 = gl.constexpr(0.6931471805599453)
+
+NEG_BIG = gl.constexpr(-1.0e30)
+
+
+@gluon.jit
+def _issue_kv(k_dst, v_dst, k_base, v_base, pages, start, kv_len, stride_kb, stride_kp, stride_vb, stride_vp,
+              HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, LD: gl.constexpr):
+    """cp.async keys [start, start + BLOCK_N) of one kv head into k_dst / v_dst [BLOCK_N, D] (zero past kv_len).
+    pages: [BLOCK_N] int32 physical block of each key (SliceLayout(1, LD))."""
+    offs_n = start + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LD))
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, LD))
+    n_mask = gl.expand_dims(offs_n < kv_len, 1)
+    blk = pages.to(gl.int64)
+    row = offs_n % PAGE_SIZE
+    k_off = gl.expand_dims(blk * stride_kb + row * stride_kp, 1) + gl.expand_dims(offs_d, 0)
+    v_off = gl.expand_dims(blk * stride_vb + row * stride_vp, 1) + gl.expand_dims(offs_d, 0)
+    async_copy.async_copy_global_to_shared(k_dst, k_base + k_off, mask=n_mask)
+    async_copy.async_copy_global_to_shared(v_dst, v_base + v_off, mask=n_mask)
+
+
+@gluon.jit
+def _pages(bt_row, start, kv_len, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, LD: gl.constexpr):
+    """[BLOCK_N] physical blocks of keys [start, start + BLOCK_N) (0 past kv_len)."""
+    offs_n = start + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LD))
+    return gl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
+
+
+# ----------------------------------------------------------------------------------------------------------- prefill
+@gluon.jit
+def _prefill_tiles(p_q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr,
+                   num_tiles, num_heads, num_m_tiles, num_seqs,
+                   stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                   stride_btb, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
+                   q_smem, k_smem, v_smem, decode_args,
+                   GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, D_BLOCK_H: gl.constexpr, HELP: gl.constexpr):
+    """Prefill (m_tile, b, qh) tiles of BLOCK_M query rows from ticket counter_ptr[0], heaviest m-tiles first, each
+    run as BLOCK_M // (16 * num_warps) row blocks (one wgmma M of 64 rows per warpgroup); then, with HELP, decode
+    items (`decode_args`) until none is left."""
+    SUB_M: gl.constexpr = 16 * gl.num_warps()
+    idx = gl.atomic_add(counter_ptr, 1)
+    while idx < num_tiles:
+        per_m = num_heads * num_seqs
+        m_tile = num_m_tiles - 1 - idx // per_m
+        rem = idx % per_m
+        b = rem // num_heads
+        qh = rem % num_heads
+        q_start = gl.load(cu_ptr + b)
+        q_len = gl.load(cu_ptr + b + 1) - q_start
+        for sub in gl.static_range(BLOCK_M // SUB_M):
+            m0 = m_tile * BLOCK_M + sub * SUB_M
+            if m0 < q_len:
+                _prefill_rows(p_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, b, qh, q_start, q_len, m0,
+                              stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                              stride_btb, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
+                              q_smem, k_smem, v_smem, GROUP, HEAD_DIM, PAGE_SIZE, SUB_M, BLOCK_N, STAGES)
+        idx = gl.atomic_add(counter_ptr, 1)
+    if HELP:
+        _decode_items(*decode_args, k_smem, v_smem, None, GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES,
+                      BLOCK_M, False)
+
+
+@gluon.jit
+def _prefill_rows(p_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, b, qh, q_start, q_len, m0,
+                  stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                  stride_btb, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
+                  q_smem, k_smem, v_smem,
+                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Queries [m0, m0 + BLOCK_M) of prefill sequence b, head qh (q at position seq_len - q_len + i sees keys up to
+    its position): wgmma over the sequence's paged keys, K/V through a STAGES-deep cp.async ring, only the diagonal
+    key tiles masked; stores the out rows and their lse. The calling partition's warps all take part."""
+    W: gl.constexpr = gl.num_warps()
+    S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_N, 16])
+    O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, HEAD_DIM, 16])
+    P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [W, 1], [1, 0])
+    seq_len = gl.load(sl_ptr + b)
+    ctx = seq_len - q_len
+    kvh = qh // GROUP
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    bt_row = bt_ptr + b.to(gl.int64) * stride_btb
+    kv_end = gl.minimum(seq_len, ctx + m0 + BLOCK_M)
+    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+    full_tiles = (ctx + m0 + 1) // BLOCK_N  # key tiles every row of the block sees whole
+
+    offs_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, LD))
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, LD))
+    rows = (q_start + offs_m).to(gl.int64)
+    q = gl.load(p_q_ptr + gl.expand_dims(rows * stride_qt + qh * stride_qh, 1) + gl.expand_dims(offs_d, 0),
+                mask=gl.expand_dims(offs_m < q_len, 1), other=0.0)
+    gl.thread_barrier()  # the previous block's readers of q_smem and the ring are done
+    q_smem.store(q)
+    for j in gl.static_range(STAGES - 1):
+        if j < n_tiles:
+            pages = _pages(bt_row, j * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
+            _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, j * BLOCK_N, seq_len,
+                      stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+        async_copy.commit_group()
+    next_pages = _pages(bt_row, (STAGES - 1) * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
+
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_L)
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, S_L))
+    m_i = gl.full([BLOCK_M], NEG_BIG, gl.float32, gl.SliceLayout(1, S_L))
+    q_pos = ctx + m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, S_L))
+    for j in range(0, n_tiles):
+        nxt = j + STAGES - 1
+        if nxt < n_tiles:
+            _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
+                      nxt * BLOCK_N, seq_len, stride_kb, stride_kp, stride_vb, stride_vp,
+                      HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+            next_pages = _pages(bt_row, (nxt + 1) * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
+        async_copy.commit_group()
+        async_copy.wait_group(STAGES - 1)
+        gl.thread_barrier()
+        fence_async_shared()
+        stage = j % STAGES
+        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)),
+                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L), use_acc=False)
+        s = s * qk_scale
+        if j >= full_tiles:
+            k_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, S_L))
+            vis = (gl.expand_dims(k_pos, 0) <= gl.expand_dims(q_pos, 1)) & gl.expand_dims(k_pos < seq_len, 0)
+            s = gl.where(vis, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
+        p16 = gl.convert_layout(p.to(k_smem.dtype), P_L)
+        acc = warpgroup_mma(p16, v_smem.index(stage), acc)
+        m_i = m_new
+        gl.thread_barrier()  # all warps are done with this stage before it is refilled
+    async_copy.wait_group(0)
+
+    empty = l_i == 0.0
+    inv = 1.0 / gl.where(empty, 1.0, l_i)
+    out = acc * gl.expand_dims(gl.convert_layout(inv, gl.SliceLayout(1, O_L)), 1)
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2)
+    o_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, O_L))
+    o_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, O_L))
+    o_rows = (q_start + o_m).to(gl.int64)
+    gl.store(o_ptr + gl.expand_dims(o_rows * stride_ot + qh * stride_oh, 1) + gl.expand_dims(o_d, 0),
+             out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(o_m < q_len, 1))
+    l_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, S_L))
+    gl.store(lse_ptr + (q_start + l_m).to(gl.int64) * stride_lt + qh * stride_lh, lse, mask=l_m < q_len)
+
+
+# ------------------------------------------------------------------------------------------------------------ decode
+@gluon.jit
+def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr,
+                  num_items, num_kv_heads, num_splits,
+                  stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                  stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
+                  k_smem, v_smem, prefill_args,
+                  GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, P_BLOCK_M: gl.constexpr, HELP: gl.constexpr):
+    """Decode (b, kvh, split) items from ticket counter_ptr[1]: the GROUP query heads of kv head kvh are rows of a
+    [BLOCK_H, D] tile (mma_v2) against the split's keys [lo, hi), K/V through a STAGES-deep cp.async ring; stores
+    normalised rows and lse (a split's partial when num_splits > 1; empty splits 0 / -inf). Then, with HELP and
+    four warps, prefill tiles (`prefill_args`, ending with a [64, D] Q buffer) until none is left."""
+    W: gl.constexpr = gl.num_warps()
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, W], instr_shape=[16, 8])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [W, 1], [1, 0])
+    idx = gl.atomic_add(counter_ptr + 1, 1)
+    while idx < num_items:
+        split = idx % num_splits
+        r = idx // num_splits
+        b = r // num_kv_heads
+        kvh = r % num_kv_heads
+        b64 = b.to(gl.int64)
+        seq_len = gl.load(sl_ptr + b)
+        split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * split_len
+        hi = gl.minimum(seq_len, lo + split_len)
+        n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
+        bt_row = bt_ptr + b64 * stride_btb
+
+        gl.thread_barrier()  # previous item's readers of the ring are done
+        for j in gl.static_range(STAGES - 1):
+            if j < n_tiles:
+                pages = _pages(bt_row, lo + j * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+                _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, lo + j * BLOCK_N, hi,
+                          stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+            async_copy.commit_group()
+        next_pages = _pages(bt_row, lo + (STAGES - 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+
+        offs_h = gl.arange(0, BLOCK_H, gl.SliceLayout(1, LD))
+        offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, LD))
+        heads = kvh * GROUP + offs_h
+        q = gl.load(d_q_ptr + b64 * stride_qb + gl.expand_dims(heads * stride_qh, 1) + gl.expand_dims(offs_d, 0),
+                    mask=gl.expand_dims(offs_h < GROUP, 1), other=0.0)
+        q = gl.convert_layout(q, A_L)
+        acc = gl.zeros([BLOCK_H, HEAD_DIM], gl.float32, MMA)
+        l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, MMA))
+        m_i = gl.full([BLOCK_H], NEG_BIG, gl.float32, gl.SliceLayout(1, MMA))
+        for j in range(0, n_tiles):
+            nxt = j + STAGES - 1
+            if nxt < n_tiles:
+                _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
+                          lo + nxt * BLOCK_N, hi, stride_kb, stride_kp, stride_vb, stride_vp,
+                          HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+                next_pages = _pages(bt_row, lo + (nxt + 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            gl.thread_barrier()
+            stage = j % STAGES
+            kt = k_smem.index(stage).permute((1, 0)).load(B_L)
+            s = mma_v2(q, kt, gl.zeros([BLOCK_H, BLOCK_N], gl.float32, MMA)) * qk_scale
+            k_pos = lo + j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, MMA))
+            s = gl.where(gl.expand_dims(k_pos < hi, 0), s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            v = v_smem.index(stage).load(B_L)
+            acc = mma_v2(gl.convert_layout(p.to(k_smem.dtype), A_L), v, acc * gl.expand_dims(alpha, 1))
+            m_i = m_new
+            gl.thread_barrier()
+        async_copy.wait_group(0)
+
+        empty = l_i == 0.0
+        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_i), 1)
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2)
+        o_h = gl.arange(0, BLOCK_H, gl.SliceLayout(1, MMA))
+        o_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, MMA))
+        o_heads = kvh * GROUP + o_h
+        h_mask = o_h < GROUP
+        gl.store(o_ptr + b64 * stride_ob + split * stride_os + gl.expand_dims(o_heads * stride_oh, 1)
+                 + gl.expand_dims(o_d, 0), out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(h_mask, 1))
+        gl.store(lse_ptr + b64 * stride_lb + split * stride_ls + o_heads * stride_lh, lse, mask=h_mask)
+        idx = gl.atomic_add(counter_ptr + 1, 1)
+    if HELP:
+        _prefill_tiles(*prefill_args, k_smem, v_smem, None, GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, BLOCK_N, STAGES,
+                       BLOCK_H, False)
+
+
+# Counts, split and block-table strides and pointers into the middle of a step's tensors change from step to step:
+# plain runtime arguments (one compiled variant; see `accordion.kernels.utils.jit_unspecialized`). K/V pointers
+# and strides keep their divisibility (the cp.async copies are 16 bytes wide).
+_RUNTIME = ["p_bt_ptr", "p_cu_ptr", "p_sl_ptr", "d_bt_ptr", "d_sl_ptr", "plse_ptr", "dlse_ptr", "num_prefill_tiles",
+            "num_decode_items", "num_m_tiles", "num_prefill_seqs", "num_splits", "stride_pbt", "stride_dbt",
+            "stride_dob", "stride_doh", "stride_dos", "stride_dlb", "stride_dlh", "stride_dls"]
+
+
+@gluon.jit(do_not_specialize=_RUNTIME, do_not_specialize_on_alignment=_RUNTIME)
+def pod_ws_kernel(
+    pq_ptr,  # prefill q [Tq, Hq, D]
+    dq_ptr,  # decode q [Bd, Hq, D]
+    k_ptr, v_ptr,  # [num_blocks, PAGE, Hkv, D]
+    p_bt_ptr, p_cu_ptr, p_sl_ptr,  # prefill block_table [Bp, *], cu_seqlens_q [Bp + 1], seq_lens [Bp] (int32)
+    d_bt_ptr, d_sl_ptr,  # decode block_table [Bd, *], seq_lens [Bd] (int32)
+    po_ptr, plse_ptr,  # prefill out [Tq, Hq, D], lse fp32 [Tq, Hq]
+    do_ptr, dlse_ptr,  # decode out [Bd, Hq, D] (split stride 0) or fp32 partials [Bd, Hq, S, D] / [Bd, Hq, S]
+    counter_ptr,  # int32 [2] zeroed tickets
+    num_prefill_tiles, num_decode_items, num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits,
+    stride_pqt, stride_pqh, stride_dqb, stride_dqh,
+    stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+    stride_pbt, stride_dbt,
+    stride_pot, stride_poh, stride_plt, stride_plh,
+    stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
+    qk_scale,  # softmax scale * log2(e)
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+    P_BLOCK_M: gl.constexpr, P_BLOCK_N: gl.constexpr, P_STAGES: gl.constexpr,
+    D_BLOCK_H: gl.constexpr, D_BLOCK_N: gl.constexpr, D_STAGES: gl.constexpr, D_REGS: gl.constexpr,
+):
+    """Grid: one persistent CTA per SM (any size is correct); num_warps = 2 * P_BLOCK_M // 32 (default partition)
+    plus a 4-warp decode worker with D_REGS registers a thread. P_BLOCK_N must equal D_BLOCK_N (the partitions
+    swap rings when they help each other)."""
+    dtype: gl.constexpr = pq_ptr.dtype.element_ty
+    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_M, HEAD_DIM], dtype)
+    kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_N, HEAD_DIM], dtype)
+    wq_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [P_BLOCK_M, HEAD_DIM], q_sl)
+    pk_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
+    pv_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
+    dk_smem = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], kv_sl)
+    dv_smem = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], kv_sl)
+    wq_smem = gl.allocate_shared_memory(dtype, [64, HEAD_DIM], wq_sl)  # the worker's Q rows when it helps prefill
+    HELP: gl.constexpr = True  # each partition helps with the other's kind once its own runs out
+    decode_args = (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
+                   num_decode_items, num_kv_heads, num_splits,
+                   stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                   stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale)
+    prefill_args = (pq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, counter_ptr,
+                    num_prefill_tiles, num_heads, num_m_tiles, num_prefill_seqs,
+                    stride_pqt, stride_pqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                    stride_pbt, stride_pot, stride_poh, stride_plt, stride_plh, qk_scale, wq_smem)
+    gl.warp_specialize([
+        (_prefill_tiles, (pq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, counter_ptr,
+                          num_prefill_tiles, num_heads, num_m_tiles, num_prefill_seqs,
+                          stride_pqt, stride_pqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                          stride_pbt, stride_pot, stride_poh, stride_plt, stride_plh, qk_scale,
+                          q_smem, pk_smem, pv_smem, decode_args,
+                          GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES, D_BLOCK_H, HELP)),
+        (_decode_items, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
+                         num_decode_items, num_kv_heads, num_splits,
+                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                         stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+                         dk_smem, dv_smem, prefill_args,
+                         GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_M, HELP)),
+    ], [4], [D_REGS])
