@@ -125,10 +125,10 @@ class DeviceConfig:
     """``auto`` = Triton kernels on CUDA, torch on CPU."""
     hybrid_attention: HybridAttention = "separate"
     """Triton backend, a step holding prefill chunks and decodes: the prefill kernel then the decode kernel
-    (``separate``), or the POD-style fused kernel, one launch for both (``fused``). Separate is the faster on an
-    H100 since the prefill kernel's register-capped tiles: fused ran 0.72-1.12x the two kernels on the kernel
-    benchmark's hybrid batches (ahead only beside 128 decodes) and 13% slower end to end on the engine stress run
-    (bench/results/kernels-20261127-153035.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T133729Z.json)."""
+    (``separate``), or the POD-style fused kernel, one launch for both (``fused``; warp-specialized on sm_90).
+    Separate stays the default: on an H100 the fused kernel ran 0.77-1.23x the two kernels on the kernel
+    benchmark's hybrid batches (ahead where the halves are comparable, behind where the prefill dominates) and
+    has not been measured end to end (bench/results/kernels-20261127-224721.json)."""
     cuda_graphs: bool = True
     """Capture decode steps in CUDA graphs (CUDA only)."""
     cuda_graph_max_batch: int = 256
