@@ -128,7 +128,8 @@ class DeviceConfig:
     (``separate``), or the POD-style fused kernel, one launch for both (``fused``; warp-specialized on sm_90).
     Separate stays the default: on an H100 the fused kernel ran 0.77-1.23x the two kernels on the kernel
     benchmark's hybrid batches (ahead where the halves are comparable, behind where the prefill dominates) and
-    has not been measured end to end (bench/results/kernels-20261127-224721.json)."""
+    made the engine stress run take 35% longer (long-prompt chunks: the prefill dominates) (bench/results/
+    kernels-20261127-224721.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T225105Z.json)."""
     cuda_graphs: bool = True
     """Capture decode steps in CUDA graphs (CUDA only)."""
     cuda_graph_max_batch: int = 256
