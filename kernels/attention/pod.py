@@ -32,7 +32,8 @@ SMID_SLOTS = 1024
 POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as a prefill tile
 
 # Warp-specialized Gluon kernel (Hopper): 8 prefill warps + a 4-warp decode worker per CTA, one CTA per SM; three
-# 64-key prefill stages and two decode stages fill the shared memory (bench/results/experiments/pod-ws-*.json).
+# 64-key prefill stages and two decode stages fill the shared memory (219 KiB; 1.0-1.16x two and three on balanced
+# batches, bench/results/experiments/pod-ws-probe-stages-20261127.json).
 WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_N=64, D_STAGES=2, D_REGS=152,
                  num_warps=8)
 WS_ITEMS_PER_SM = 4  # decode splits: about this many (sequence, kv head, split) items per SM ...
@@ -96,11 +97,13 @@ def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3)  # bench/tune_attention.py
 
 
-def ws_capable(k_cache: torch.Tensor, *tensors: torch.Tensor) -> bool:
+def ws_capable(k_cache: torch.Tensor, group: int, *tensors: torch.Tensor) -> bool:
     """Whether the warp-specialized kernel serves these inputs: Gluon available, an sm_90 GPU, 16-bit, head_dim 64 or
-    128, GQA groups of at most 16 heads, and every tensor it copies 16-byte aligned (pointers and strides in
-    multiples of 16 elements, for cp.async). ``tensors``: the prefill / decode q and out tensors."""
+    128, GQA groups (query heads per kv head) of at most D_BLOCK_H, and the cache and ``tensors`` (v cache, the
+    prefill / decode q and out) 16-byte aligned: pointers and strides in multiples of 16 elements, for cp.async."""
     if not _GLUON or is_interpreter() or not k_cache.is_cuda or cuda_capability(k_cache.device) != (9, 0):
+        return False
+    if group > WS_CONFIG["D_BLOCK_H"]:
         return False
     D = k_cache.shape[-1]
     if k_cache.dtype not in (torch.bfloat16, torch.float16) or D not in (64, 128):
@@ -173,7 +176,7 @@ def pod_attention(
             raise ValueError(f"{name} must be fp32 {list(shape)}")
 
     max_ctx = decode.max_seq_len if decode.max_seq_len is not None else decode.block_table.shape[1] * page
-    if config is None and Hq // Hkv <= WS_CONFIG["D_BLOCK_H"] and ws_capable(k_cache, v_cache, pq, dq, po, do):
+    if config is None and ws_capable(k_cache, Hq // Hkv, v_cache, pq, dq, po, do):
         _launch_ws(k_cache, v_cache, prefill, decode, po, plse, do, dlse, max_ctx, scale)
         return po, plse, do, dlse
     splits = decode.num_splits
@@ -226,7 +229,7 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
     """The warp-specialized launch (inputs validated, outputs allocated): one CTA per SM, decode split so that there
     are about WS_ITEMS_PER_SM items per SM, partials merged by a second launch."""
     pq, dq = prefill.q, decode.q
-    Tq, Hq, D = pq.shape
+    _, Hq, D = pq.shape
     Bp, Bd = prefill.seq_lens.shape[0], dq.shape[0]
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     sms = num_sms(pq.device)

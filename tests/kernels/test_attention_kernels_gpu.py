@@ -167,7 +167,7 @@ def test_pod_gpu_both_kernels_match_references(hkv, group, head_dim, dtype, num_
     ref_p = ref_paged_prefill_attention(pq, kv[0], kv[1], table[:3], cu, sl[:3], scale=head_dim**-0.5)
     ref_d = ref_paged_decode_attention(dq, kv[0], kv[1], table[3:], sl[3:], scale=head_dim**-0.5)
     if cuda_capability(DEV) == (9, 0):
-        assert ws_capable(kv[0], pq, dq)
+        assert ws_capable(kv[0], group, kv[1], pq, dq)
     for config in (None, pod_config(head_dim, dtype)):
         po, plse, do, dlse = pod_attention(
             kv[0], kv[1], PrefillArgs(pq, table[:3], cu, sl[:3], max(p_q), out=poisoned(pq.shape, dtype, DEV)),
