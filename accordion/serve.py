@@ -61,8 +61,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on CUDA, torch on CPU")
-    e.add_argument("--hybrid-attention", default="separate", choices=["separate", "fused"],
-                   help="steps with prefill chunks and decodes: two kernels in sequence, or the POD fused kernel")
+    e.add_argument("--hybrid-attention", default="separate", choices=["separate", "fused", "auto"],
+                   help="steps with prefill chunks and decodes: two kernels in sequence, the POD fused kernel, "
+                        "or fused only for balanced steps on sm_90")
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=256)
     e.add_argument("--max-num-batched-tokens", type=int, default=2048)

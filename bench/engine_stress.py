@@ -2,8 +2,8 @@
 
 The long-context mix (short ShareGPT-like requests plus 16k-128k prompts) submitted in one batch to the offline
 engine, greedy with fixed output lengths: hybrid steps with long cached prefixes, long decodes, the paths the
-serving benchmarks take. Runs twice: hybrid steps through the POD fused kernel, and through the
-two kernels in sequence (the default, DeviceConfig.hybrid_attention); reports each run's time and whether
+serving benchmarks take. Runs once per mode: hybrid steps through the POD fused kernel, through the two kernels
+in sequence, and chosen per step (DeviceConfig.hybrid_attention); reports each run's time and whether
 the greedy tokens agree (random weights give near-tied logits, so bf16 rounding differences between the fused and
 the separate kernels may flip a token; a fault shows up here with the failing step, without Ray or gRPC).
 
@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=131072 + 2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--modes", default="fused,separate", help="hybrid attention: comma list of fused,separate")
+    ap.add_argument("--modes", default="fused,separate,auto",
+                    help="hybrid attention: comma list of fused,separate,auto")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -66,7 +67,7 @@ def main() -> None:
     rows, tokens, out = [], {}, {}
     for mode in modes:
         if hasattr(backend, "fuse_hybrid"):
-            backend.fuse_hybrid = mode == "fused"
+            backend.fuse_hybrid = {"fused": True, "separate": False, "auto": None}[mode]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         dt = time.perf_counter() - t0

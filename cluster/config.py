@@ -15,7 +15,7 @@ from typing import Literal, get_args
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
-HybridAttention = Literal["separate", "fused"]
+HybridAttention = Literal["separate", "fused", "auto"]
 
 
 def cache_dir() -> Path:
@@ -125,11 +125,12 @@ class DeviceConfig:
     """``auto`` = Triton kernels on CUDA, torch on CPU."""
     hybrid_attention: HybridAttention = "separate"
     """Triton backend, a step holding prefill chunks and decodes: the prefill kernel then the decode kernel
-    (``separate``), or the POD-style fused kernel, one launch for both (``fused``; warp-specialized on sm_90).
-    Separate stays the default: on an H100 the fused kernel ran 0.77-1.23x the two kernels on the kernel
-    benchmark's hybrid batches (ahead where the halves are comparable, behind where the prefill dominates) and
-    made the engine stress run take 35% longer (long-prompt chunks: the prefill dominates) (bench/results/
-    kernels-20261127-224721.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T225105Z.json)."""
+    (``separate``), the POD-style fused kernel, one launch for both (``fused``; warp-specialized on sm_90), or per
+    step (``auto``): fused when the warp-specialized kernel serves and the step's halves are balanced
+    (`pod_pays_off`), else separate. On an H100 the fused kernel ran 1.05-1.23x the sequence on balanced batches of
+    the kernel benchmark and 0.77-0.92x on prefill-dominated ones; always fused made the engine stress run take
+    35% longer (bench/results/kernels-20261127-224721.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T225105Z.json).
+    """
     cuda_graphs: bool = True
     """Capture decode steps in CUDA graphs (CUDA only)."""
     cuda_graph_max_batch: int = 256

@@ -3,6 +3,7 @@
 Decode rows run the paged decode kernels (split-KV, TMA pages or stream-K, as `decode_schedule` picks; the step's
 host lengths tell it whether they are equal); prefill chunks the paged prefill kernel; a hybrid step (both)
 runs the two in sequence, or with ``fuse_hybrid`` the POD-style fused kernel, one launch for both kinds of work
+(or, per step, the fused kernel when its warp-specialized form serves and the step's halves are balanced)
 (DeviceConfig.hybrid_attention says which is faster). Every path returns the log-sum-exp.
 """
 
@@ -16,7 +17,9 @@ from accordion.kernels.attention import (
     paged_decode_attention,
     paged_prefill_attention,
     pod_attention,
+    pod_pays_off,
     write_kv_cache,
+    ws_capable,
 )
 from accordion.kernels.attention.decode_schedule import LEAN_MIN_CONTEXT, decode_variants, tma_capable
 from accordion.kernels.utils import is_interpreter
@@ -27,16 +30,30 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     stores_kv_with_rotary = True
 
-    def __init__(self, *args, fuse_hybrid: bool = False, **kw):
-        """fuse_hybrid: hybrid steps through the fused kernel (True) or the two kernels in sequence (False)."""
+    def __init__(self, *args, fuse_hybrid: bool | None = False, **kw):
+        """fuse_hybrid: hybrid steps through the fused kernel (True), the two kernels in sequence (False), or per
+        step (None: fused when the warp-specialized kernel serves and `pod_pays_off`)."""
         super().__init__(*args, **kw)
         self.fuse_hybrid = fuse_hybrid
+        self._step_fuse: tuple[AttentionMetadata | None, bool] = (None, False)
+
+    def _fuse(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """A hybrid step's choice, made once per step (every layer sees the same ``meta``)."""
+        if self.fuse_hybrid is not None:
+            return self.fuse_hybrid
+        if self._step_fuse[0] is not meta:
+            nd = meta.num_decodes
+            fuse = ws_capable(kv_cache[0], self.num_heads // self.num_kv_heads, kv_cache[1], q) and pod_pays_off(
+                meta.query_lens_cpu[nd:], meta.seq_lens_cpu[nd:], meta.seq_lens_cpu[:nd],
+                self.num_heads, self.num_kv_heads, self.head_dim, q.element_size())
+            self._step_fuse = (meta, fuse)
+        return self._step_fuse[1]
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata):
         if k is not None:
             write_kv_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         hybrid = meta.num_decodes > 0 and meta.prefill_query_start_loc is not None
-        return self._attend(q, kv_cache, meta, fuse=hybrid and self.fuse_hybrid)
+        return self._attend(q, kv_cache, meta, fuse=hybrid and self._fuse(q, kv_cache, meta))
 
     def _attend(self, q, kv_cache, meta: AttentionMetadata, fuse: bool):
         """Attention of ``q`` [T, Hq, D] over the cache (this step's K/V stored); hybrid steps fused or not."""
@@ -75,13 +92,15 @@ class TritonAttentionBackend(AttentionBackend):
         0.1-2 s: a stall of every running request). Variants differ only in what cannot change between steps
         (dtypes, head counts, tile sizes, decode schedule, whether a decode splits its keys); everything else is a
         runtime argument (`accordion.kernels.utils.jit_unspecialized`). The fused kernel is compiled only when
-        ``fuse_hybrid`` is set (set it before warm-up). Reads a few keys of ``kv_cache``, writes none.
+        hybrid steps may fuse (``fuse_hybrid`` True or None; set it before warm-up). Reads a few keys of
+        ``kv_cache``, writes none.
         Under the Triton interpreter there is nothing to compile."""
         if is_interpreter():
             return
         dev = kv_cache.device
-        # hybrid steps run the fused kernel or the two in sequence, never both: warm only the one in use
-        kinds = ("decode", "prefill", "fused" if self.fuse_hybrid else "hybrid")
+        # hybrid steps run the fused kernel, the two in sequence or (per step) either: warm those in use
+        kinds = ("decode", "prefill") + ("fused",) * (self.fuse_hybrid is not False) \
+            + ("hybrid",) * (self.fuse_hybrid is not True)
         steps = [(int(kind != "prefill"), kind != "decode", max_seq_len, 1, kind == "fused")
                  for max_seq_len in (16, 1 << 16)  # the decode keys split or not
                  for kind in kinds]

@@ -41,7 +41,7 @@ def make_backend(kind: str, device: torch.device, arch: ArchConfig, hybrid: str 
     if kind == "triton":
         from accordion.workers.attention_triton import TritonAttentionBackend
 
-        return TritonAttentionBackend(*args, fuse_hybrid=hybrid == "fused")
+        return TritonAttentionBackend(*args, fuse_hybrid={"fused": True, "separate": False, "auto": None}[hybrid])
     return TorchAttentionBackend(*args)
 
 

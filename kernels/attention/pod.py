@@ -39,6 +39,14 @@ WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_
 WS_ITEMS_PER_SM = 4  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
+# When fusing pays, from the kernel benchmark's hybrid table (1xH100, bench/results/kernels-20261127-224721.json):
+# with prefill time / decode time (each estimated at the prefill and decode kernels' measured rates) in
+# [0.35, 1.2] the warp-specialized kernel ran 1.05-1.23x the two kernels in sequence (7 of 27 batches); at 1.7 and
+# above, prefill-dominated, 0.77-1.05x; below 0.3, decode-dominated, 0.96-1.07x.
+POD_BALANCE = (0.35, 1.2)
+PREFILL_FLOPS_PER_S = 440e12
+DECODE_BYTES_PER_S = 3.0e12
+
 try:  # Gluon (triton.experimental) with list-form warp_specialize; otherwise only the Triton kernel is used
     import inspect
 
@@ -95,6 +103,16 @@ def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32 or head_dim > 128:
         return dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3)  # bench/tune_attention.py
+
+
+def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_seq_lens: list[int],
+                 num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int) -> bool:
+    """Whether a hybrid batch should run fused: the ratio of its prefill half's estimated time (causal FLOPs of
+    each chunk over its cached prefix) to its decode half's (K/V bytes read) lies in POD_BALANCE."""
+    flops = 4 * num_heads * head_dim * sum(q * (s - q / 2) for q, s in zip(prefill_q_lens, prefill_seq_lens))
+    t_p = flops / PREFILL_FLOPS_PER_S
+    t_d = sum(decode_seq_lens) * 2 * num_kv_heads * head_dim * elem_bytes / DECODE_BYTES_PER_S
+    return t_d > 0 and POD_BALANCE[0] <= t_p / t_d <= POD_BALANCE[1]
 
 
 def ws_capable(k_cache: torch.Tensor, group: int, *tensors: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ from accordion.cluster.config import DeviceConfig
 
 
 @pytest.mark.parametrize("field,value", [("device", "tpu"), ("attention_backend", "flash"),
-                                         ("hybrid_attention", "auto"), ("cuda_graph_max_batch", 0)])
+                                         ("hybrid_attention", "always"), ("cuda_graph_max_batch", 0)])
 def test_device_config_rejects_unknown_values(field, value):
     with pytest.raises(ValueError, match=field):
         DeviceConfig(**{field: value})

@@ -13,7 +13,7 @@ from tests.conftest import assert_idle_blocks_free
 from tests.workers.test_hf_equality import hf_greedy, random_prompts
 
 
-@pytest.mark.parametrize("hybrid", ["fused", "separate"])
+@pytest.mark.parametrize("hybrid", ["fused", "separate", "auto"])
 def test_triton_backend_equals_hf(tiny_ckpt, hybrid):
     path = tiny_ckpt("tiny-llama")
     prompts = random_prompts(4, [3, 17, 40, 9], 500, seed=1)
@@ -22,7 +22,7 @@ def test_triton_backend_equals_hf(tiny_ckpt, hybrid):
     # A 16-token budget makes hybrid steps: decodes of short prompts beside chunks of the long ones.
     llm = LLM(path, device=device, dtype="float32", attention_backend="triton", hybrid_attention=hybrid, block_size=8,
               max_model_len=256, max_num_batched_tokens=16, cuda_graphs=False)
-    assert llm.instance.worker.backend.fuse_hybrid == (hybrid == "fused")
+    assert llm.instance.worker.backend.fuse_hybrid == {"fused": True, "separate": False, "auto": None}[hybrid]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert_idle_blocks_free(llm)
@@ -125,7 +125,7 @@ def test_tma_decode_in_engine_equals_hf(tiny_ckpt, monkeypatch, cuda_graphs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hybrid", ["separate", "fused"])
+@pytest.mark.parametrize("hybrid", ["separate", "fused", "auto"])
 def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
     """Once the engine is built, no step compiles a kernel: prompts of many lengths (chunked, hybrid steps,
     decodes with and without split keys, block tables of every width) run on what warm-up compiled, with hybrid
@@ -134,6 +134,7 @@ def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
     from accordion.kernels.attention.decode_lean_kernel import paged_decode_lean_kernel
     from accordion.kernels.attention.decode_tma_kernel import paged_decode_tma_kernel
     from accordion.kernels.attention.pod_kernel import pod_attention_kernel
+    from accordion.kernels.attention.pod_ws_kernel import pod_ws_kernel
     from accordion.kernels.attention.prefill_kernel import paged_prefill_kernel
     from accordion.kernels.layers.activation_kernel import silu_and_mul_kernel
     from accordion.kernels.layers.norm_kernel import rms_norm_kernel
@@ -141,7 +142,7 @@ def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
     from accordion.kernels.utils import compiled_variants
 
     kernels = (paged_decode_kernel, paged_decode_lean_kernel, paged_decode_tma_kernel, merge_splits_kernel,
-               pod_attention_kernel, paged_prefill_kernel,
+               pod_attention_kernel, pod_ws_kernel, paged_prefill_kernel,
                silu_and_mul_kernel, rms_norm_kernel, rotary_cache_kernel)
     path = tiny_ckpt("tiny-llama")
     llm = LLM(path, device="cuda", dtype="bfloat16", block_size=16, max_model_len=2048, max_num_batched_tokens=96,
@@ -176,3 +177,29 @@ def test_decode_lengths_equal_from_host_lengths():
     assert not meta([100, 200, 98], 3).decode_lengths_equal
     assert not meta([0, 0, 0], 3).decode_lengths_equal
     assert not meta([50], 0).decode_lengths_equal
+
+
+def test_auto_hybrid_fuses_balanced_steps_once_per_step(monkeypatch):
+    """``hybrid_attention="auto"``: a hybrid step fuses when the warp-specialized kernel serves and its halves are
+    balanced (`pod_pays_off`); decided once per step (every layer sees the same metadata), never off sm_90."""
+    from accordion.workers import attention_triton
+    from accordion.workers.attention import AttentionMetadata
+
+    def meta(q_lens, p_lens, d_lens):
+        nd = len(d_lens)
+        return AttentionMetadata(
+            num_decodes=nd, slot_mapping=torch.empty(0), block_table=torch.empty(0), seq_lens=torch.empty(0),
+            query_start_loc=torch.empty(0), max_query_len=max(q_lens), max_seq_len=max(p_lens + d_lens),
+            seq_lens_cpu=d_lens + p_lens, query_lens_cpu=[1] * nd + q_lens)
+
+    backend = attention_triton.TritonAttentionBackend(32, 8, 128, 128**-0.5, fuse_hybrid=None)
+    q, kv = torch.zeros(1, 32, 128, dtype=torch.bfloat16), torch.zeros(2, 1, 16, 8, 128, dtype=torch.bfloat16)
+    balanced = meta([1024], [16384], [16384] * 64)
+    assert not backend._fuse(q, kv, balanced)  # CPU tensors: the warp-specialized kernel does not serve
+    calls = []
+    monkeypatch.setattr(attention_triton, "ws_capable", lambda *a: calls.append(1) or True)
+    for m, fused in ((meta([1024], [16384], [16384] * 64), True), (meta([8192], [90000], [2000] * 30), False),
+                     (meta([16], [64], [32768] * 128), False)):
+        calls.clear()
+        assert [backend._fuse(q, kv, m) for _ in range(3)] == [fused] * 3
+        assert len(calls) == 1
