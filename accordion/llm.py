@@ -36,7 +36,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
         attention_backend: str = "auto",
-        hybrid_attention: str = "separate",
+        hybrid_attention: str = "auto",
         cuda_graphs: bool = True,
         async_scheduling: bool | None = None,
         seed: int = 0,

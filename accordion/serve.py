@@ -61,7 +61,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: Triton kernels on CUDA, torch on CPU")
-    e.add_argument("--hybrid-attention", default="separate", choices=["separate", "fused", "auto"],
+    e.add_argument("--hybrid-attention", default="auto", choices=["auto", "separate", "fused"],
                    help="steps with prefill chunks and decodes: two kernels in sequence, the POD fused kernel, "
                         "or fused only for balanced steps on sm_90")
     e.add_argument("--max-model-len", type=int, default=None)
@@ -101,7 +101,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   max_out_of_order=getattr(args, "max_out_of_order", 0),
                                   engine_thread_switch_interval_us=_switch_interval(args)),
         device=DeviceConfig(device=args.device, attention_backend=getattr(args, "attention_backend", "auto"),
-                            hybrid_attention=getattr(args, "hybrid_attention", "separate")),
+                            hybrid_attention=getattr(args, "hybrid_attention", "auto")),
     )
 
 

@@ -123,14 +123,14 @@ class DeviceConfig:
     """``auto`` picks CUDA when available."""
     attention_backend: AttentionBackendName = "auto"
     """``auto`` = Triton kernels on CUDA, torch on CPU."""
-    hybrid_attention: HybridAttention = "separate"
-    """Triton backend, a step holding prefill chunks and decodes: the prefill kernel then the decode kernel
-    (``separate``), the POD-style fused kernel, one launch for both (``fused``; warp-specialized on sm_90), or per
-    step (``auto``): fused when the warp-specialized kernel serves and the step's halves are balanced
-    (`pod_pays_off`), else separate. On an H100 the fused kernel ran 1.05-1.23x the sequence on balanced batches of
-    the kernel benchmark and 0.77-0.92x on prefill-dominated ones; always fused made the engine stress run take
-    35% longer (bench/results/kernels-20261127-224721.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T225105Z.json).
-    """
+    hybrid_attention: HybridAttention = "auto"
+    """Triton backend, a step holding prefill chunks and decodes: per step (``auto``): the POD-style fused kernel
+    when its warp-specialized form serves (sm_90) and the step's halves are balanced (`pod_pays_off`), else the
+    prefill kernel then the decode kernel; always the two in sequence (``separate``); or always the fused kernel,
+    one launch for both (``fused``). On an H100 the fused kernel ran 1.05-1.23x the sequence on the kernel
+    benchmark's balanced batches and 0.77-0.92x on prefill-dominated ones; on the engine stress run (prefill-
+    dominated steps) ``auto`` matched ``separate`` (15.26 / 15.28 s) and ``fused`` took 38% longer
+    (bench/results/kernels-20261127-224721.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T230950Z.json)."""
     cuda_graphs: bool = True
     """Capture decode steps in CUDA graphs (CUDA only)."""
     cuda_graph_max_batch: int = 256

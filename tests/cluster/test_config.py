@@ -14,9 +14,9 @@ def test_device_config_rejects_unknown_values(field, value):
         DeviceConfig(**{field: value})
 
 
-def test_device_config_defaults_run_hybrid_steps_as_two_kernels():
+def test_device_config_defaults_choose_hybrid_attention_per_step():
     cfg = DeviceConfig()
-    assert (cfg.attention_backend, cfg.hybrid_attention) == ("auto", "separate")
+    assert (cfg.attention_backend, cfg.hybrid_attention) == ("auto", "auto")
 
 
 def test_serve_flags_reach_the_device_config(tmp_path):
