@@ -31,12 +31,14 @@ from .prefill import paged_prefill_attention, prefill_config, validate_prefill_i
 SMID_SLOTS = 1024
 POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as a prefill tile
 
-# Warp-specialized Gluon kernel (Hopper): 8 prefill warps + a 4-warp decode worker per CTA, one CTA per SM; three
-# 64-key prefill stages and two decode stages fill the shared memory (219 KiB; 1.0-1.16x two and three on balanced
-# batches, bench/results/experiments/pod-ws-probe-stages-20261127.json).
-WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_N=64, D_STAGES=2, D_REGS=152,
+# Warp-specialized Gluon kernel (Hopper): 8 prefill warps and four one-warp decode partitions per CTA, one CTA per
+# SM; three 64-key prefill stages and two 16-key stages per decode warp (192 KiB of rings). On balanced hybrid
+# batches 1.10-1.40x the sequence against 1.06-1.25x for one 4-warp decode partition, whose cross-warp softmax
+# reductions and 16-row MMAs (4 heads real) competed with the prefill warps
+# (bench/results/experiments/pod-ws-probe-warp-decode-20261127.json).
+WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2, D_REGS=152,
                  num_warps=8)
-WS_ITEMS_PER_SM = 4  # decode splits: about this many (sequence, kv head, split) items per SM ...
+WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
 # When fusing pays, from the kernel benchmark's hybrid table (1xH100, bench/results/kernels-20261127-224721.json):
@@ -146,8 +148,8 @@ def pod_attention(
     decode tiles, each moving to the other kind when its own runs out (%smid on CUDA, program ids under the
     interpreter, where 3 programs run so that each takes both kinds).
     On an sm_90 GPU (`ws_capable`) the launch is the warp-specialized Gluon kernel (`pod_ws_kernel`): per CTA, 8
-    warps of prefill tiles beside a 4-warp decode worker, each with its own registers and K/V ring; elsewhere, or
-    with ``config``, the Triton kernel below.
+    warps of prefill tiles beside four one-warp decode partitions, each with its own registers and K/V ring;
+    elsewhere, or with ``config``, the Triton kernel below.
     config: tile-size override of the Triton kernel (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
@@ -271,7 +273,7 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
         *pq.stride()[:2], *dq.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
         prefill.block_table.stride(0), decode.block_table.stride(0), *po.stride()[:2], *plse.stride(),
         *d_strides, float(scale) * 1.4426950408889634,
-        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page, **cfg,
+        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page, D_NH=max(8, next_power_of_2(Hq // Hkv)), **cfg,
     )
     if splits > 1:
         merge_splits(d_o, d_l, do, dlse)

@@ -1,15 +1,17 @@
 """Gluon (Hopper) POD attention: one persistent CTA per SM whose warps are specialized by role.
 
-The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma; a 4-warp worker
-partition streams decode work items beside it (mma_v2 on [16, D] tiles of one GQA group). Each partition keeps its
-own registers (setmaxnreg) and its own cp.async K/V ring in shared memory, so a compute-bound and a bandwidth-bound
-stream share every SM with the resources each needs -- what one Triton program, whose registers, shared memory and
-pipeline depth are the larger role's, cannot do (`pod_kernel.py`). When its own kind runs out, each partition
-helps with the other (the worker takes prefill tiles 64 rows at a time), so neither idles while work is left.
+The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma; beside it four
+one-warp partitions stream decode work items, each on its own: keys are the MMA's M and the GQA group's heads its
+N (mma_v2, S^T = K q^T, O^T += V^T P^T), so a 16-key tile costs 16 MMAs and the softmax runs down columns inside
+the warp, with no cross-warp reduction or barrier. Every partition keeps its own registers (setmaxnreg) and its own
+cp.async K/V ring in shared memory, so a compute-bound and a bandwidth-bound stream share every SM with the
+resources each needs -- what one Triton program, whose registers, shared memory and pipeline depth are the larger
+role's, cannot do (`pod_kernel.py`). When the prefill tiles run out, the prefill warps take decode items too.
 
 Tickets: counter_ptr[0] counts prefill tiles (m_tile, b, qh), heaviest causal m-tiles first; counter_ptr[1] decode
-items (b, kv_head, split). Conventions are those of `paged_common` (log2-domain scores, finite running-max init,
-rows with no keys written as 0 / lse -inf); the math matches `paged_prefill_attention` / `paged_decode_attention`.
+items (b, kv_head, split), whose split boundaries are multiples of SPLIT_ALIGN keys whichever partition takes them.
+Conventions are those of `paged_common` (log2-domain scores, finite running-max init, rows with no keys written as
+0 / lse -inf); the math matches `paged_prefill_attention` / `paged_decode_attention`.
 """
 
 from triton.experimental import gluon
@@ -76,8 +78,7 @@ def _prefill_tiles(p_q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, sl_ptr, o_ptr, lse_ptr
                               q_smem, k_smem, v_smem, GROUP, HEAD_DIM, PAGE_SIZE, SUB_M, BLOCK_N, STAGES)
         idx = gl.atomic_add(counter_ptr, 1)
     if HELP:
-        _decode_items(*decode_args, k_smem, v_smem, None, GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES,
-                      BLOCK_M, False)
+        _decode_items(*decode_args, k_smem, v_smem, GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -173,13 +174,13 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
                   num_items, num_kv_heads, num_splits,
                   stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                   stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
-                  k_smem, v_smem, prefill_args,
+                  k_smem, v_smem,
                   GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, P_BLOCK_M: gl.constexpr, HELP: gl.constexpr):
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Decode (b, kvh, split) items from ticket counter_ptr[1]: the GROUP query heads of kv head kvh are rows of a
     [BLOCK_H, D] tile (mma_v2) against the split's keys [lo, hi), K/V through a STAGES-deep cp.async ring; stores
-    normalised rows and lse (a split's partial when num_splits > 1; empty splits 0 / -inf). Then, with HELP and
-    four warps, prefill tiles (`prefill_args`, ending with a [64, D] Q buffer) until none is left."""
+    normalised rows and lse (a split's partial when num_splits > 1; empty splits 0 / -inf). The prefill warps'
+    way of helping with decode items (split boundaries at multiples of BLOCK_N keys, as in `_decode_warp`)."""
     W: gl.constexpr = gl.num_warps()
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, W], instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -255,9 +256,93 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
                  + gl.expand_dims(o_d, 0), out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(h_mask, 1))
         gl.store(lse_ptr + b64 * stride_lb + split * stride_ls + o_heads * stride_lh, lse, mask=h_mask)
         idx = gl.atomic_add(counter_ptr + 1, 1)
-    if HELP:
-        _prefill_tiles(*prefill_args, k_smem, v_smem, None, GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, BLOCK_N, STAGES,
-                       BLOCK_H, False)
+
+
+@gluon.jit
+def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr,
+                 num_items, num_kv_heads, num_splits,
+                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                 stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
+                 k_smem, v_smem,
+                 GROUP: gl.constexpr, NH: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_ALIGN: gl.constexpr):
+    """One warp: decode (b, kvh, split) items from ticket counter_ptr[1], keys as the MMA's M and the GROUP heads
+    (padded to NH) as its N: S^T [BLOCK_N, NH] = K q^T, O^T [D, NH] += V^T P^T, the softmax down each column
+    within the warp (no cross-warp reductions); its own cp.async ring of BLOCK_N-key tiles."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [1, 1], [1, 0])
+    QT: gl.constexpr = gl.BlockedLayout([8, 1], [HEAD_DIM // 8, 32 * 8 // HEAD_DIM], [1, 1], [0, 1])
+    idx = gl.atomic_add(counter_ptr + 1, 1)
+    while idx < num_items:
+        split = idx % num_splits
+        r = idx // num_splits
+        b = r // num_kv_heads
+        kvh = r % num_kv_heads
+        b64 = b.to(gl.int64)
+        seq_len = gl.load(sl_ptr + b)
+        split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+        lo = split * split_len
+        hi = gl.minimum(seq_len, lo + split_len)
+        n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
+        bt_row = bt_ptr + b64 * stride_btb
+
+        gl.thread_barrier()  # the previous item's readers of the ring are done
+        for j in gl.static_range(STAGES - 1):
+            if j < n_tiles:
+                pages = _pages(bt_row, lo + j * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+                _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, lo + j * BLOCK_N, hi,
+                          stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+            async_copy.commit_group()
+        next_pages = _pages(bt_row, lo + (STAGES - 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+
+        offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(1, QT))
+        offs_h = gl.arange(0, NH, gl.SliceLayout(0, QT))
+        qt = gl.load(d_q_ptr + b64 * stride_qb + gl.expand_dims((kvh * GROUP + offs_h) * stride_qh, 0)
+                     + gl.expand_dims(offs_d, 1), mask=gl.expand_dims(offs_h < GROUP, 0), other=0.0)
+        qt = gl.convert_layout(qt, B_L)  # q^T [D, NH]
+        acc = gl.zeros([HEAD_DIM, NH], gl.float32, MMA)  # O^T
+        l_i = gl.zeros([NH], gl.float32, gl.SliceLayout(0, MMA))
+        m_i = gl.full([NH], NEG_BIG, gl.float32, gl.SliceLayout(0, MMA))
+        for j in range(0, n_tiles):
+            nxt = j + STAGES - 1
+            if nxt < n_tiles:
+                _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
+                          lo + nxt * BLOCK_N, hi, stride_kb, stride_kp, stride_vb, stride_vp,
+                          HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+                next_pages = _pages(bt_row, lo + (nxt + 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            gl.thread_barrier()
+            stage = j % STAGES
+            k = k_smem.index(stage).load(A_L)  # [BLOCK_N, D]
+            st = mma_v2(k, qt, gl.zeros([BLOCK_N, NH], gl.float32, MMA)) * qk_scale  # S^T [BLOCK_N, NH]
+            k_pos = lo + j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, MMA))
+            st = gl.where(gl.expand_dims(k_pos < hi, 1), st, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(st, 0))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(st - gl.expand_dims(m_new, 0))
+            l_i = l_i * alpha + gl.sum(p, 0)
+            vt = v_smem.index(stage).permute((1, 0)).load(A_L)  # V^T [D, BLOCK_N]
+            acc = mma_v2(vt, gl.convert_layout(p.to(k_smem.dtype), B_L), acc * gl.expand_dims(alpha, 0))
+            m_i = m_new
+            gl.thread_barrier()
+        async_copy.wait_group(0)
+
+        empty = l_i == 0.0
+        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_i), 0)
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2)
+        o_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(1, MMA))
+        o_h = gl.arange(0, NH, gl.SliceLayout(0, MMA))
+        h_mask = o_h < GROUP
+        o_heads = kvh * GROUP + o_h
+        gl.store(o_ptr + b64 * stride_ob + split * stride_os + gl.expand_dims(o_heads * stride_oh, 0)
+                 + gl.expand_dims(o_d, 1), out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(h_mask, 0))
+        gl.store(lse_ptr + b64 * stride_lb + split * stride_ls + o_heads * stride_lh, lse, mask=h_mask)
+        idx = gl.atomic_add(counter_ptr + 1, 1)
 
 
 # Counts, split and block-table strides and pointers into the middle of a step's tensors change from step to step:
@@ -270,47 +355,43 @@ _RUNTIME = ["p_bt_ptr", "p_cu_ptr", "p_sl_ptr", "d_bt_ptr", "d_sl_ptr", "plse_pt
 
 @gluon.jit(do_not_specialize=_RUNTIME, do_not_specialize_on_alignment=_RUNTIME)
 def pod_ws_kernel(
-    pq_ptr,  # prefill q [Tq, Hq, D]
-    dq_ptr,  # decode q [Bd, Hq, D]
-    k_ptr, v_ptr,  # [num_blocks, PAGE, Hkv, D]
-    p_bt_ptr, p_cu_ptr, p_sl_ptr,  # prefill block_table [Bp, *], cu_seqlens_q [Bp + 1], seq_lens [Bp] (int32)
-    d_bt_ptr, d_sl_ptr,  # decode block_table [Bd, *], seq_lens [Bd] (int32)
-    po_ptr, plse_ptr,  # prefill out [Tq, Hq, D], lse fp32 [Tq, Hq]
-    do_ptr, dlse_ptr,  # decode out [Bd, Hq, D] (split stride 0) or fp32 partials [Bd, Hq, S, D] / [Bd, Hq, S]
-    counter_ptr,  # int32 [2] zeroed tickets
+    pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
+    po_ptr, plse_ptr, do_ptr, dlse_ptr, counter_ptr,
     num_prefill_tiles, num_decode_items, num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits,
     stride_pqt, stride_pqh, stride_dqb, stride_dqh,
     stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
     stride_pbt, stride_dbt,
     stride_pot, stride_poh, stride_plt, stride_plh,
     stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
     P_BLOCK_M: gl.constexpr, P_BLOCK_N: gl.constexpr, P_STAGES: gl.constexpr,
-    D_BLOCK_H: gl.constexpr, D_BLOCK_N: gl.constexpr, D_STAGES: gl.constexpr, D_REGS: gl.constexpr,
+    D_BLOCK_H: gl.constexpr, D_NH: gl.constexpr, D_BLOCK_N: gl.constexpr, D_STAGES: gl.constexpr,
+    D_REGS: gl.constexpr,
 ):
-    """Grid: one persistent CTA per SM (any size is correct); num_warps = 2 * P_BLOCK_M // 32 (default partition)
-    plus a 4-warp decode worker with D_REGS registers a thread. P_BLOCK_N must equal D_BLOCK_N (the partitions
-    swap rings when they help each other)."""
+    """Grid: one persistent CTA per SM (any size is correct); num_warps = 8 (the prefill partition, 128-row tiles)
+    plus four one-warp decode partitions with D_REGS registers a thread. P_BLOCK_N is the split alignment of both
+    decode paths. counter_ptr: int32 [2] zeroed tickets."""
     dtype: gl.constexpr = pq_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_M, HEAD_DIM], dtype)
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_N, HEAD_DIM], dtype)
-    wq_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+    d_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_BLOCK_N, HEAD_DIM], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [P_BLOCK_M, HEAD_DIM], q_sl)
     pk_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
     pv_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
-    dk_smem = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], kv_sl)
-    dv_smem = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], kv_sl)
-    wq_smem = gl.allocate_shared_memory(dtype, [64, HEAD_DIM], wq_sl)  # the worker's Q rows when it helps prefill
-    HELP: gl.constexpr = True  # each partition helps with the other's kind once its own runs out
+    k0 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    v0 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    k1 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    v1 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    k2 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    v2 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    k3 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    v3 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    HELP: gl.constexpr = True
     decode_args = (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
                    num_decode_items, num_kv_heads, num_splits,
                    stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                    stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale)
-    prefill_args = (pq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, counter_ptr,
-                    num_prefill_tiles, num_heads, num_m_tiles, num_prefill_seqs,
-                    stride_pqt, stride_pqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                    stride_pbt, stride_pot, stride_poh, stride_plt, stride_plh, qk_scale, wq_smem)
     gl.warp_specialize([
         (_prefill_tiles, (pq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, counter_ptr,
                           num_prefill_tiles, num_heads, num_m_tiles, num_prefill_seqs,
@@ -318,10 +399,24 @@ def pod_ws_kernel(
                           stride_pbt, stride_pot, stride_poh, stride_plt, stride_plh, qk_scale,
                           q_smem, pk_smem, pv_smem, decode_args,
                           GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES, D_BLOCK_H, HELP)),
-        (_decode_items, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
-                         num_decode_items, num_kv_heads, num_splits,
-                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                         stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                         dk_smem, dv_smem, prefill_args,
-                         GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_M, HELP)),
-    ], [4], [D_REGS])
+        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
+                        num_decode_items, num_kv_heads, num_splits,
+                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+                        k0, v0, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
+        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
+                        num_decode_items, num_kv_heads, num_splits,
+                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+                        k1, v1, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
+        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
+                        num_decode_items, num_kv_heads, num_splits,
+                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+                        k2, v2, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
+        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
+                        num_decode_items, num_kv_heads, num_splits,
+                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
+                        k3, v3, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
+    ], [1, 1, 1, 1], [D_REGS, D_REGS, D_REGS, D_REGS])
