@@ -127,10 +127,11 @@ class DeviceConfig:
     """Triton backend, a step holding prefill chunks and decodes: per step (``auto``): the POD-style fused kernel
     when its warp-specialized form serves (sm_90) and the step's halves are balanced (`pod_pays_off`), else the
     prefill kernel then the decode kernel; always the two in sequence (``separate``); or always the fused kernel,
-    one launch for both (``fused``). On an H100 the fused kernel ran 1.05-1.23x the sequence on the kernel
-    benchmark's balanced batches and 0.77-0.92x on prefill-dominated ones; on the engine stress run (prefill-
-    dominated steps) ``auto`` matched ``separate`` (15.26 / 15.28 s) and ``fused`` took 38% longer
-    (bench/results/kernels-20261127-224721.json, engine-stress-nvidia-h100-80gb-hbm3-20261127T230950Z.json)."""
+    one launch for both (``fused``). On an H100 the fused kernel ran 1.05-1.35x the sequence on the kernel
+    benchmark's balanced batches and 0.84-1.01x on prefill-dominated ones (bench/results/
+    kernels-20261127-233146.json); on the engine stress run (prefill-dominated steps) ``auto`` matched ``separate``
+    and ``fused`` took 38% longer (engine-stress-nvidia-h100-80gb-hbm3-20261127T230950Z.json, measured with the
+    previous decode partition and a narrower rule)."""
     cuda_graphs: bool = True
     """Capture decode steps in CUDA graphs (CUDA only)."""
     cuda_graph_max_batch: int = 256

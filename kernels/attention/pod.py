@@ -41,11 +41,11 @@ WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
-# When fusing pays, from the kernel benchmark's hybrid table (1xH100, bench/results/kernels-20261127-224721.json):
-# with prefill time / decode time (each estimated at the prefill and decode kernels' measured rates) in
-# [0.35, 1.2] the warp-specialized kernel ran 1.05-1.23x the two kernels in sequence (7 of 27 batches); at 1.7 and
-# above, prefill-dominated, 0.77-1.05x; below 0.3, decode-dominated, 0.96-1.07x.
-POD_BALANCE = (0.35, 1.2)
+# When fusing pays, from the kernel benchmark's hybrid table (1xH100, bench/results/kernels-20261127-233146.json):
+# with prefill time / decode time (each estimated at the prefill and decode kernels' measured rates) in [0.1, 1.2]
+# the warp-specialized kernel ran 1.05-1.35x the two kernels in sequence (14 of 27 batches, CUDA graphs); at 1.7
+# and above, prefill-dominated, 0.84-1.01x; below 0.06, decode-dominated, 0.98-1.03x.
+POD_BALANCE = (0.1, 1.2)
 PREFILL_FLOPS_PER_S = 440e12
 DECODE_BYTES_PER_S = 3.0e12
 
