@@ -392,6 +392,8 @@ def pod_ws_kernel(
                    num_decode_items, num_kv_heads, num_splits,
                    stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                    stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale)
+    # Each partition's arguments are written out: in Triton 3.6 a tuple built by concatenation (decode_args + (...))
+    # loses its members' constexpr-ness, which a partition's arguments need.
     gl.warp_specialize([
         (_prefill_tiles, (pq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, counter_ptr,
                           num_prefill_tiles, num_heads, num_m_tiles, num_prefill_seqs,
