@@ -47,6 +47,52 @@ def _pages(bt_row, start, kv_len, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr
     return gl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
 
 
+@gluon.jit
+def _ring_start(k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len, n_tiles, stride_kb, stride_kp, stride_vb,
+                stride_vp, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, LD: gl.constexpr):
+    """Issue key tiles 0 .. STAGES-2 (keys from ``lo``, masked at ``kv_len``) into the ring, one commit group
+    each; returns the pages of tile STAGES-1 (loaded a tile ahead of their use)."""
+    for j in gl.static_range(STAGES - 1):
+        if j < n_tiles:
+            pages = _pages(bt_row, lo + j * BLOCK_N, kv_len, PAGE_SIZE, BLOCK_N, LD)
+            _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, lo + j * BLOCK_N, kv_len,
+                      stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+        async_copy.commit_group()
+    return _pages(bt_row, lo + (STAGES - 1) * BLOCK_N, kv_len, PAGE_SIZE, BLOCK_N, LD)
+
+
+@gluon.jit
+def _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len, n_tiles, stride_kb, stride_kp,
+               stride_vb, stride_vp, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, LD: gl.constexpr):
+    """Before consuming tile j: issue tile j + STAGES - 1 (if any), then wait until tile j has landed and every
+    thread of the partition sees it; returns the next tile's pages."""
+    nxt = j + STAGES - 1
+    if nxt < n_tiles:
+        _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
+                  lo + nxt * BLOCK_N, kv_len, stride_kb, stride_kp, stride_vb, stride_vp,
+                  HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+        next_pages = _pages(bt_row, lo + (nxt + 1) * BLOCK_N, kv_len, PAGE_SIZE, BLOCK_N, LD)
+    async_copy.commit_group()
+    async_copy.wait_group(STAGES - 1)
+    gl.thread_barrier()
+    return next_pages
+
+
+@gluon.jit
+def _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN: gl.constexpr):
+    """Decode item ``idx`` = (b, kvh, split), split fastest: returns (b as int64, kvh, split, lo, hi), the split's
+    keys [lo, hi) with boundaries at multiples of SPLIT_ALIGN (empty when lo >= hi)."""
+    split = idx % num_splits
+    r = idx // num_splits
+    b = r // num_kv_heads
+    seq_len = gl.load(sl_ptr + b)
+    split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    lo = split * split_len
+    return b.to(gl.int64), r % num_kv_heads, split, lo, gl.minimum(seq_len, lo + split_len)
+
+
 # ----------------------------------------------------------------------------------------------------------- prefill
 @gluon.jit
 def _prefill_tiles(p_q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr,
@@ -113,28 +159,16 @@ def _prefill_rows(p_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, b, qh, 
                 mask=gl.expand_dims(offs_m < q_len, 1), other=0.0)
     gl.thread_barrier()  # the previous block's readers of q_smem and the ring are done
     q_smem.store(q)
-    for j in gl.static_range(STAGES - 1):
-        if j < n_tiles:
-            pages = _pages(bt_row, j * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
-            _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, j * BLOCK_N, seq_len,
-                      stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-        async_copy.commit_group()
-    next_pages = _pages(bt_row, (STAGES - 1) * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
+    next_pages = _ring_start(k_smem, v_smem, k_base, v_base, bt_row, 0, seq_len, n_tiles, stride_kb, stride_kp,
+                             stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
 
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_L)
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, S_L))
     m_i = gl.full([BLOCK_M], NEG_BIG, gl.float32, gl.SliceLayout(1, S_L))
     q_pos = ctx + m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, S_L))
     for j in range(0, n_tiles):
-        nxt = j + STAGES - 1
-        if nxt < n_tiles:
-            _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
-                      nxt * BLOCK_N, seq_len, stride_kb, stride_kp, stride_vb, stride_vp,
-                      HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-            next_pages = _pages(bt_row, (nxt + 1) * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
-        async_copy.commit_group()
-        async_copy.wait_group(STAGES - 1)
-        gl.thread_barrier()
+        next_pages = _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, 0, seq_len, n_tiles,
+                                stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
         fence_async_shared()
         stage = j % STAGES
         s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)),
@@ -188,28 +222,15 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [W, 1], [1, 0])
     idx = gl.atomic_add(counter_ptr + 1, 1)
     while idx < num_items:
-        split = idx % num_splits
-        r = idx // num_splits
-        b = r // num_kv_heads
-        kvh = r % num_kv_heads
-        b64 = b.to(gl.int64)
-        seq_len = gl.load(sl_ptr + b)
-        split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * split_len
-        hi = gl.minimum(seq_len, lo + split_len)
+        b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, BLOCK_N)
         n_tiles = gl.cdiv(hi - lo, BLOCK_N)
         k_base = k_ptr + kvh * stride_kh
         v_base = v_ptr + kvh * stride_vh
         bt_row = bt_ptr + b64 * stride_btb
 
         gl.thread_barrier()  # previous item's readers of the ring are done
-        for j in gl.static_range(STAGES - 1):
-            if j < n_tiles:
-                pages = _pages(bt_row, lo + j * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
-                _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, lo + j * BLOCK_N, hi,
-                          stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-            async_copy.commit_group()
-        next_pages = _pages(bt_row, lo + (STAGES - 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+        next_pages = _ring_start(k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles, stride_kb, stride_kp,
+                                 stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
 
         offs_h = gl.arange(0, BLOCK_H, gl.SliceLayout(1, LD))
         offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, LD))
@@ -221,15 +242,9 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
         l_i = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, MMA))
         m_i = gl.full([BLOCK_H], NEG_BIG, gl.float32, gl.SliceLayout(1, MMA))
         for j in range(0, n_tiles):
-            nxt = j + STAGES - 1
-            if nxt < n_tiles:
-                _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
-                          lo + nxt * BLOCK_N, hi, stride_kb, stride_kp, stride_vb, stride_vp,
-                          HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-                next_pages = _pages(bt_row, lo + (nxt + 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 1)
-            gl.thread_barrier()
+            next_pages = _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles,
+                                    stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES,
+                                    LD)
             stage = j % STAGES
             kt = k_smem.index(stage).permute((1, 0)).load(B_L)
             s = mma_v2(q, kt, gl.zeros([BLOCK_H, BLOCK_N], gl.float32, MMA)) * qk_scale
@@ -276,28 +291,15 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
     QT: gl.constexpr = gl.BlockedLayout([8, 1], [HEAD_DIM // 8, 32 * 8 // HEAD_DIM], [1, 1], [0, 1])
     idx = gl.atomic_add(counter_ptr + 1, 1)
     while idx < num_items:
-        split = idx % num_splits
-        r = idx // num_splits
-        b = r // num_kv_heads
-        kvh = r % num_kv_heads
-        b64 = b.to(gl.int64)
-        seq_len = gl.load(sl_ptr + b)
-        split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
-        lo = split * split_len
-        hi = gl.minimum(seq_len, lo + split_len)
+        b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN)
         n_tiles = gl.cdiv(hi - lo, BLOCK_N)
         k_base = k_ptr + kvh * stride_kh
         v_base = v_ptr + kvh * stride_vh
         bt_row = bt_ptr + b64 * stride_btb
 
         gl.thread_barrier()  # the previous item's readers of the ring are done
-        for j in gl.static_range(STAGES - 1):
-            if j < n_tiles:
-                pages = _pages(bt_row, lo + j * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
-                _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, lo + j * BLOCK_N, hi,
-                          stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-            async_copy.commit_group()
-        next_pages = _pages(bt_row, lo + (STAGES - 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
+        next_pages = _ring_start(k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles, stride_kb, stride_kp,
+                                 stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
 
         offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(1, QT))
         offs_h = gl.arange(0, NH, gl.SliceLayout(0, QT))
@@ -308,15 +310,9 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
         l_i = gl.zeros([NH], gl.float32, gl.SliceLayout(0, MMA))
         m_i = gl.full([NH], NEG_BIG, gl.float32, gl.SliceLayout(0, MMA))
         for j in range(0, n_tiles):
-            nxt = j + STAGES - 1
-            if nxt < n_tiles:
-                _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
-                          lo + nxt * BLOCK_N, hi, stride_kb, stride_kp, stride_vb, stride_vp,
-                          HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-                next_pages = _pages(bt_row, lo + (nxt + 1) * BLOCK_N, hi, PAGE_SIZE, BLOCK_N, LD)
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 1)
-            gl.thread_barrier()
+            next_pages = _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles,
+                                    stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES,
+                                    LD)
             stage = j % STAGES
             k = k_smem.index(stage).load(A_L)  # [BLOCK_N, D]
             st = mma_v2(k, qt, gl.zeros([BLOCK_N, NH], gl.float32, MMA)) * qk_scale  # S^T [BLOCK_N, NH]
