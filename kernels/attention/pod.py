@@ -31,11 +31,11 @@ from .prefill import paged_prefill_attention, prefill_config, validate_prefill_i
 SMID_SLOTS = 1024
 POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as a prefill tile
 
-# Warp-specialized Gluon kernel (Hopper): 8 prefill warps and four one-warp decode partitions per CTA, one CTA per
-# SM; three 64-key prefill stages and two 16-key stages per decode warp (192 KiB of rings). On balanced hybrid
-# batches 1.10-1.40x the sequence against 1.06-1.25x for one 4-warp decode partition, whose cross-warp softmax
-# reductions and 16-row MMAs (4 heads real) competed with the prefill warps
-# (bench/results/experiments/pod-ws-probe-warp-decode-20261127.json).
+# Warp-specialized Gluon kernel (Hopper): per CTA (one per SM) 8 prefill warps fed by a one-warp cp.async loader,
+# and three one-warp decode partitions; three 64-key prefill stages, two 16-key stages per decode warp. Against the
+# design before (four decode warps, prefill warps copying their own K/V), the loader made the prefill warps alone
+# 1.11-1.19x faster and overlapping their softmax with the next Q K^T wgmma a further 1.03x, 0.95-0.96x the prefill
+# kernel (1xH100, bench/results/experiments/pod-ws-loader-20261128.json, pod-ws-loader-overlap-20261128.json).
 WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2, D_REGS=152,
                  num_warps=8)
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
@@ -265,7 +265,7 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
         d_strides = (*d_o.stride()[:3], *d_l.stride())
     cfg = WS_CONFIG
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
-    counters = torch.zeros(2, dtype=torch.int32, device=pq.device)
+    counters = torch.zeros(1, dtype=torch.int32, device=pq.device)
     pod_ws_kernel[(sms,)](
         pq, dq, k_cache, v_cache, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens,
         decode.block_table, decode.seq_lens, po, plse, d_o, d_l, counters,

@@ -1,23 +1,25 @@
 """Gluon (Hopper) POD attention: one persistent CTA per SM whose warps are specialized by role.
 
-The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma; beside it four
-one-warp partitions stream decode work items, each on its own: keys are the MMA's M and the GQA group's heads its
-N (mma_v2, S^T = K q^T, O^T += V^T P^T), so a 16-key tile costs 16 MMAs and the softmax runs down columns inside
-the warp, with no cross-warp reduction or barrier. Every partition keeps its own registers (setmaxnreg) and its own
-cp.async K/V ring in shared memory, so a compute-bound and a bandwidth-bound stream share every SM with the
-resources each needs -- what one Triton program, whose registers, shared memory and pipeline depth are the larger
-role's, cannot do (`pod_kernel.py`). When the prefill tiles run out, the prefill warps take decode items too.
+The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma, fed by a one-warp
+loader partition that copies their K/V tiles into a shared-memory ring (cp.async, mbarrier handshakes: the consumer
+warps issue no loads and wait on no copies of their own). Beside them four one-warp partitions stream decode work
+items, each on its own: keys are the MMA's M and the GQA group's heads its N (mma_v2, S^T = K q^T, O^T += V^T P^T),
+so a 16-key tile costs 16 MMAs and the softmax runs down columns inside the warp, with no cross-warp reduction or
+barrier; each keeps its own cp.async ring. Every partition has its own registers (setmaxnreg), so a compute-bound
+and a bandwidth-bound stream share every SM with the resources each needs -- what one Triton program, whose
+registers, shared memory and pipeline depth are the larger role's, cannot do (`pod_kernel.py`). When its prefill
+tiles are done, the prefill partition takes decode items too.
 
-Tickets: counter_ptr[0] counts prefill tiles (m_tile, b, qh), heaviest causal m-tiles first; counter_ptr[1] decode
-items (b, kv_head, split), whose split boundaries are multiples of SPLIT_ALIGN keys whichever partition takes them.
+Work split: prefill tiles (m_tile, b, qh), heaviest causal m-tiles first, go to CTAs round-robin (CTA c takes c,
+c + grid, ...: the loader and the prefill warps walk the same list); decode items (b, kv_head, split) by ticket
+(counter_ptr[0]), split boundaries at multiples of SPLIT_ALIGN keys whichever partition takes them.
 Conventions are those of `paged_common` (log2-domain scores, finite running-max init, rows with no keys written as
 0 / lse -inf); the math matches `paged_prefill_attention` / `paged_decode_attention`.
 """
-
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 LN2 = gl.constexpr(0.6931471805599453)
 
@@ -48,33 +50,41 @@ def _pages(bt_row, start, kv_len, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr
 
 
 @gluon.jit
+def _ring_refill(t, pages, k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len, n_tiles, stride_kb, stride_kp,
+                 stride_vb, stride_vp, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, LD: gl.constexpr):
+    """Issue key tile t (keys from ``lo``, masked at ``kv_len``; ``pages`` its blocks) into stage t % STAGES if
+    t < n_tiles, as one commit group (empty past the last tile, so that group counts stay fixed); returns the pages
+    of tile t + 1."""
+    if t < n_tiles:
+        _issue_kv(k_smem.index(t % STAGES), v_smem.index(t % STAGES), k_base, v_base, pages, lo + t * BLOCK_N,
+                  kv_len, stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+        pages = _pages(bt_row, lo + (t + 1) * BLOCK_N, kv_len, PAGE_SIZE, BLOCK_N, LD)
+    async_copy.commit_group()
+    return pages
+
+
+@gluon.jit
 def _ring_start(k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len, n_tiles, stride_kb, stride_kp, stride_vb,
                 stride_vp, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, LD: gl.constexpr):
-    """Issue key tiles 0 .. STAGES-2 (keys from ``lo``, masked at ``kv_len``) into the ring, one commit group
-    each; returns the pages of tile STAGES-1 (loaded a tile ahead of their use)."""
+    """Issue key tiles 0 .. STAGES-2 into the ring, one commit group each; returns the pages of tile STAGES-1."""
+    pages = _pages(bt_row, lo, kv_len, PAGE_SIZE, BLOCK_N, LD)
     for j in gl.static_range(STAGES - 1):
-        if j < n_tiles:
-            pages = _pages(bt_row, lo + j * BLOCK_N, kv_len, PAGE_SIZE, BLOCK_N, LD)
-            _issue_kv(k_smem.index(j), v_smem.index(j), k_base, v_base, pages, lo + j * BLOCK_N, kv_len,
-                      stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-        async_copy.commit_group()
-    return _pages(bt_row, lo + (STAGES - 1) * BLOCK_N, kv_len, PAGE_SIZE, BLOCK_N, LD)
+        pages = _ring_refill(j, pages, k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len, n_tiles, stride_kb,
+                             stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
+    return pages
 
 
 @gluon.jit
 def _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len, n_tiles, stride_kb, stride_kp,
                stride_vb, stride_vp, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, LD: gl.constexpr):
-    """Before consuming tile j: issue tile j + STAGES - 1 (if any), then wait until tile j has landed and every
-    thread of the partition sees it; returns the next tile's pages."""
-    nxt = j + STAGES - 1
-    if nxt < n_tiles:
-        _issue_kv(k_smem.index(nxt % STAGES), v_smem.index(nxt % STAGES), k_base, v_base, next_pages,
-                  lo + nxt * BLOCK_N, kv_len, stride_kb, stride_kp, stride_vb, stride_vp,
-                  HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-        next_pages = _pages(bt_row, lo + (nxt + 1) * BLOCK_N, kv_len, PAGE_SIZE, BLOCK_N, LD)
-    async_copy.commit_group()
+    """Before consuming tile j: issue tile j + STAGES - 1, then wait until
+    tile j has landed and every thread of the partition sees it; returns the next tile's pages."""
+    next_pages = _ring_refill(j + STAGES - 1, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len,
+                              n_tiles, stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N,
+                              STAGES, LD)
     async_copy.wait_group(STAGES - 1)
     gl.thread_barrier()
     return next_pages
@@ -95,104 +105,165 @@ def _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN: gl.constexp
 
 # ----------------------------------------------------------------------------------------------------------- prefill
 @gluon.jit
-def _prefill_tiles(p_q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr,
-                   num_tiles, num_heads, num_m_tiles, num_seqs,
-                   stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                   stride_btb, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
-                   q_smem, k_smem, v_smem, decode_args,
+def _prefill_tile(idx, cu_ptr, sl_ptr, num_heads, num_m_tiles, num_seqs, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+    """Prefill tile ``idx`` = (m_tile, b, qh), heaviest m-tiles first: returns (b, qh, q_start, q_len, m0, seq_len,
+    n_tiles, full_tiles): query rows [m0, m0 + BLOCK_M) of sequence b (none when m0 >= q_len), its n_tiles key tiles
+    of BLOCK_N and the first of them some row does not see whole."""
+    per_m = num_heads * num_seqs
+    m0 = (num_m_tiles - 1 - idx // per_m) * BLOCK_M
+    rem = idx % per_m
+    b = rem // num_heads
+    q_start = gl.load(cu_ptr + b)
+    q_len = gl.load(cu_ptr + b + 1) - q_start
+    seq_len = gl.load(sl_ptr + b)
+    ctx = seq_len - q_len
+    n_tiles = gl.cdiv(gl.minimum(seq_len, ctx + m0 + BLOCK_M), BLOCK_N)
+    return b, rem % num_heads, q_start, q_len, m0, seq_len, n_tiles, (ctx + m0 + 1) // BLOCK_N
+
+
+@gluon.jit
+def _prefill_loader(k_ptr, v_ptr, bt_ptr, cu_ptr, sl_ptr, num_tiles, num_heads, num_m_tiles, num_seqs,
+                    stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
+                    k_smem, v_smem, ready, empty,
+                    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: the K/V key tiles of this CTA's prefill tiles (idx = program id, + grid, ...: the order
+    `_prefill_tiles` consumes them in) into the STAGES-deep ring by cp.async. Stage s is refilled once empty[s]
+    completes (its readers are done); ready[s] completes when its copies have landed. A tile's block-table entries
+    are loaded while the previous tile's stage is awaited. Eight rows of 64 bytes per copy instruction: few enough
+    rows a thread (block-table entries held across the wait) to stay in registers."""
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, 1], [1, 0])
+    it = 0
+    for idx in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, qh, q_start, q_len, m0, seq_len, n_tiles, full_tiles = _prefill_tile(
+            idx, cu_ptr, sl_ptr, num_heads, num_m_tiles, num_seqs, BLOCK_M, BLOCK_N)
+        if m0 < q_len:
+            kvh = qh // GROUP
+            k_base = k_ptr + kvh * stride_kh
+            v_base = v_ptr + kvh * stride_vh
+            bt_row = bt_ptr + b.to(gl.int64) * stride_btb
+            pages = _pages(bt_row, 0, seq_len, PAGE_SIZE, BLOCK_N, LD)
+            for j in range(n_tiles):
+                stage = it % STAGES
+                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+                _issue_kv(k_smem.index(stage), v_smem.index(stage), k_base, v_base, pages, j * BLOCK_N, seq_len,
+                          stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+                pages = _pages(bt_row, (j + 1) * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
+                async_copy.mbarrier_arrive(ready.index(stage), increment_count=False)
+                it += 1
+
+
+@gluon.jit
+def _prefill_tiles(p_q_ptr, cu_ptr, sl_ptr, o_ptr, lse_ptr, num_tiles, num_heads, num_m_tiles, num_seqs,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
+                   q_smem, k_smem, v_smem, ready, empty, decode_args,
                    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, D_BLOCK_H: gl.constexpr, HELP: gl.constexpr):
-    """Prefill (m_tile, b, qh) tiles of BLOCK_M query rows from ticket counter_ptr[0], heaviest m-tiles first, each
-    run as BLOCK_M // (16 * num_warps) row blocks (one wgmma M of 64 rows per warpgroup); then, with HELP, decode
-    items (`decode_args`) until none is left."""
-    SUB_M: gl.constexpr = 16 * gl.num_warps()
-    idx = gl.atomic_add(counter_ptr, 1)
-    while idx < num_tiles:
-        per_m = num_heads * num_seqs
-        m_tile = num_m_tiles - 1 - idx // per_m
-        rem = idx % per_m
-        b = rem // num_heads
-        qh = rem % num_heads
-        q_start = gl.load(cu_ptr + b)
-        q_len = gl.load(cu_ptr + b + 1) - q_start
-        for sub in gl.static_range(BLOCK_M // SUB_M):
-            m0 = m_tile * BLOCK_M + sub * SUB_M
-            if m0 < q_len:
-                _prefill_rows(p_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, b, qh, q_start, q_len, m0,
-                              stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                              stride_btb, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
-                              q_smem, k_smem, v_smem, GROUP, HEAD_DIM, PAGE_SIZE, SUB_M, BLOCK_N, STAGES)
-        idx = gl.atomic_add(counter_ptr, 1)
+    """This CTA's prefill tiles (idx = program id, + grid, ...; heaviest m-tiles first), BLOCK_M = 16 * num_warps
+    query rows each (one wgmma M of 64 rows per warpgroup), K/V from `_prefill_loader`'s ring; then, with HELP,
+    decode items (`decode_args`, through the same ring memory by cp.async) until none is left."""
+    gl.static_assert(BLOCK_M == 16 * gl.num_warps(), "a prefill tile is 16 rows per warp")
+    it = 0
+    for idx in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        b, qh, q_start, q_len, m0, seq_len, n_tiles, full_tiles = _prefill_tile(
+            idx, cu_ptr, sl_ptr, num_heads, num_m_tiles, num_seqs, BLOCK_M, BLOCK_N)
+        if m0 < q_len:
+            _prefill_rows(p_q_ptr, o_ptr, lse_ptr, qh, q_start, q_len, m0, seq_len, n_tiles, full_tiles,
+                          stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
+                          q_smem, k_smem, v_smem, ready, empty, it, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)
+            it += n_tiles
     if HELP:
         _decode_items(*decode_args, k_smem, v_smem, GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES)
 
 
 @gluon.jit
-def _prefill_rows(p_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, b, qh, q_start, q_len, m0,
-                  stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                  stride_btb, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
-                  q_smem, k_smem, v_smem,
-                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Queries [m0, m0 + BLOCK_M) of prefill sequence b, head qh (q at position seq_len - q_len + i sees keys up to
-    its position): wgmma over the sequence's paged keys, K/V through a STAGES-deep cp.async ring, only the diagonal
-    key tiles masked; stores the out rows and their lse. The calling partition's warps all take part."""
+def _softmax_step(s, j, m_i, l_i, q_pos, full_tiles, kv_len, qk_scale, BLOCK_N: gl.constexpr, S_L: gl.constexpr,
+                  P_L: gl.constexpr, DTYPE: gl.constexpr):
+    """Online softmax of key tile j's raw scores s [BLOCK_M, BLOCK_N] (layout S_L; causal and kv_len masks from
+    tile ``full_tiles`` on): returns P in DTYPE as the register A operand of the P V wgmma (layout P_L), the
+    running output's rescale factor, and the new row max and row sum."""
+    s = s * qk_scale
+    if j >= full_tiles:
+        k_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, S_L))
+        vis = (gl.expand_dims(k_pos, 0) <= gl.expand_dims(q_pos, 1)) & gl.expand_dims(k_pos < kv_len, 0)
+        s = gl.where(vis, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s - gl.expand_dims(m_new, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return gl.convert_layout(p.to(DTYPE), P_L), alpha, m_new, l_i
+
+
+@gluon.jit
+def _release(empty, stage):
+    """Every warp of the partition is done reading ring stage ``stage``: hand it back to the loader (one elected
+    arrive)."""
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(stage), count=1)
+
+
+@gluon.jit
+def _prefill_rows(p_q_ptr, o_ptr, lse_ptr, qh, q_start, q_len, m0, seq_len, n_tiles, full_tiles,
+                  stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
+                  q_smem, k_smem, v_smem, ready, empty, it,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Queries [m0, m0 + BLOCK_M) of one prefill sequence, head qh (q at position seq_len - q_len + i sees keys up to
+    its position) against its n_tiles key tiles, which arrive in ring stages it, it + 1, ... (mod STAGES): wgmma,
+    only the diagonal key tiles masked; stores the out rows and their lse.
+
+    Software pipeline: S_{j+1} = Q K_{j+1}^T runs on the tensor cores while the CUDA cores do the softmax of S_j,
+    then O += P_j V_j; a stage goes back to the loader once both have read it. (Overlapping the softmax with
+    O += P_{j-1} V_{j-1} instead measured slower: ptxas moves the exponentials below that wgmma's wait, and with
+    both wgmmas in flight across iterations it serializes every wgmma.)"""
     W: gl.constexpr = gl.num_warps()
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_N, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, HEAD_DIM, 16])
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [W, 1], [1, 0])
-    seq_len = gl.load(sl_ptr + b)
-    ctx = seq_len - q_len
-    kvh = qh // GROUP
-    k_base = k_ptr + kvh * stride_kh
-    v_base = v_ptr + kvh * stride_vh
-    bt_row = bt_ptr + b.to(gl.int64) * stride_btb
-    kv_end = gl.minimum(seq_len, ctx + m0 + BLOCK_M)
-    n_tiles = gl.cdiv(kv_end, BLOCK_N)
-    full_tiles = (ctx + m0 + 1) // BLOCK_N  # key tiles every row of the block sees whole
-
+    dtype: gl.constexpr = k_smem.dtype
     offs_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, LD))
     offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, LD))
     rows = (q_start + offs_m).to(gl.int64)
     q = gl.load(p_q_ptr + gl.expand_dims(rows * stride_qt + qh * stride_qh, 1) + gl.expand_dims(offs_d, 0),
                 mask=gl.expand_dims(offs_m < q_len, 1), other=0.0)
-    gl.thread_barrier()  # the previous block's readers of q_smem and the ring are done
+    gl.thread_barrier()  # the previous tile's wgmmas reading q_smem have retired in every warp
     q_smem.store(q)
-    next_pages = _ring_start(k_smem, v_smem, k_base, v_base, bt_row, 0, seq_len, n_tiles, stride_kb, stride_kp,
-                             stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
+    fence_async_shared()
+    gl.thread_barrier()
 
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_L)
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, S_L))
     m_i = gl.full([BLOCK_M], NEG_BIG, gl.float32, gl.SliceLayout(1, S_L))
-    q_pos = ctx + m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, S_L))
-    for j in range(0, n_tiles):
-        next_pages = _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, 0, seq_len, n_tiles,
-                                stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
+    q_pos = seq_len - q_len + m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, S_L))
+    stage = it % STAGES
+    mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
+    fence_async_shared()
+    s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L),
+                      use_acc=False)
+    for j in range(0, n_tiles - 1):
+        nxt = (it + j + 1) % STAGES
+        mbarrier.wait(ready.index(nxt), ((it + j + 1) // STAGES) & 1)
         fence_async_shared()
-        stage = j % STAGES
-        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)),
-                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L), use_acc=False)
-        s = s * qk_scale
-        if j >= full_tiles:
-            k_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, S_L))
-            vis = (gl.expand_dims(k_pos, 0) <= gl.expand_dims(q_pos, 1)) & gl.expand_dims(k_pos < seq_len, 0)
-            s = gl.where(vis, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)),
+                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L), use_acc=False, is_async=True)
+        p16, alpha, m_i, l_i = _softmax_step(s, j, m_i, l_i, q_pos, full_tiles, seq_len, qk_scale, BLOCK_N, S_L,
+                                             P_L, dtype)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
-        p16 = gl.convert_layout(p.to(k_smem.dtype), P_L)
-        acc = warpgroup_mma(p16, v_smem.index(stage), acc)
-        m_i = m_new
-        gl.thread_barrier()  # all warps are done with this stage before it is refilled
-    async_copy.wait_group(0)
+        acc_tok = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
+        s, acc, p16 = warpgroup_mma_wait(0, deps=[s_tok, acc_tok, p16])
+        _release(empty, stage)
+        stage = nxt
+    p16, alpha, m_i, l_i = _softmax_step(s, n_tiles - 1, m_i, l_i, q_pos, full_tiles, seq_len, qk_scale, BLOCK_N,
+                                         S_L, P_L, dtype)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
+    acc = warpgroup_mma(p16, v_smem.index(stage), acc)
+    _release(empty, stage)
 
-    empty = l_i == 0.0
-    inv = 1.0 / gl.where(empty, 1.0, l_i)
+    no_keys = l_i == 0.0
+    inv = 1.0 / gl.where(no_keys, 1.0, l_i)
     out = acc * gl.expand_dims(gl.convert_layout(inv, gl.SliceLayout(1, O_L)), 1)
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2)
+    lse = gl.where(no_keys, float("-inf"), (m_i + gl.log2(gl.where(no_keys, 1.0, l_i))) * LN2)
     o_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, O_L))
     o_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, O_L))
     o_rows = (q_start + o_m).to(gl.int64)
@@ -211,7 +282,7 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
                   k_smem, v_smem,
                   GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Decode (b, kvh, split) items from ticket counter_ptr[1]: the GROUP query heads of kv head kvh are rows of a
+    """Decode (b, kvh, split) items from ticket counter_ptr[0]: the GROUP query heads of kv head kvh are rows of a
     [BLOCK_H, D] tile (mma_v2) against the split's keys [lo, hi), K/V through a STAGES-deep cp.async ring; stores
     normalised rows and lse (a split's partial when num_splits > 1; empty splits 0 / -inf). The prefill warps'
     way of helping with decode items (split boundaries at multiples of BLOCK_N keys, as in `_decode_warp`)."""
@@ -220,7 +291,7 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [W, 1], [1, 0])
-    idx = gl.atomic_add(counter_ptr + 1, 1)
+    idx = gl.atomic_add(counter_ptr, 1)
     while idx < num_items:
         b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, BLOCK_N)
         n_tiles = gl.cdiv(hi - lo, BLOCK_N)
@@ -270,7 +341,7 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
         gl.store(o_ptr + b64 * stride_ob + split * stride_os + gl.expand_dims(o_heads * stride_oh, 1)
                  + gl.expand_dims(o_d, 0), out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(h_mask, 1))
         gl.store(lse_ptr + b64 * stride_lb + split * stride_ls + o_heads * stride_lh, lse, mask=h_mask)
-        idx = gl.atomic_add(counter_ptr + 1, 1)
+        idx = gl.atomic_add(counter_ptr, 1)
 
 
 @gluon.jit
@@ -281,7 +352,7 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
                  k_smem, v_smem,
                  GROUP: gl.constexpr, NH: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_ALIGN: gl.constexpr):
-    """One warp: decode (b, kvh, split) items from ticket counter_ptr[1], keys as the MMA's M and the GROUP heads
+    """One warp: decode (b, kvh, split) items from ticket counter_ptr[0], keys as the MMA's M and the GROUP heads
     (padded to NH) as its N: S^T [BLOCK_N, NH] = K q^T, O^T [D, NH] += V^T P^T, the softmax down each column
     within the warp (no cross-warp reductions); its own cp.async ring of BLOCK_N-key tiles."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
@@ -289,7 +360,7 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
     B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [1, 1], [1, 0])
     QT: gl.constexpr = gl.BlockedLayout([8, 1], [HEAD_DIM // 8, 32 * 8 // HEAD_DIM], [1, 1], [0, 1])
-    idx = gl.atomic_add(counter_ptr + 1, 1)
+    idx = gl.atomic_add(counter_ptr, 1)
     while idx < num_items:
         b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN)
         n_tiles = gl.cdiv(hi - lo, BLOCK_N)
@@ -338,7 +409,7 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
         gl.store(o_ptr + b64 * stride_ob + split * stride_os + gl.expand_dims(o_heads * stride_oh, 0)
                  + gl.expand_dims(o_d, 1), out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(h_mask, 0))
         gl.store(lse_ptr + b64 * stride_lb + split * stride_ls + o_heads * stride_lh, lse, mask=h_mask)
-        idx = gl.atomic_add(counter_ptr + 1, 1)
+        idx = gl.atomic_add(counter_ptr, 1)
 
 
 # Counts, split and block-table strides and pointers into the middle of a step's tensors change from step to step:
@@ -366,8 +437,8 @@ def pod_ws_kernel(
     D_REGS: gl.constexpr,
 ):
     """Grid: one persistent CTA per SM (any size is correct); num_warps = 8 (the prefill partition, 128-row tiles)
-    plus four one-warp decode partitions with D_REGS registers a thread. P_BLOCK_N is the split alignment of both
-    decode paths. counter_ptr: int32 [2] zeroed tickets."""
+    plus one worker warpgroup of D_REGS registers a thread (setmaxnreg is per warpgroup): the one-warp prefill
+    loader and three one-warp decode partitions. P_BLOCK_N is the split alignment of both decode paths. counter_ptr: int32 [1] zeroed ticket."""
     dtype: gl.constexpr = pq_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_M, HEAD_DIM], dtype)
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_N, HEAD_DIM], dtype)
@@ -375,14 +446,18 @@ def pod_ws_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [P_BLOCK_M, HEAD_DIM], q_sl)
     pk_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
     pv_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
+    ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(P_STAGES):
+        mbarrier.init(ready.index(i), count=32)  # each loader thread's cp.async arrive
+        mbarrier.init(empty.index(i), count=1)  # the prefill partition's elected arrive
+    fence_async_shared()
     k0 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     v0 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     k1 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     v1 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     k2 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     v2 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
-    k3 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
-    v3 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     HELP: gl.constexpr = True
     decode_args = (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
                    num_decode_items, num_kv_heads, num_splits,
@@ -391,12 +466,14 @@ def pod_ws_kernel(
     # Each partition's arguments are written out: in Triton 3.6 a tuple built by concatenation (decode_args + (...))
     # loses its members' constexpr-ness, which a partition's arguments need.
     gl.warp_specialize([
-        (_prefill_tiles, (pq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, counter_ptr,
-                          num_prefill_tiles, num_heads, num_m_tiles, num_prefill_seqs,
-                          stride_pqt, stride_pqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                          stride_pbt, stride_pot, stride_poh, stride_plt, stride_plh, qk_scale,
-                          q_smem, pk_smem, pv_smem, decode_args,
+        (_prefill_tiles, (pq_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, num_prefill_tiles, num_heads, num_m_tiles,
+                          num_prefill_seqs, stride_pqt, stride_pqh, stride_pot, stride_poh, stride_plt, stride_plh,
+                          qk_scale, q_smem, pk_smem, pv_smem, ready, empty, decode_args,
                           GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES, D_BLOCK_H, HELP)),
+        (_prefill_loader, (k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, num_prefill_tiles, num_heads, num_m_tiles,
+                           num_prefill_seqs, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                           stride_pbt, pk_smem, pv_smem, ready, empty,
+                           GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES)),
         (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
                         num_decode_items, num_kv_heads, num_splits,
                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
@@ -412,9 +489,4 @@ def pod_ws_kernel(
                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                         stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
                         k2, v2, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
-        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
-                        num_decode_items, num_kv_heads, num_splits,
-                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                        k3, v3, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
     ], [1, 1, 1, 1], [D_REGS, D_REGS, D_REGS, D_REGS])
