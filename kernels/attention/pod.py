@@ -41,11 +41,12 @@ WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
-# When fusing pays, from the kernel benchmark's hybrid table (1xH100, bench/results/kernels-20261127-233146.json):
-# with prefill time / decode time (each estimated at the prefill and decode kernels' measured rates) in [0.1, 1.2]
-# the warp-specialized kernel ran 1.05-1.35x the two kernels in sequence (14 of 27 batches, CUDA graphs); at 1.7
-# and above, prefill-dominated, 0.84-1.01x; below 0.06, decode-dominated, 0.98-1.03x.
-POD_BALANCE = (0.1, 1.2)
+# When fusing pays, from the kernel benchmark's hybrid table (1xH100, bench/results/kernels-20261128-004919.json):
+# with prefill time / decode time (each estimated at the prefill and decode kernels' measured rates) in [0.1, 4]
+# the warp-specialized kernel ran 1.04-1.41x the two kernels in sequence (19 of 27 batches, CUDA graphs); at 6.8,
+# prefill-dominated, 1.01-1.05x (within a lease's spread), at 27 0.97x; below 0.06, decode-dominated, 0.96-1.02x
+# (three decode warps a CTA stream less than the decode kernel).
+POD_BALANCE = (0.1, 4.0)
 PREFILL_FLOPS_PER_S = 440e12
 DECODE_BYTES_PER_S = 3.0e12
 
@@ -148,8 +149,8 @@ def pod_attention(
     decode tiles, each moving to the other kind when its own runs out (%smid on CUDA, program ids under the
     interpreter, where 3 programs run so that each takes both kinds).
     On an sm_90 GPU (`ws_capable`) the launch is the warp-specialized Gluon kernel (`pod_ws_kernel`): per CTA, 8
-    warps of prefill tiles beside four one-warp decode partitions, each with its own registers and K/V ring;
-    elsewhere, or with ``config``, the Triton kernel below.
+    warps of prefill tiles fed by a one-warp K/V loader, beside three one-warp decode partitions with their own
+    K/V rings; elsewhere, or with ``config``, the Triton kernel below.
     config: tile-size override of the Triton kernel (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).

@@ -2,7 +2,7 @@
 
 The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma, fed by a one-warp
 loader partition that copies their K/V tiles into a shared-memory ring (cp.async, mbarrier handshakes: the consumer
-warps issue no loads and wait on no copies of their own). Beside them four one-warp partitions stream decode work
+warps issue no loads and wait on no copies of their own). Beside them three one-warp partitions stream decode work
 items, each on its own: keys are the MMA's M and the GQA group's heads its N (mma_v2, S^T = K q^T, O^T += V^T P^T),
 so a 16-key tile costs 16 MMAs and the softmax runs down columns inside the warp, with no cross-warp reduction or
 barrier; each keeps its own cp.async ring. Every partition has its own registers (setmaxnreg), so a compute-bound
