@@ -16,10 +16,16 @@ c + grid, ...: the loader and the prefill warps walk the same list); decode item
 Conventions are those of `paged_common` (log2-domain scores, finite running-max init, rows with no keys written as
 0 / lse -inf); the math matches `paged_prefill_attention` / `paged_decode_attention`.
 """
+
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 LN2 = gl.constexpr(0.6931471805599453)
 
@@ -438,7 +444,8 @@ def pod_ws_kernel(
 ):
     """Grid: one persistent CTA per SM (any size is correct); num_warps = 8 (the prefill partition, 128-row tiles)
     plus one worker warpgroup of D_REGS registers a thread (setmaxnreg is per warpgroup): the one-warp prefill
-    loader and three one-warp decode partitions. P_BLOCK_N is the split alignment of both decode paths. counter_ptr: int32 [1] zeroed ticket."""
+    loader and three one-warp decode partitions. P_BLOCK_N is the split alignment of both decode paths.
+    counter_ptr: int32 [1] zeroed ticket of the decode items."""
     dtype: gl.constexpr = pq_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_M, HEAD_DIM], dtype)
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_N, HEAD_DIM], dtype)
