@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from ..utils import (
     cdiv,
@@ -50,13 +51,20 @@ POD_BALANCE = (0.1, 4.0)
 PREFILL_FLOPS_PER_S = 440e12
 DECODE_BYTES_PER_S = 3.0e12
 
-try:  # Gluon (triton.experimental) with list-form warp_specialize; otherwise only the Triton kernel is used
-    import inspect
+# Gluon (triton.experimental) renames its API between releases (Triton 3.9: thread_barrier -> barrier,
+# async_copy_global_to_shared -> async_load), so the warp-specialized kernel runs only under the Triton it is written
+# for and was validated with on an H100; under any other the Triton POD kernel serves every launch.
+WS_TRITON = "3.6."
 
-    from triton.experimental.gluon import language as _gl
 
+def ws_supported_triton(version: str) -> bool:
+    """Whether the warp-specialized kernel's Gluon API is that of Triton ``version``."""
+    return version.startswith(WS_TRITON)
+
+
+try:
     from .pod_ws_kernel import pod_ws_kernel
-    _GLUON = "functions_and_args" in inspect.signature(_gl.warp_specialize).parameters
+    _GLUON = ws_supported_triton(triton.__version__)
 except Exception:  # noqa: BLE001 -- any import or API mismatch means "not available"
     pod_ws_kernel, _GLUON = None, False
 
@@ -119,9 +127,10 @@ def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_
 
 
 def ws_capable(k_cache: torch.Tensor, group: int, *tensors: torch.Tensor) -> bool:
-    """Whether the warp-specialized kernel serves these inputs: Gluon available, an sm_90 GPU, 16-bit, head_dim 64 or
-    128, GQA groups (query heads per kv head) of at most D_BLOCK_H, and the cache and ``tensors`` (v cache, the
-    prefill / decode q and out) 16-byte aligned: pointers and strides in multiples of 16 elements, for cp.async."""
+    """Whether the warp-specialized kernel serves these inputs: the Triton it is written for (`ws_supported_triton`),
+    an sm_90 GPU, 16-bit, head_dim 64 or 128, GQA groups (query heads per kv head) of at most D_BLOCK_H, and the
+    cache and ``tensors`` (v cache, the prefill / decode q and out) 16-byte aligned: pointers and strides in
+    multiples of 16 elements, for cp.async."""
     if not _GLUON or is_interpreter() or not k_cache.is_cuda or cuda_capability(k_cache.device) != (9, 0):
         return False
     if group > WS_CONFIG["D_BLOCK_H"]:

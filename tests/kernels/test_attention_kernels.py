@@ -662,6 +662,20 @@ def test_split_tickets_one_buffer_per_thread():
     assert other[0] is not mine
 
 
+def test_warp_specialized_pod_only_under_the_triton_it_is_written_for():
+    """Gluon renames its API between Triton releases: the warp-specialized kernel is chosen only under Triton 3.6 (it
+    does not compile under 3.9); elsewhere `ws_capable` is False and the Triton POD kernel runs."""
+    import triton
+
+    from accordion.kernels.attention import pod
+
+    assert pod.ws_supported_triton("3.6.0") and pod.ws_supported_triton("3.6.1")
+    assert not any(pod.ws_supported_triton(v) for v in ("3.5.1", "3.7.0", "3.9.0", "13.6.0"))
+    if not pod.ws_supported_triton(triton.__version__):
+        k = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+        assert not pod._GLUON and not pod.ws_capable(k, 4, k)
+
+
 def test_pod_pays_off_on_the_balanced_batches_of_the_kernel_table():
     """The per-step rule fuses the kernel benchmark's hybrid batches whose halves take comparable time (where the
     warp-specialized kernel ran 1.04-1.41x the sequence on an H100) and none where one half dominates."""
