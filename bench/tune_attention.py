@@ -8,6 +8,7 @@
     python bench/tune_attention.py --short    # decode: short batches as a CUDA graph sees them (split-KV vs stream-K)
     python bench/tune_attention.py --deep     # decode, equal lengths: one deep program per SM against the others
     python bench/tune_attention.py --streams  # hybrid batches: the two kernels in sequence, on two streams, POD
+    python bench/tune_attention.py --ws       # hybrid batches: warp-specialized POD variants, fused and prefill-only
     python bench/tune_attention.py --quick    # CPU smoke run under TRITON_INTERPRET=1
 
 Decode: every config x split factor against torch SDPA on the same memory (unpaged view), contexts >= 8k,
@@ -35,6 +36,7 @@ from accordion.kernels.attention import (  # noqa: E402
     paged_decode_attention,
     paged_prefill_attention,
     pod_attention,
+    ws_capable,
 )
 from accordion.kernels.attention.decode_schedule import DEEP_DECODE, choose_num_splits  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
@@ -285,6 +287,54 @@ def tune_streams(dev, dtype, hybrids) -> list[dict]:
     return rows
 
 
+# `WS_CONFIG` overrides for --ws (the first, none, is the shipped kernel)
+WS_VARIANTS = [{}, {"P_STAGES": 4}, {"P_BLOCK_N": 32, "P_STAGES": 5}, {"D_STAGES": 3}]
+WS_HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 16, 16384), (512, 4096, 64, 16384), (1024, 16384, 16, 4096),
+              (1024, 16384, 64, 16384), (1024, 16384, 128, 4096), (2048, 32768, 16, 4096),
+              (2048, 32768, 128, 16384)]
+
+
+def tune_ws(dev, dtype, hybrids, variants) -> list[dict]:
+    """Warp-specialized POD variants (`pod_attention(ws_config=...)`) on hybrid batches, from CUDA graphs: each
+    fused, and with every decode emptied ("prefill-only": the prefill partition's own time, to set against the
+    prefill kernel's), beside the prefill and decode kernels alone and in sequence; the largest difference from the
+    sequence's outputs."""
+    import dataclasses
+
+    rows = []
+    for chunk, p_ctx, bd, d_ctx in hybrids:
+        kv, pa, da, prefill_only, decode_only = hybrid_batch(chunk, p_ctx, bd, d_ctx, dtype, dev)
+        no_decode = dataclasses.replace(da, seq_lens=torch.zeros_like(da.seq_lens), out=torch.empty_like(da.out),
+                                        lse=torch.empty_like(da.lse))
+
+        def sequence():
+            prefill_only()
+            decode_only()
+        sequence()
+        ref_p, ref_d = pa.out.clone(), da.out.clone()
+        ms = {"prefill": graph_ms([prefill_only], dev), "decode": graph_ms([decode_only], dev),
+              "sequence": graph_ms([sequence], dev)}
+        out = []
+        for i, variant in enumerate(variants):
+            def fused(d=da, variant=variant):
+                pod_attention(kv[0], kv[1], pa, d, scale=D**-0.5, ws_config=variant)
+            pa.out.fill_(float("nan"))
+            da.out.fill_(float("nan"))
+            fused()
+            err = max((pa.out.float() - ref_p.float()).abs().max().item(),
+                      (da.out.float() - ref_d.float()).abs().max().item())
+            t, t_p = graph_ms([fused], dev), graph_ms([lambda f=fused: f(d=no_decode)], dev)
+            out.append(dict(variant=variant, ms=t, prefill_only_ms=t_p, vs_sequence=ms["sequence"] / t,
+                            prefill_only_vs_prefill=ms["prefill"] / t_p, max_abs_err=err))
+            print(f"ws {chunk}@{p_ctx} + {bd}@{d_ctx} {variant or 'shipped'}: {t:.3f} ms (x{ms['sequence'] / t:.3f} "
+                  f"the sequence {ms['sequence']:.3f}); prefill-only {t_p:.3f} ms (prefill kernel "
+                  f"{ms['prefill']:.3f}); err {err:.2e}", flush=True)
+        rows.append(dict(chunk=chunk, prefill_context=p_ctx, decodes=bd, decode_context=d_ctx, ms=ms,
+                         ideal=ms["sequence"] / max(ms["prefill"], ms["decode"]), variants=out))
+        kv = pa = da = no_decode = None
+    return rows
+
+
 def tune_pod(dev, dtype, hybrids, configs) -> list[dict]:
     """Every POD config against the prefill kernel then the decode kernel; each timed eagerly and replayed from a
     CUDA graph (GPU time alone: an eager ~0.1 ms decode launch can be host-bound under do_bench)."""
@@ -375,6 +425,8 @@ def main() -> None:
                     help="decode only, equal lengths: one deep program per SM against split-KV, stream-K, TMA, SDPA")
     ap.add_argument("--streams", action="store_true",
                     help="hybrid batches: the two kernels in sequence, on two CUDA streams, and POD fused (CUDA)")
+    ap.add_argument("--ws", action="store_true",
+                    help="hybrid batches: warp-specialized POD variants fused and prefill-only (sm_90, Triton 3.6)")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -408,6 +460,18 @@ def main() -> None:
         hybrids = [(512, 4096, 16, 4096), (1024, 16384, 64, 4096), (1024, 16384, 64, 16384),
                    (1024, 16384, 128, 16384), (2048, 32768, 64, 32768), (2048, 32768, 128, 16384)]
         print("wrote", write_result("tune-attention", dict(streams=tune_streams(dev, dtype, hybrids))))
+        return
+    if args.ws:
+        if not (dev.type == "cuda" and ws_capable(torch.empty(1, 16, HKV, D, dtype=dtype, device=dev), HQ // HKV)):
+            print("--ws needs the warp-specialized kernel (sm_90, Triton 3.6)")
+            return
+        rows = tune_ws(dev, dtype, WS_HYBRIDS, WS_VARIANTS)
+        print_table([[f"{r['chunk']}@{r['prefill_context']}+{r['decodes']}@{r['decode_context']}",
+                      f"{r['ideal']:.2f}"] + [f"{v['vs_sequence']:.3f} / {v['prefill_only_vs_prefill']:.3f}"
+                                              for v in r["variants"]] for r in rows],
+                    ["hybrid", "ideal"] + [str(v or "shipped") for v in WS_VARIANTS])
+        print("x the sequence / prefill-only x the prefill kernel (CUDA graphs)")
+        print("wrote", write_result("tune-attention", dict(ws=rows, variants=WS_VARIANTS)))
         return
     if args.short:
         if args.quick:

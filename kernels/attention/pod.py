@@ -149,6 +149,7 @@ def pod_attention(
     *,
     scale: float,
     config: dict | None = None,
+    ws_config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused prefill + decode attention over one layer's paged KV cache in a single kernel launch.
 
@@ -161,6 +162,8 @@ def pod_attention(
     warps of prefill tiles fed by a one-warp K/V loader, beside three one-warp decode partitions with their own
     K/V rings; elsewhere, or with ``config``, the Triton kernel below.
     config: tile-size override of the Triton kernel (keys of `pod_config`; `maxnreg` caps registers), for tuning.
+    ws_config: overrides of `WS_CONFIG` (tiles, stages, decode registers) for the warp-specialized kernel, which
+    must serve the inputs (`ws_capable`), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
     Split-KV decode partials are merged in the same launch when `merges_in_kernel` says so, else by a second one.
@@ -206,8 +209,12 @@ def pod_attention(
             raise ValueError(f"{name} must be fp32 {list(shape)}")
 
     max_ctx = decode.max_seq_len if decode.max_seq_len is not None else decode.block_table.shape[1] * page
-    if config is None and ws_capable(k_cache, Hq // Hkv, v_cache, pq, dq, po, do):
-        _launch_ws(k_cache, v_cache, prefill, decode, po, plse, do, dlse, max_ctx, scale)
+    ws = config is None and ws_capable(k_cache, Hq // Hkv, v_cache, pq, dq, po, do)
+    if ws_config is not None and not ws:
+        raise ValueError("ws_config needs the warp-specialized kernel (ws_capable inputs on sm_90, no config)")
+    if ws:
+        _launch_ws(k_cache, v_cache, prefill, decode, po, plse, do, dlse, max_ctx, scale,
+                   {**WS_CONFIG, **(ws_config or {})})
         return po, plse, do, dlse
     splits = decode.num_splits
     if splits is None:
@@ -255,9 +262,9 @@ def pod_attention(
 
 
 def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, plse, do, dlse, max_ctx: int,
-               scale: float) -> None:
-    """The warp-specialized launch (inputs validated, outputs allocated): one CTA per SM, decode split so that there
-    are about WS_ITEMS_PER_SM items per SM, partials merged by a second launch."""
+               scale: float, cfg: dict) -> None:
+    """The warp-specialized launch (inputs validated, outputs allocated; ``cfg`` as `WS_CONFIG`): one CTA per SM,
+    decode split so that there are about WS_ITEMS_PER_SM items per SM, partials merged by a second launch."""
     pq, dq = prefill.q, decode.q
     _, Hq, D = pq.shape
     Bp, Bd = prefill.seq_lens.shape[0], dq.shape[0]
@@ -273,7 +280,6 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
     else:
         d_o, d_l = split_partials(Bd, Hq, splits, D, pq.device)
         d_strides = (*d_o.stride()[:3], *d_l.stride())
-    cfg = WS_CONFIG
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
     counters = torch.zeros(1, dtype=torch.int32, device=pq.device)
     pod_ws_kernel[(sms,)](

@@ -644,6 +644,10 @@ def test_input_validation():
                                 scale=1.0, max_seqlen_q=torch.tensor(1))
     with pytest.raises(ValueError, match="int64"):
         write_kv_cache(q[:, :2], q[:, :2], kv[0], kv[1], torch.zeros(1, dtype=torch.int32, device=dev))
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match="ws_config needs the warp-specialized kernel"):  # not served here
+        pod_attention(kv[0], kv[1], PrefillArgs(q, table, cu, sl, 1), DecodeArgs(q, table, sl), scale=1.0,
+                      ws_config={"P_STAGES": 4})
 
 
 def test_split_tickets_one_buffer_per_thread():
