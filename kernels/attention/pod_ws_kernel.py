@@ -281,6 +281,15 @@ def _prefill_rows(p_q_ptr, o_ptr, lse_ptr, qh, q_start, q_len, m0, seq_len, n_ti
 
 # ------------------------------------------------------------------------------------------------------------ decode
 @gluon.jit
+def _normalized(acc, m_i, l_i, AXIS: gl.constexpr):
+    """A decode item's output acc / l (l_i broadcast along acc's dim AXIS, its row max m_i, log2 domain) and its
+    natural-log lse; an item with no keys gives 0 / -inf."""
+    no_keys = l_i == 0.0
+    out = acc / gl.expand_dims(gl.where(no_keys, 1.0, l_i), AXIS)
+    return out, gl.where(no_keys, float("-inf"), (m_i + gl.log2(gl.where(no_keys, 1.0, l_i))) * LN2)
+
+
+@gluon.jit
 def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr,
                   num_items, num_kv_heads, num_splits,
                   stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
@@ -337,9 +346,7 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
             gl.thread_barrier()
         async_copy.wait_group(0)
 
-        empty = l_i == 0.0
-        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_i), 1)
-        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2)
+        out, lse = _normalized(acc, m_i, l_i, 1)
         o_h = gl.arange(0, BLOCK_H, gl.SliceLayout(1, MMA))
         o_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, MMA))
         o_heads = kvh * GROUP + o_h
@@ -405,9 +412,7 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
             gl.thread_barrier()
         async_copy.wait_group(0)
 
-        empty = l_i == 0.0
-        out = acc / gl.expand_dims(gl.where(empty, 1.0, l_i), 0)
-        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2)
+        out, lse = _normalized(acc, m_i, l_i, 0)
         o_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(1, MMA))
         o_h = gl.arange(0, NH, gl.SliceLayout(0, MMA))
         h_mask = o_h < GROUP
