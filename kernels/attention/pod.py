@@ -214,7 +214,7 @@ def pod_attention(
         raise ValueError("ws_config needs the warp-specialized kernel (ws_capable inputs on sm_90, no config)")
     if ws:
         _launch_ws(k_cache, v_cache, prefill, decode, po, plse, do, dlse, max_ctx, scale,
-                   {**WS_CONFIG, **(ws_config or {})})
+                   WS_CONFIG if ws_config is None else {**WS_CONFIG, **ws_config})
         return po, plse, do, dlse
     splits = decode.num_splits
     if splits is None:
