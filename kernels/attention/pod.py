@@ -25,7 +25,7 @@ from .decode import (
     split_partials,
     split_tickets,
 )
-from .decode_schedule import choose_num_splits, decode_config
+from .decode_schedule import choose_num_splits, decode_config, tma_layout
 from .pod_kernel import pod_attention_kernel
 from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
 
@@ -37,8 +37,10 @@ POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as 
 # design before (four decode warps, prefill warps copying their own K/V), the loader made the prefill warps alone
 # 1.11-1.19x faster and overlapping their softmax with the next Q K^T wgmma a further 1.03x, 0.95-0.96x the prefill
 # kernel (1xH100, bench/results/experiments/pod-ws-loader-20261128.json, pod-ws-loader-overlap-20261128.json).
-WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2, D_REGS=152,
-                 num_warps=8)
+# P_TMA: the loader copies pages by TMA instead (16 instructions a 64-key tile instead of 64 cp.async a thread);
+# compiled for sm_90 without spills, not yet run on a GPU, hence off.
+WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=False, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2,
+                 D_REGS=152, num_warps=8)
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
@@ -261,6 +263,23 @@ def pod_attention(
     return po, plse, do, dlse
 
 
+def _ws_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> list:
+    """Gluon TMA descriptors of the [num_blocks * block_size, Hkv * D] views of the caches, box one page of one kv
+    head, for the warp-specialized kernel's TMA loader (`P_TMA`; key tiles of ``block_n`` whole pages)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if not tma_layout(k_cache, v_cache):
+        raise ValueError("P_TMA needs the caches in `tma_layout` (contiguous [num_blocks, block_size, Hkv, D])")
+    nb, page, hkv, d = k_cache.shape
+    if page < 8 or block_n % page:
+        raise ValueError(f"P_TMA needs pages of >= 8 keys that divide P_BLOCK_N={block_n}, got {page}")
+    layout = gl.NVMMASharedLayout.get_default_for([page, d], gl.bfloat16 if k_cache.dtype == torch.bfloat16
+                                                  else gl.float16)
+    return [TensorDescriptor(c.view(nb * page, hkv * d), [nb * page, hkv * d], [hkv * d, 1], [page, d], layout)
+            for c in (k_cache, v_cache)]
+
+
 def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, plse, do, dlse, max_ctx: int,
                scale: float, cfg: dict) -> None:
     """The warp-specialized launch (inputs validated, outputs allocated; ``cfg`` as `WS_CONFIG`): one CTA per SM,
@@ -282,8 +301,9 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
         d_strides = (*d_o.stride()[:3], *d_l.stride())
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
     counters = torch.zeros(1, dtype=torch.int32, device=pq.device)
+    descs = _ws_descriptors(k_cache, v_cache, cfg["P_BLOCK_N"]) if cfg["P_TMA"] else (k_cache, v_cache)
     pod_ws_kernel[(sms,)](
-        pq, dq, k_cache, v_cache, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens,
+        pq, dq, k_cache, v_cache, *descs, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens,
         decode.block_table, decode.seq_lens, po, plse, d_o, d_l, counters,
         num_m * Hq * Bp, Bd * Hkv * splits, Hq, num_m, Bp, Hkv, splits,
         *pq.stride()[:2], *dq.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],

@@ -23,6 +23,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -129,35 +130,55 @@ def _prefill_tile(idx, cu_ptr, sl_ptr, num_heads, num_m_tiles, num_seqs, BLOCK_M
 
 
 @gluon.jit
-def _prefill_loader(k_ptr, v_ptr, bt_ptr, cu_ptr, sl_ptr, num_tiles, num_heads, num_m_tiles, num_seqs,
-                    stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
+def _prefill_loader(k_ptr, v_ptr, k_desc, v_desc, bt_ptr, cu_ptr, sl_ptr, num_tiles, num_heads, num_m_tiles,
+                    num_seqs, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
                     k_smem, v_smem, ready, empty,
                     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TMA: gl.constexpr):
     """One warp: the K/V key tiles of this CTA's prefill tiles (idx = program id, + grid, ...: the order
-    `_prefill_tiles` consumes them in) into the STAGES-deep ring by cp.async. Stage s is refilled once empty[s]
-    completes (its readers are done); ready[s] completes when its copies have landed. A tile's block-table entries
-    are loaded while the previous tile's stage is awaited. Eight rows of 64 bytes per copy instruction: few enough
-    rows a thread (block-table entries held across the wait) to stay in registers."""
+    `_prefill_tiles` consumes them in) into the STAGES-deep ring. Stage s is refilled once empty[s] completes (its
+    readers are done); ready[s] completes when its copies have landed.
+
+    By cp.async (TMA False): eight rows of 64 bytes per copy instruction, few enough rows a thread to hold a tile's
+    block-table entries in registers, loaded while the previous tile's stage is awaited; keys past the sequence are
+    zero-filled. By TMA (k_desc / v_desc over the cache viewed as [num_blocks * PAGE_SIZE, Hkv * HEAD_DIM], box one
+    page of one kv head): one copy per page, pages past the sequence's last one re-read it; the rows past seq_len of
+    that page are read too, masked out of the softmax but multiplied by P = 0, so they must be finite (the engine's
+    caches are zero-initialized)."""
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, 1], [1, 0])
+    PAGES: gl.constexpr = BLOCK_N // PAGE_SIZE
     it = 0
     for idx in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         b, qh, q_start, q_len, m0, seq_len, n_tiles, full_tiles = _prefill_tile(
             idx, cu_ptr, sl_ptr, num_heads, num_m_tiles, num_seqs, BLOCK_M, BLOCK_N)
         if m0 < q_len:
             kvh = qh // GROUP
-            k_base = k_ptr + kvh * stride_kh
-            v_base = v_ptr + kvh * stride_vh
             bt_row = bt_ptr + b.to(gl.int64) * stride_btb
-            pages = _pages(bt_row, 0, seq_len, PAGE_SIZE, BLOCK_N, LD)
-            for j in range(n_tiles):
-                stage = it % STAGES
-                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-                _issue_kv(k_smem.index(stage), v_smem.index(stage), k_base, v_base, pages, j * BLOCK_N, seq_len,
-                          stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
-                pages = _pages(bt_row, (j + 1) * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
-                async_copy.mbarrier_arrive(ready.index(stage), increment_count=False)
-                it += 1
+            if TMA:
+                last_page = (seq_len - 1) // PAGE_SIZE
+                for j in range(n_tiles):
+                    stage = it % STAGES
+                    mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+                    mbarrier.expect(ready.index(stage), 2 * BLOCK_N * HEAD_DIM * 2)  # K and V, 16-bit
+                    for c in gl.static_range(PAGES):
+                        row = gl.load(bt_row + gl.minimum(j * PAGES + c, last_page)) * PAGE_SIZE
+                        tma.async_copy_global_to_shared(k_desc, [row, kvh * HEAD_DIM], ready.index(stage),
+                                                        k_smem.index(stage).slice(c * PAGE_SIZE, PAGE_SIZE))
+                        tma.async_copy_global_to_shared(v_desc, [row, kvh * HEAD_DIM], ready.index(stage),
+                                                        v_smem.index(stage).slice(c * PAGE_SIZE, PAGE_SIZE))
+                    it += 1
+            else:
+                k_base = k_ptr + kvh * stride_kh
+                v_base = v_ptr + kvh * stride_vh
+                pages = _pages(bt_row, 0, seq_len, PAGE_SIZE, BLOCK_N, LD)
+                for j in range(n_tiles):
+                    stage = it % STAGES
+                    mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+                    _issue_kv(k_smem.index(stage), v_smem.index(stage), k_base, v_base, pages, j * BLOCK_N, seq_len,
+                              stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, LD)
+                    pages = _pages(bt_row, (j + 1) * BLOCK_N, seq_len, PAGE_SIZE, BLOCK_N, LD)
+                    async_copy.mbarrier_arrive(ready.index(stage), increment_count=False)
+                    it += 1
 
 
 @gluon.jit
@@ -433,7 +454,7 @@ _RUNTIME = ["p_bt_ptr", "p_cu_ptr", "p_sl_ptr", "d_bt_ptr", "d_sl_ptr", "plse_pt
 
 @gluon.jit(do_not_specialize=_RUNTIME, do_not_specialize_on_alignment=_RUNTIME)
 def pod_ws_kernel(
-    pq_ptr, dq_ptr, k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
+    pq_ptr, dq_ptr, k_ptr, v_ptr, k_desc, v_desc, p_bt_ptr, p_cu_ptr, p_sl_ptr, d_bt_ptr, d_sl_ptr,
     po_ptr, plse_ptr, do_ptr, dlse_ptr, counter_ptr,
     num_prefill_tiles, num_decode_items, num_heads, num_m_tiles, num_prefill_seqs, num_kv_heads, num_splits,
     stride_pqt, stride_pqh, stride_dqb, stride_dqh,
@@ -443,13 +464,14 @@ def pod_ws_kernel(
     stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
     qk_scale,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
-    P_BLOCK_M: gl.constexpr, P_BLOCK_N: gl.constexpr, P_STAGES: gl.constexpr,
+    P_BLOCK_M: gl.constexpr, P_BLOCK_N: gl.constexpr, P_STAGES: gl.constexpr, P_TMA: gl.constexpr,
     D_BLOCK_H: gl.constexpr, D_NH: gl.constexpr, D_BLOCK_N: gl.constexpr, D_STAGES: gl.constexpr,
     D_REGS: gl.constexpr,
 ):
     """Grid: one persistent CTA per SM (any size is correct); num_warps = 8 (the prefill partition, 128-row tiles)
     plus one worker warpgroup of D_REGS registers a thread (setmaxnreg is per warpgroup): the one-warp prefill
     loader and three one-warp decode partitions. P_BLOCK_N is the split alignment of both decode paths.
+    k_desc / v_desc: with P_TMA the caches' TMA descriptors (`_prefill_loader`), else unused (any value).
     counter_ptr: int32 [1] zeroed ticket of the decode items."""
     dtype: gl.constexpr = pq_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_M, HEAD_DIM], dtype)
@@ -461,7 +483,8 @@ def pod_ws_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(P_STAGES):
-        mbarrier.init(ready.index(i), count=32)  # each loader thread's cp.async arrive
+        # completed by the loader's expect (TMA) or by each loader thread's cp.async arrive
+        mbarrier.init(ready.index(i), count=1 if P_TMA else 32)
         mbarrier.init(empty.index(i), count=1)  # the prefill partition's elected arrive
     fence_async_shared()
     k0 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
@@ -482,10 +505,10 @@ def pod_ws_kernel(
                           num_prefill_seqs, stride_pqt, stride_pqh, stride_pot, stride_poh, stride_plt, stride_plh,
                           qk_scale, q_smem, pk_smem, pv_smem, ready, empty, decode_args,
                           GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES, D_BLOCK_H, HELP)),
-        (_prefill_loader, (k_ptr, v_ptr, p_bt_ptr, p_cu_ptr, p_sl_ptr, num_prefill_tiles, num_heads, num_m_tiles,
-                           num_prefill_seqs, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                           stride_pbt, pk_smem, pv_smem, ready, empty,
-                           GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES)),
+        (_prefill_loader, (k_ptr, v_ptr, k_desc, v_desc, p_bt_ptr, p_cu_ptr, p_sl_ptr, num_prefill_tiles, num_heads,
+                           num_m_tiles, num_prefill_seqs, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp,
+                           stride_vh, stride_pbt, pk_smem, pv_smem, ready, empty,
+                           GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES, P_TMA)),
         (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
                         num_decode_items, num_kv_heads, num_splits,
                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,

@@ -680,6 +680,20 @@ def test_warp_specialized_pod_only_under_the_triton_it_is_written_for():
         assert not pod._GLUON and not pod.ws_capable(k, 4, k)
 
 
+def test_warp_specialized_tma_loader_descriptors():
+    """The TMA loader's descriptors: one page of one kv head a box over the [num_blocks * page, Hkv * D] cache view;
+    caches it cannot describe, or pages that do not tile a key tile, are a ValueError."""
+    from accordion.kernels.attention.pod import _ws_descriptors
+
+    k = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+    for d in _ws_descriptors(k, k.clone(), 64):
+        assert list(d.shape) == [64, 256] and list(d.block_shape) == [16, 128] and list(d.strides) == [256, 1]
+    with pytest.raises(ValueError, match="tma_layout"):
+        _ws_descriptors(k[:, :, :1], k[:, :, :1], 64)
+    with pytest.raises(ValueError, match="divide"):
+        _ws_descriptors(k[:, :4].contiguous(), k[:, :4].contiguous(), 64)
+
+
 def test_pod_pays_off_on_the_balanced_batches_of_the_kernel_table():
     """The per-step rule fuses the kernel benchmark's hybrid batches whose halves take comparable time (where the
     warp-specialized kernel ran 1.04-1.41x the sequence on an H100) and none where one half dominates."""
