@@ -288,7 +288,8 @@ def tune_streams(dev, dtype, hybrids) -> list[dict]:
 
 
 # `WS_CONFIG` overrides for --ws (the first, none, is the shipped kernel)
-WS_VARIANTS = [{}, {"P_TMA": True}, {"P_TMA": True, "P_STAGES": 4}, {"P_STAGES": 4}, {"D_STAGES": 3}]
+WS_VARIANTS = [{}, {"P_TMA": False}, {"D_TMA": True}, {"D_TMA": True, "D_STAGES": 3}, {"ITEMS_PER_SM": 16},
+               {"D_TMA": True, "D_STAGES": 3, "ITEMS_PER_SM": 16}]
 WS_HYBRIDS = [(512, 4096, 16, 4096), (512, 4096, 16, 16384), (512, 4096, 64, 16384), (1024, 16384, 16, 4096),
               (1024, 16384, 64, 16384), (1024, 16384, 128, 4096), (2048, 32768, 16, 4096),
               (2048, 32768, 128, 16384)]

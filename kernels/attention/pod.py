@@ -37,10 +37,15 @@ POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as 
 # design before (four decode warps, prefill warps copying their own K/V), the loader made the prefill warps alone
 # 1.11-1.19x faster and overlapping their softmax with the next Q K^T wgmma a further 1.03x, 0.95-0.96x the prefill
 # kernel (1xH100, bench/results/experiments/pod-ws-loader-20261128.json, pod-ws-loader-overlap-20261128.json).
-# P_TMA: the loader copies pages by TMA instead (16 instructions a 64-key tile instead of 64 cp.async a thread);
-# compiled for sm_90 without spills, not yet run on a GPU, hence off.
-WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=False, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2,
-                 D_REGS=152, num_warps=8)
+# P_TMA: the loader copies pages by TMA (16 instructions a 64-key tile instead of 64 cp.async a thread): the prefill
+# warps alone went from 0.94-0.99x the prefill kernel to 1.00-1.07x. D_TMA: each decode warp copies its pages by TMA
+# too (one page a tile; 4 instructions instead of 16 cp.async a thread): fused 1.00-1.65x the two kernels against
+# 0.97-1.37x without (8 hybrid batches; a third decode stage or twice the decode splits did not add). 1xH100, one
+# lease, bench/results/tune-attention-nvidia-h100-80gb-hbm3-20261128T031847Z.json. Both need caches
+# `ws_tma_serves` accepts; the kernel copies by cp.async where it does not. D_STAGES 4 with D_TMA needs 240 KB of
+# shared memory, more than an H100 has.
+WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=True, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2,
+                 D_TMA=True, D_REGS=152, num_warps=8)
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
@@ -263,17 +268,31 @@ def pod_attention(
     return po, plse, do, dlse
 
 
-def _ws_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> list:
+def ws_tma_serves(k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: dict) -> str | None:
+    """Why the warp-specialized kernel's TMA copies (``cfg``'s P_TMA / D_TMA) cannot serve these caches, or None:
+    they need caches in `tma_layout`, pages of at least 8 keys that divide P_BLOCK_N, and for D_TMA pages of
+    D_BLOCK_N keys."""
+    page = k_cache.shape[1]
+    if not tma_layout(k_cache, v_cache):
+        return "TMA needs the caches in `tma_layout` (contiguous [num_blocks, block_size, Hkv, D])"
+    if cfg["P_TMA"] and (page < 8 or cfg["P_BLOCK_N"] % page):
+        return f"P_TMA needs pages of >= 8 keys that divide P_BLOCK_N={cfg['P_BLOCK_N']}, got {page}"
+    if cfg["D_TMA"] and page != cfg["D_BLOCK_N"]:
+        return f"D_TMA needs pages of D_BLOCK_N={cfg['D_BLOCK_N']} keys, got {page}"
+    return None
+
+
+def _ws_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: dict) -> list:
     """Gluon TMA descriptors of the [num_blocks * block_size, Hkv * D] views of the caches, box one page of one kv
-    head, for the warp-specialized kernel's TMA loader (`P_TMA`; key tiles of ``block_n`` whole pages)."""
+    head, for the warp-specialized kernel's TMA copies (``cfg``: `WS_CONFIG`'s P_TMA / D_TMA); ValueError where
+    `ws_tma_serves` says they cannot serve."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    if not tma_layout(k_cache, v_cache):
-        raise ValueError("P_TMA needs the caches in `tma_layout` (contiguous [num_blocks, block_size, Hkv, D])")
+    why = ws_tma_serves(k_cache, v_cache, cfg)
+    if why:
+        raise ValueError(why)
     nb, page, hkv, d = k_cache.shape
-    if page < 8 or block_n % page:
-        raise ValueError(f"P_TMA needs pages of >= 8 keys that divide P_BLOCK_N={block_n}, got {page}")
     layout = gl.NVMMASharedLayout.get_default_for([page, d], gl.bfloat16 if k_cache.dtype == torch.bfloat16
                                                   else gl.float16)
     return [TensorDescriptor(c.view(nb * page, hkv * d), [nb * page, hkv * d], [hkv * d, 1], [page, d], layout)
@@ -282,18 +301,27 @@ def _ws_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) 
 
 def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, plse, do, dlse, max_ctx: int,
                scale: float, cfg: dict) -> None:
-    """The warp-specialized launch (inputs validated, outputs allocated; ``cfg`` as `WS_CONFIG`): one CTA per SM,
-    decode split so that there are about WS_ITEMS_PER_SM items per SM, partials merged by a second launch."""
+    """The warp-specialized launch (inputs validated, outputs allocated; ``cfg`` as `WS_CONFIG`, plus for tuning
+    ITEMS_PER_SM): one CTA per SM, decode split so that there are about WS_ITEMS_PER_SM items per SM, partials
+    merged by a second launch; TMA copies only where `ws_tma_serves`, else cp.async."""
     pq, dq = prefill.q, decode.q
     _, Hq, D = pq.shape
     Bp, Bd = prefill.seq_lens.shape[0], dq.shape[0]
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     sms = num_sms(pq.device)
     splits = decode.num_splits
+    if "ITEMS_PER_SM" in cfg:
+        cfg = dict(cfg)
+        items_per_sm = cfg.pop("ITEMS_PER_SM")
+    else:
+        items_per_sm = WS_ITEMS_PER_SM
     if splits is None:
-        splits = max(1, min(cdiv(WS_ITEMS_PER_SM * sms, Bd * Hkv), cdiv(max_ctx, WS_MIN_SPLIT_KEYS), 64))
+        splits = max(1, min(cdiv(items_per_sm * sms, Bd * Hkv), cdiv(max_ctx, WS_MIN_SPLIT_KEYS), 64))
     if not (1 <= splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {splits}")
+    tma = cfg["P_TMA"] or cfg["D_TMA"]
+    if tma and ws_tma_serves(k_cache, v_cache, cfg):
+        cfg, tma = {**cfg, "P_TMA": False, "D_TMA": False}, False
     if splits == 1:
         d_o, d_l, d_strides = do, dlse, (*do.stride()[:2], 0, *dlse.stride(), 0)
     else:
@@ -301,7 +329,7 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
         d_strides = (*d_o.stride()[:3], *d_l.stride())
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
     counters = torch.zeros(1, dtype=torch.int32, device=pq.device)
-    descs = _ws_descriptors(k_cache, v_cache, cfg["P_BLOCK_N"]) if cfg["P_TMA"] else (k_cache, v_cache)
+    descs = _ws_descriptors(k_cache, v_cache, cfg) if tma else (k_cache, v_cache)
     pod_ws_kernel[(sms,)](
         pq, dq, k_cache, v_cache, *descs, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens,
         decode.block_table, decode.seq_lens, po, plse, d_o, d_l, counters,

@@ -1,11 +1,11 @@
 """Gluon (Hopper) POD attention: one persistent CTA per SM whose warps are specialized by role.
 
 The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma, fed by a one-warp
-loader partition that copies their K/V tiles into a shared-memory ring (cp.async, mbarrier handshakes: the consumer
-warps issue no loads and wait on no copies of their own). Beside them three one-warp partitions stream decode work
-items, each on its own: keys are the MMA's M and the GQA group's heads its N (mma_v2, S^T = K q^T, O^T += V^T P^T),
-so a 16-key tile costs 16 MMAs and the softmax runs down columns inside the warp, with no cross-warp reduction or
-barrier; each keeps its own cp.async ring. Every partition has its own registers (setmaxnreg), so a compute-bound
+loader partition that copies their K/V tiles into a shared-memory ring (TMA, or cp.async; mbarrier handshakes: the
+consumer warps issue no loads and wait on no copies of their own). Beside them three one-warp partitions stream
+decode work items, each on its own: keys are the MMA's M and the GQA group's heads its N (mma_v2, S^T = K q^T,
+O^T += V^T P^T), so a 16-key tile costs 16 MMAs and the softmax runs down columns inside the warp, with no
+cross-warp reduction or barrier; each keeps its own ring of pages (TMA, or cp.async). Every partition has its own registers (setmaxnreg), so a compute-bound
 and a bandwidth-bound stream share every SM with the resources each needs -- what one Triton program, whose
 registers, shared memory and pipeline depth are the larger role's, cannot do (`pod_kernel.py`). When its prefill
 tiles are done, the prefill partition takes decode items too.
@@ -54,6 +54,27 @@ def _pages(bt_row, start, kv_len, PAGE_SIZE: gl.constexpr, BLOCK_N: gl.constexpr
     """[BLOCK_N] physical blocks of keys [start, start + BLOCK_N) (0 past kv_len)."""
     offs_n = start + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LD))
     return gl.load(bt_row + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
+
+
+@gluon.jit
+def _tma_pages(k_desc, v_desc, bar, k_dst, v_dst, bt_row, first, last, col, PAGE_SIZE: gl.constexpr,
+               PAGES: gl.constexpr):
+    """TMA pages first, first + 1, ... (PAGES of them; indices into the block-table row ``bt_row``, clamped to
+    ``last``) of K and V, columns [col, col + D) of the [num_blocks * PAGE_SIZE, Hkv * D] cache views, into
+    k_dst / v_dst [PAGES * PAGE_SIZE, D]; ``bar`` completes when all have landed."""
+    mbarrier.expect(bar, 2 * k_dst.numel * k_dst.dtype.primitive_bitwidth // 8)
+    for c in gl.static_range(PAGES):
+        row = gl.load(bt_row + gl.minimum(first + c, last)) * PAGE_SIZE
+        _tma_kv(k_desc, v_desc, bar, k_dst.slice(c * PAGE_SIZE, PAGE_SIZE), v_dst.slice(c * PAGE_SIZE, PAGE_SIZE),
+                row, col)
+
+
+@gluon.jit
+def _tma_kv(k_desc, v_desc, bar, k_dst, v_dst, row, col):
+    """TMA rows [row, row + PAGE_SIZE), columns [col, col + D) of both cache views into k_dst / v_dst, completing
+    ``bar`` (whose expected bytes the caller has set)."""
+    tma.async_copy_global_to_shared(k_desc, [row, col], bar, k_dst)
+    tma.async_copy_global_to_shared(v_desc, [row, col], bar, v_dst)
 
 
 @gluon.jit
@@ -159,13 +180,8 @@ def _prefill_loader(k_ptr, v_ptr, k_desc, v_desc, bt_ptr, cu_ptr, sl_ptr, num_ti
                 for j in range(n_tiles):
                     stage = it % STAGES
                     mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
-                    mbarrier.expect(ready.index(stage), 2 * BLOCK_N * HEAD_DIM * 2)  # K and V, 16-bit
-                    for c in gl.static_range(PAGES):
-                        row = gl.load(bt_row + gl.minimum(j * PAGES + c, last_page)) * PAGE_SIZE
-                        tma.async_copy_global_to_shared(k_desc, [row, kvh * HEAD_DIM], ready.index(stage),
-                                                        k_smem.index(stage).slice(c * PAGE_SIZE, PAGE_SIZE))
-                        tma.async_copy_global_to_shared(v_desc, [row, kvh * HEAD_DIM], ready.index(stage),
-                                                        v_smem.index(stage).slice(c * PAGE_SIZE, PAGE_SIZE))
+                    _tma_pages(k_desc, v_desc, ready.index(stage), k_smem.index(stage), v_smem.index(stage), bt_row,
+                               j * PAGES, last_page, kvh * HEAD_DIM, PAGE_SIZE, PAGES)
                     it += 1
             else:
                 k_base = k_ptr + kvh * stride_kh
@@ -330,7 +346,7 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
     idx = gl.atomic_add(counter_ptr, 1)
     while idx < num_items:
         b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, BLOCK_N)
-        n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)  # an empty split can have hi < lo (// floors)
         k_base = k_ptr + kvh * stride_kh
         v_base = v_ptr + kvh * stride_vh
         bt_row = bt_ptr + b64 * stride_btb
@@ -383,28 +399,45 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
                  num_items, num_kv_heads, num_splits,
                  stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                  stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
-                 k_smem, v_smem,
+                 k_desc, v_desc, k_smem, v_smem, bars,
                  GROUP: gl.constexpr, NH: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_ALIGN: gl.constexpr):
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_ALIGN: gl.constexpr, TMA: gl.constexpr):
     """One warp: decode (b, kvh, split) items from ticket counter_ptr[0], keys as the MMA's M and the GROUP heads
     (padded to NH) as its N: S^T [BLOCK_N, NH] = K q^T, O^T [D, NH] += V^T P^T, the softmax down each column
-    within the warp (no cross-warp reductions); its own cp.async ring of BLOCK_N-key tiles."""
+    within the warp (no cross-warp reductions); its own STAGES-deep ring of BLOCK_N-key tiles, by cp.async or, with
+    TMA, one page a tile by TMA (bars: the ring's mbarriers; BLOCK_N == PAGE_SIZE; the rows of a split's last page
+    past its end are read, masked, and must be finite, as for `_prefill_loader`)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [1, 1], [1, 0])
     QT: gl.constexpr = gl.BlockedLayout([8, 1], [HEAD_DIM // 8, 32 * 8 // HEAD_DIM], [1, 1], [0, 1])
+    TILE_BYTES: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * k_smem.dtype.primitive_bitwidth // 8  # K and V
+    if TMA:
+        gl.static_assert(BLOCK_N == PAGE_SIZE, "a TMA decode tile is one page")
+    it = 0  # ring tiles consumed so far (TMA: stage and mbarrier phase)
     idx = gl.atomic_add(counter_ptr, 1)
     while idx < num_items:
         b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN)
-        n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)  # an empty split can have hi < lo (// floors)
         k_base = k_ptr + kvh * stride_kh
         v_base = v_ptr + kvh * stride_vh
         bt_row = bt_ptr + b64 * stride_btb
+        first_page = lo // PAGE_SIZE
+        last_page = gl.maximum((hi - 1) // PAGE_SIZE, 0)  # clamps block-table reads (also of an empty split)
 
         gl.thread_barrier()  # the previous item's readers of the ring are done
-        next_pages = _ring_start(k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles, stride_kb, stride_kp,
-                                 stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
+        if TMA:
+            for t in gl.static_range(STAGES - 1):
+                if t < n_tiles:
+                    _tma_pages(k_desc, v_desc, bars.index((it + t) % STAGES), k_smem.index((it + t) % STAGES),
+                               v_smem.index((it + t) % STAGES), bt_row, first_page + t, last_page, kvh * HEAD_DIM,
+                               PAGE_SIZE, 1)
+            # the row of the page to copy next, loaded a tile ahead of its copy
+            next_pages = gl.load(bt_row + gl.minimum(first_page + STAGES - 1, last_page)) * PAGE_SIZE
+        else:
+            next_pages = _ring_start(k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles, stride_kb, stride_kp,
+                                     stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
 
         offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(1, QT))
         offs_h = gl.arange(0, NH, gl.SliceLayout(0, QT))
@@ -415,10 +448,21 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
         l_i = gl.zeros([NH], gl.float32, gl.SliceLayout(0, MMA))
         m_i = gl.full([NH], NEG_BIG, gl.float32, gl.SliceLayout(0, MMA))
         for j in range(0, n_tiles):
-            next_pages = _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles,
-                                    stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES,
-                                    LD)
-            stage = j % STAGES
+            if TMA:
+                # refill the stage tile j - 1 left (every thread has read it: the barrier closing each iteration)
+                if j + STAGES - 1 < n_tiles:
+                    refill = (it + j + STAGES - 1) % STAGES
+                    mbarrier.expect(bars.index(refill), TILE_BYTES)
+                    _tma_kv(k_desc, v_desc, bars.index(refill), k_smem.index(refill), v_smem.index(refill),
+                            next_pages, kvh * HEAD_DIM)
+                    next_pages = gl.load(bt_row + gl.minimum(first_page + j + STAGES, last_page)) * PAGE_SIZE
+                stage = (it + j) % STAGES
+                mbarrier.wait(bars.index(stage), ((it + j) // STAGES) & 1)
+            else:
+                next_pages = _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles,
+                                        stride_kb, stride_kp, stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N,
+                                        STAGES, LD)
+                stage = j % STAGES
             k = k_smem.index(stage).load(A_L)  # [BLOCK_N, D]
             st = mma_v2(k, qt, gl.zeros([BLOCK_N, NH], gl.float32, MMA)) * qk_scale  # S^T [BLOCK_N, NH]
             k_pos = lo + j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, MMA))
@@ -431,7 +475,9 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
             acc = mma_v2(vt, gl.convert_layout(p.to(k_smem.dtype), B_L), acc * gl.expand_dims(alpha, 0))
             m_i = m_new
             gl.thread_barrier()
-        async_copy.wait_group(0)
+        if not TMA:
+            async_copy.wait_group(0)
+        it += n_tiles
 
         out, lse = _normalized(acc, m_i, l_i, 0)
         o_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(1, MMA))
@@ -466,12 +512,13 @@ def pod_ws_kernel(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
     P_BLOCK_M: gl.constexpr, P_BLOCK_N: gl.constexpr, P_STAGES: gl.constexpr, P_TMA: gl.constexpr,
     D_BLOCK_H: gl.constexpr, D_NH: gl.constexpr, D_BLOCK_N: gl.constexpr, D_STAGES: gl.constexpr,
-    D_REGS: gl.constexpr,
+    D_TMA: gl.constexpr, D_REGS: gl.constexpr,
 ):
     """Grid: one persistent CTA per SM (any size is correct); num_warps = 8 (the prefill partition, 128-row tiles)
     plus one worker warpgroup of D_REGS registers a thread (setmaxnreg is per warpgroup): the one-warp prefill
     loader and three one-warp decode partitions. P_BLOCK_N is the split alignment of both decode paths.
-    k_desc / v_desc: with P_TMA the caches' TMA descriptors (`_prefill_loader`), else unused (any value).
+    k_desc / v_desc: with P_TMA or D_TMA the caches' TMA descriptors (`_prefill_loader`, `_decode_warp`), else unused
+    (any value).
     counter_ptr: int32 [1] zeroed ticket of the decode items."""
     dtype: gl.constexpr = pq_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_M, HEAD_DIM], dtype)
@@ -493,6 +540,14 @@ def pod_ws_kernel(
     v1 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     k2 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
     v2 = gl.allocate_shared_memory(dtype, [D_STAGES, D_BLOCK_N, HEAD_DIM], d_sl)
+    bars0 = gl.allocate_shared_memory(gl.int64, [D_STAGES, 1], mbarrier.MBarrierLayout())
+    bars1 = gl.allocate_shared_memory(gl.int64, [D_STAGES, 1], mbarrier.MBarrierLayout())
+    bars2 = gl.allocate_shared_memory(gl.int64, [D_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(D_STAGES):  # with D_TMA: completed by the decode warp's expect
+        mbarrier.init(bars0.index(i), count=1)
+        mbarrier.init(bars1.index(i), count=1)
+        mbarrier.init(bars2.index(i), count=1)
+    fence_async_shared()
     HELP: gl.constexpr = True
     decode_args = (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
                    num_decode_items, num_kv_heads, num_splits,
@@ -513,15 +568,18 @@ def pod_ws_kernel(
                         num_decode_items, num_kv_heads, num_splits,
                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                         stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                        k0, v0, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
+                        k_desc, v_desc, k0, v0, bars0, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES,
+                        P_BLOCK_N, D_TMA)),
         (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
                         num_decode_items, num_kv_heads, num_splits,
                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                         stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                        k1, v1, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
+                        k_desc, v_desc, k1, v1, bars1, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES,
+                        P_BLOCK_N, D_TMA)),
         (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
                         num_decode_items, num_kv_heads, num_splits,
                         stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                         stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                        k2, v2, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES, P_BLOCK_N)),
+                        k_desc, v_desc, k2, v2, bars2, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES,
+                        P_BLOCK_N, D_TMA)),
     ], [1, 1, 1, 1], [D_REGS, D_REGS, D_REGS, D_REGS])

@@ -680,18 +680,23 @@ def test_warp_specialized_pod_only_under_the_triton_it_is_written_for():
         assert not pod._GLUON and not pod.ws_capable(k, 4, k)
 
 
-def test_warp_specialized_tma_loader_descriptors():
-    """The TMA loader's descriptors: one page of one kv head a box over the [num_blocks * page, Hkv * D] cache view;
-    caches it cannot describe, or pages that do not tile a key tile, are a ValueError."""
-    from accordion.kernels.attention.pod import _ws_descriptors
+def test_warp_specialized_tma_descriptors():
+    """The TMA copies' descriptors: one page of one kv head a box over the [num_blocks * page, Hkv * D] cache view;
+    caches they cannot describe, pages that do not tile a prefill key tile, or (D_TMA) are not one decode tile, are
+    a ValueError, and `ws_tma_serves` says why (the launch then copies by cp.async)."""
+    from accordion.kernels.attention.pod import WS_CONFIG, _ws_descriptors, ws_tma_serves
 
+    cfg = {**WS_CONFIG, "P_TMA": True, "D_TMA": True}
     k = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
-    for d in _ws_descriptors(k, k.clone(), 64):
+    assert ws_tma_serves(k, k, cfg) is None
+    for d in _ws_descriptors(k, k.clone(), cfg):
         assert list(d.shape) == [64, 256] and list(d.block_shape) == [16, 128] and list(d.strides) == [256, 1]
     with pytest.raises(ValueError, match="tma_layout"):
-        _ws_descriptors(k[:, :, :1], k[:, :, :1], 64)
+        _ws_descriptors(k[:, :, :1], k[:, :, :1], cfg)
     with pytest.raises(ValueError, match="divide"):
-        _ws_descriptors(k[:, :4].contiguous(), k[:, :4].contiguous(), 64)
+        _ws_descriptors(k[:, :4].contiguous(), k[:, :4].contiguous(), cfg)
+    k32 = torch.zeros(4, 32, 2, 128, dtype=torch.bfloat16)
+    assert "D_BLOCK_N" in ws_tma_serves(k32, k32, cfg) and ws_tma_serves(k32, k32, {**cfg, "D_TMA": False}) is None
 
 
 def test_pod_pays_off_on_the_balanced_batches_of_the_kernel_table():
