@@ -5,10 +5,10 @@ loader partition that copies their K/V tiles into a shared-memory ring (TMA, or 
 consumer warps issue no loads and wait on no copies of their own). Beside them three one-warp partitions stream
 decode work items, each on its own: keys are the MMA's M and the GQA group's heads its N (mma_v2, S^T = K q^T,
 O^T += V^T P^T), so a 16-key tile costs 16 MMAs and the softmax runs down columns inside the warp, with no
-cross-warp reduction or barrier; each keeps its own ring of pages (TMA, or cp.async). Every partition has its own registers (setmaxnreg), so a compute-bound
-and a bandwidth-bound stream share every SM with the resources each needs -- what one Triton program, whose
-registers, shared memory and pipeline depth are the larger role's, cannot do (`pod_kernel.py`). When its prefill
-tiles are done, the prefill partition takes decode items too.
+cross-warp reduction or barrier; each keeps its own ring of pages (TMA, or cp.async). Every partition has its own
+registers (setmaxnreg), so a compute-bound and a bandwidth-bound stream share every SM with the resources each
+needs -- what one Triton program, whose registers, shared memory and pipeline depth are the larger role's, cannot do
+(`pod_kernel.py`). When its prefill tiles are done, the prefill partition takes decode items too.
 
 Work split: prefill tiles (m_tile, b, qh), heaviest causal m-tiles first, go to CTAs round-robin (CTA c takes c,
 c + grid, ...: the loader and the prefill warps walk the same list); decode items (b, kv_head, split) by ticket
