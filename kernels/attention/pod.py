@@ -49,12 +49,12 @@ WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=True, D_BLOCK_H=
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
-# When fusing pays, from the kernel benchmark's hybrid table (1xH100, bench/results/kernels-20261128-004919.json):
-# with prefill time / decode time (each estimated at the prefill and decode kernels' measured rates) in [0.1, 4]
-# the warp-specialized kernel ran 1.04-1.41x the two kernels in sequence (19 of 27 batches, CUDA graphs); at 6.8,
-# prefill-dominated, 1.01-1.05x (within a lease's spread), at 27 0.97x; below 0.06, decode-dominated, 0.96-1.02x
-# (three decode warps a CTA stream less than the decode kernel).
-POD_BALANCE = (0.1, 4.0)
+# When fusing pays, from the kernel benchmark's hybrid table (1xH100, 77c5718,
+# bench/results/kernels-20261128-032707.json, CUDA graphs): with prefill time / decode time (each estimated at the
+# prefill and decode kernels' measured rates) in [0.1, 30] the warp-specialized kernel ran 1.08-1.61x the two
+# kernels in sequence (23 of 27 batches; 1.30-1.61x at 0.4-1.7); below 0.06, decode-dominated, 0.99-1.04x (even:
+# left to the two kernels).
+POD_BALANCE = (0.1, 30.0)
 PREFILL_FLOPS_PER_S = 440e12
 DECODE_BYTES_PER_S = 3.0e12
 
