@@ -46,6 +46,9 @@ POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as 
 # shared memory, more than an H100 has.
 WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=True, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2,
                  D_TMA=True, D_REGS=152, num_warps=8)
+# GQA groups up to 8 (the GPU tests cover 1, 4 and 8): a group of 16 at head_dim 128 spills in the decode warps (528
+# bytes, sm_90 build), and no GPU test covers it; the Triton POD kernel or the two kernels serve it.
+WS_MAX_GROUP = 8
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
@@ -133,17 +136,19 @@ def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_
     return t_d > 0 and POD_BALANCE[0] <= t_p / t_d <= POD_BALANCE[1]
 
 
+def ws_serves_shape(group: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the warp-specialized kernel is built and tested for this shape: 16-bit, head_dim 64 or 128, GQA groups
+    (query heads per kv head) of at most WS_MAX_GROUP."""
+    return dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128) and 1 <= group <= WS_MAX_GROUP
+
+
 def ws_capable(k_cache: torch.Tensor, group: int, *tensors: torch.Tensor) -> bool:
     """Whether the warp-specialized kernel serves these inputs: the Triton it is written for (`ws_supported_triton`),
-    an sm_90 GPU, 16-bit, head_dim 64 or 128, GQA groups (query heads per kv head) of at most D_BLOCK_H, and the
-    cache and ``tensors`` (v cache, the prefill / decode q and out) 16-byte aligned: pointers and strides in
-    multiples of 16 elements, for cp.async."""
+    an sm_90 GPU, a shape `ws_serves_shape` accepts, and the cache and ``tensors`` (v cache, the prefill / decode q
+    and out) 16-byte aligned: pointers and strides in multiples of 16 elements, for cp.async."""
     if not _GLUON or is_interpreter() or not k_cache.is_cuda or cuda_capability(k_cache.device) != (9, 0):
         return False
-    if group > WS_CONFIG["D_BLOCK_H"]:
-        return False
-    D = k_cache.shape[-1]
-    if k_cache.dtype not in (torch.bfloat16, torch.float16) or D not in (64, 128):
+    if not ws_serves_shape(group, k_cache.shape[-1], k_cache.dtype):
         return False
     return all(t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1]) for t in (k_cache, *tensors))
 

@@ -680,6 +680,15 @@ def test_warp_specialized_pod_only_under_the_triton_it_is_written_for():
         assert not pod._GLUON and not pod.ws_capable(k, 4, k)
 
 
+def test_warp_specialized_kernel_serves_tested_shapes_only():
+    """16-bit, head_dim 64 / 128, GQA groups 1-8 (those the GPU tests cover; 16 spills at head_dim 128)."""
+    from accordion.kernels.attention.pod import ws_serves_shape
+
+    assert all(ws_serves_shape(g, d, t) for g in (1, 2, 4, 8) for d in (64, 128) for t in (torch.bfloat16, torch.half))
+    assert not any((ws_serves_shape(16, 128, torch.bfloat16), ws_serves_shape(0, 128, torch.bfloat16),
+                    ws_serves_shape(4, 96, torch.bfloat16), ws_serves_shape(4, 128, torch.float32)))
+
+
 def test_warp_specialized_tma_descriptors():
     """The TMA copies' descriptors: one page of one kv head a box over the [num_blocks * page, Hkv * D] cache view;
     caches they cannot describe, pages that do not tile a prefill key tile, or (D_TMA) are not one decode tile, are
