@@ -172,10 +172,11 @@ def pod_attention(
     interpreter, where 3 programs run so that each takes both kinds).
     On an sm_90 GPU (`ws_capable`) the launch is the warp-specialized Gluon kernel (`pod_ws_kernel`): per CTA, 8
     warps of prefill tiles fed by a one-warp K/V loader, beside three one-warp decode partitions with their own
-    K/V rings; elsewhere, or with ``config``, the Triton kernel below.
+    K/V rings, pages copied by TMA (`ws_tma_serves`) or cp.async; elsewhere, or with ``config``, the Triton kernel
+    below.
     config: tile-size override of the Triton kernel (keys of `pod_config`; `maxnreg` caps registers), for tuning.
-    ws_config: overrides of `WS_CONFIG` (tiles, stages, decode registers) for the warp-specialized kernel, which
-    must serve the inputs (`ws_capable`), for tuning.
+    ws_config: overrides of `WS_CONFIG` (tiles, stages, TMA or cp.async copies, decode registers; ITEMS_PER_SM, the
+    decode split's target) for the warp-specialized kernel, which must serve the inputs (`ws_capable`), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
     Split-KV decode partials are merged in the same launch when `merges_in_kernel` says so, else by a second one.
