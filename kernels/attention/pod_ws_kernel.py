@@ -119,16 +119,19 @@ def _ring_step(j, next_pages, k_smem, v_smem, k_base, v_base, bt_row, lo, kv_len
 
 
 @gluon.jit
-def _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN: gl.constexpr):
-    """Decode item ``idx`` = (b, kvh, split), split fastest: returns (b as int64, kvh, split, lo, hi), the split's
-    keys [lo, hi) with boundaries at multiples of SPLIT_ALIGN (empty when lo >= hi)."""
+def _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Decode item ``idx`` = (b, kvh, split), split fastest: returns (b as int64, kvh, split, lo, hi, n_tiles), the
+    split's keys [lo, hi) with boundaries at multiples of SPLIT_ALIGN and their count of BLOCK_N-key tiles (an empty
+    split, lo >= hi, has none)."""
     split = idx % num_splits
     r = idx // num_splits
     b = r // num_kv_heads
     seq_len = gl.load(sl_ptr + b)
     split_len = gl.cdiv(gl.cdiv(seq_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
     lo = split * split_len
-    return b.to(gl.int64), r % num_kv_heads, split, lo, gl.minimum(seq_len, lo + split_len)
+    hi = gl.minimum(seq_len, lo + split_len)
+    n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)  # hi - lo < 0 would floor to -1 tiles
+    return b.to(gl.int64), r % num_kv_heads, split, lo, hi, n_tiles
 
 
 # ----------------------------------------------------------------------------------------------------------- prefill
@@ -345,8 +348,7 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [W, 1], [1, 0])
     idx = gl.atomic_add(counter_ptr, 1)
     while idx < num_items:
-        b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, BLOCK_N)
-        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)  # an empty split can have hi < lo (// floors)
+        b64, kvh, split, lo, hi, n_tiles = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, BLOCK_N, BLOCK_N)
         k_base = k_ptr + kvh * stride_kh
         v_base = v_ptr + kvh * stride_vh
         bt_row = bt_ptr + b64 * stride_btb
@@ -418,8 +420,8 @@ def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_
     it = 0  # ring tiles consumed so far (TMA: stage and mbarrier phase)
     idx = gl.atomic_add(counter_ptr, 1)
     while idx < num_items:
-        b64, kvh, split, lo, hi = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN)
-        n_tiles = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)  # an empty split can have hi < lo (// floors)
+        b64, kvh, split, lo, hi, n_tiles = _decode_item(idx, sl_ptr, num_splits, num_kv_heads, SPLIT_ALIGN,
+                                                        BLOCK_N)
         k_base = k_ptr + kvh * stride_kh
         v_base = v_ptr + kvh * stride_vh
         bt_row = bt_ptr + b64 * stride_btb
