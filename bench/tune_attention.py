@@ -38,7 +38,13 @@ from accordion.kernels.attention import (  # noqa: E402
     pod_attention,
     ws_capable,
 )
-from accordion.kernels.attention.decode_schedule import DEEP_DECODE, choose_num_splits  # noqa: E402
+from accordion.kernels.attention.decode import decode_plan  # noqa: E402
+from accordion.kernels.attention.decode_schedule import (  # noqa: E402
+    DEEP_DECODE,
+    choose_num_splits,
+    tma_capable,
+)
+from accordion.kernels.utils import num_sms  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
 from bench.kernels import HKV, HQ, D, DecodeCase, bench, graph_ms, hybrid_batch  # noqa: E402
 
@@ -227,6 +233,56 @@ def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
         print(f"deep {B} x {ctx}: " + " ".join(f"{k} {t:.1f} ({us['sdpa'] / t:.3f})" for k, t in us.items()),
               flush=True)
     return rows
+
+
+# --gap: the decode cells below 1.0x SDPA in the kernels table (ee3e4fd), the launcher's choice against candidate
+# schedules and L2 eviction hints, SDPA timed in every round, alternating, so that a lease's drift cancels
+GAP_SHAPES = [(16, 8192), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
+LEAN32 = dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True)
+GAP_VARIANTS = {
+    "default": {},
+    "default_evict": None,  # the launcher's choice with EVICT_FIRST (filled per shape)
+    "lean_evict": dict(config={**LEAN32, "EVICT_FIRST": True}),
+    "lean_32perhead": dict(config={**LEAN32, "PROGRAMS": 32 * HKV}),
+    "lean_32perhead_evict": dict(config={**LEAN32, "PROGRAMS": 32 * HKV, "EVICT_FIRST": True}),
+    "rows_n64": dict(num_splits=1, config=dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+    "rows_n64_evict": dict(num_splits=1, config=dict(BLOCK_N=64, num_warps=4, num_stages=3, EVICT_FIRST=True)),
+    "rows_n128_s2": dict(num_splits=1, config=dict(BLOCK_N=128, num_warps=4, num_stages=2, EVICT_FIRST=True)),
+    "deep_evict": dict(num_splits=1, config={**DEEP_DECODE, "EVICT_FIRST": True}),
+}
+
+
+def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
+    """Equal-length decodes: each variant of `GAP_VARIANTS` and SDPA timed in turn from CUDA graphs, ``rounds``
+    times; a variant's ratio is the median over rounds of SDPA's time in that round over its own."""
+    rows = []
+    for B, ctx in shapes:
+        case = DecodeCase(B, ctx, dtype, dev)
+        chosen = _default_config(case)
+        variants = {k: (v if v is not None else dict(num_splits=chosen[0], config={**chosen[1], "EVICT_FIRST": True}))
+                    for k, v in GAP_VARIANTS.items()}
+        if B * HKV > 2 * (num_sms(dev) if dev.type == "cuda" else 132):
+            variants.pop("deep_evict")  # one program per row exceeds a wave
+        ref = case.ours()[0].float()
+        err = {k: (case.ours(**kw)[0].float() - ref).abs().max().item() for k, kw in variants.items()}
+        times = {k: [] for k in ("sdpa", *variants)}
+        for _ in range(rounds):
+            times["sdpa"].append(graph_ms([case.theirs], dev))
+            for k, kw in variants.items():
+                times[k].append(graph_ms([lambda kw=kw: case.ours(**kw)], dev))
+        ratio = {k: sorted(s / t for s, t in zip(times["sdpa"], ts))[len(ts) // 2] for k, ts in times.items()}
+        rows.append(dict(batch=B, context=ctx, default=dict(splits=chosen[0], config=chosen[1]), us={
+            k: [t * 1e3 for t in ts] for k, ts in times.items()}, vs_sdpa=ratio, max_abs_diff_vs_default=err))
+        print(f"gap {B} x {ctx} (default {chosen}): " + " ".join(f"{k} {v:.3f}" for k, v in ratio.items()),
+              flush=True)
+        case = ref = None
+    return rows
+
+
+def _default_config(case: DecodeCase) -> tuple[int, dict]:
+    """(num_splits, config) that the launcher picks for ``case`` on its own (equal lengths, as the table runs)."""
+    return decode_plan(case.B, HKV, D, case.q.dtype, case.q.device, case.ctx, equal_lengths=True,
+                       tma=tma_capable(case.kv[0], case.kv[1]))
 
 
 def tune_streams(dev, dtype, hybrids) -> list[dict]:
@@ -428,6 +484,9 @@ def main() -> None:
                     help="hybrid batches: the two kernels in sequence, on two CUDA streams, and POD fused (CUDA)")
     ap.add_argument("--ws", action="store_true",
                     help="hybrid batches: warp-specialized POD variants fused and prefill-only (sm_90, Triton 3.6)")
+    ap.add_argument("--gap", action="store_true",
+                    help="decode only: issue 4's cells below SDPA, candidate schedules and eviction hints, rounds of "
+                         "alternating timings against SDPA (CUDA graphs)")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -453,6 +512,10 @@ def main() -> None:
     if args.deep:
         rows = tune_deep(dev, dtype, [(2, 64)] if args.quick else DEEP_SHAPES)
         print("wrote", write_result("tune-attention", dict(deep=rows, quick=args.quick)))
+        return
+    if args.gap:
+        rows = tune_gap(dev, dtype, [(2, 64)] if args.quick else GAP_SHAPES, rounds=1 if args.quick else 3)
+        print("wrote", write_result("tune-attention", dict(gap=rows, quick=args.quick)))
         return
     if args.streams:
         if dev.type != "cuda":
@@ -482,6 +545,7 @@ def main() -> None:
                                        [(16, 1024), (64, 4096), (256, 8192)])
         print("wrote", write_result("tune-attention", dict(short_equal=equal, short_ragged=uneven, quick=args.quick)))
         return
+    if args.prefill:
         shapes = [(16, 64), (16, 48)] if args.quick else [(4096, 4096), (16384, 16384), (512, 4096), (1024, 16384),
                                                            (2048, 32768), (4096, 65536)]
         rows = tune_prefill(dev, dtype, shapes, PREFILL_CONFIGS[:2] if args.quick else PREFILL_CONFIGS)

@@ -117,21 +117,8 @@ def paged_decode_attention(
         return out, lse
     group = Hq // Hkv
     max_ctx = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
-    lean = False
-    auto = num_splits is None and config is None
-    deep = deep_splits(B, Hkv, max_ctx, D, q.dtype, q.device) if auto and equal_lengths else 0
-    if deep:
-        num_splits, config = deep, DEEP_DECODE
-    elif num_splits is None:
-        block_n = config["BLOCK_N"] if config is not None else decode_config(D, q.dtype)["BLOCK_N"]
-        num_splits = choose_num_splits(B, Hkv, max_ctx, q.device, block_n)
-        lean = auto and lean_pays_off(B, Hkv, num_splits, q.device, equal_lengths, max_ctx)
-    if not (1 <= num_splits <= 1024):
-        raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
-    tma = tma_capable(k_cache, v_cache)
-    cfg = config or decode_config(D, q.dtype, num_splits > 1, B * Hkv * num_splits, tma and not lean, q.device)
-    if lean:
-        cfg = {**cfg, "LEAN": True}
+    num_splits, cfg = decode_plan(B, Hkv, D, q.dtype, q.device, max_ctx, equal_lengths=equal_lengths,
+                                  tma=tma_capable(k_cache, v_cache), num_splits=num_splits, config=config)
     if cfg.get("TMA") and not (tma_layout(k_cache, v_cache) and cfg["BLOCK_N"] in (page, 2 * page)):
         raise ValueError("a TMA decode config needs caches in `tma_layout` and BLOCK_N of one or two pages")
     qk_scale = float(scale) * 1.4426950408889634
@@ -140,11 +127,15 @@ def paged_decode_attention(
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        KV_EVICT="evict_first" if cfg.get("EVICT_FIRST") else "",
     )
     if cfg.get("LEAN"):
         return _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta)
-    kernel, kv = ((paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache)) if cfg.get("TMA")
-                  else (paged_decode_kernel, (k_cache, v_cache)))
+    if cfg.get("TMA"):
+        kernel, kv = paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache)
+        meta.pop("KV_EVICT")
+    else:
+        kernel, kv = paged_decode_kernel, (k_cache, v_cache)
     # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
     so, sl = out.stride()[:2], lse.stride()
     common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
@@ -163,6 +154,30 @@ def paged_decode_attention(
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)
     return out, lse
+
+
+def decode_plan(batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                max_context: int, *, equal_lengths: bool = False, tma: bool = False, num_splits: int | None = None,
+                config: dict | None = None) -> tuple[int, dict]:
+    """(num_splits, config) of a `paged_decode_attention` launch, from shapes alone; config["LEAN"] marks stream-K.
+
+    Automatic where num_splits and config are None: one deep program per SM for equal lengths that fill the SMs
+    once (`deep_splits`), stream-K where it pays (`lean_pays_off`), else split-KV (`choose_num_splits`) with
+    `decode_config`'s tiles (TMA pages where ``tma``, the caches' `tma_capable`)."""
+    lean = False
+    auto = num_splits is None and config is None
+    deep = deep_splits(batch, num_kv_heads, max_context, head_dim, dtype, device) if auto and equal_lengths else 0
+    if deep:
+        num_splits, config = deep, DEEP_DECODE
+    elif num_splits is None:
+        block_n = config["BLOCK_N"] if config is not None else decode_config(head_dim, dtype)["BLOCK_N"]
+        num_splits = choose_num_splits(batch, num_kv_heads, max_context, device, block_n)
+        lean = auto and lean_pays_off(batch, num_kv_heads, num_splits, device, equal_lengths, max_context)
+    if not (1 <= num_splits <= 1024):
+        raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
+    cfg = config or decode_config(head_dim, dtype, num_splits > 1, batch * num_kv_heads * num_splits,
+                                  tma and not lean, device)
+    return num_splits, ({**cfg, "LEAN": True} if lean else dict(cfg))
 
 
 def _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta):
