@@ -236,33 +236,38 @@ def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
 
 
 # --gap: the decode cells below 1.0x SDPA in the kernels table (ee3e4fd), the launcher's choice against candidate
-# schedules and L2 eviction hints, SDPA timed in every round, alternating, so that a lease's drift cancels
-GAP_SHAPES = [(16, 8192), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
+# schedules, SDPA timed in every round, alternating, so that a lease's drift cancels. Round 1 (20261128T042122Z):
+# stream-K with 32-key tiles, 5 stages ran 1.001-1.008x SDPA at 128-256 x 8k / 32k where the launcher's 64-key tiles,
+# 3 stages ran 0.986-0.993x (hence `lean_config`); an L2 evict-first hint on the K/V loads changed nothing (+-0.1%).
+GAP_SHAPES = [(16, 8192), (16, 32768), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
 LEAN32 = dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True)
-GAP_VARIANTS = {
-    "default": {},
-    "default_evict": None,  # the launcher's choice with EVICT_FIRST (filled per shape)
-    "lean_evict": dict(config={**LEAN32, "EVICT_FIRST": True}),
+GAP_MANY_ROWS = {  # more rows than SMs
+    "lean_n64_s3": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=3, LEAN=True)),
+    "lean_n32_s6": dict(config={**LEAN32, "num_stages": 6}),
     "lean_32perhead": dict(config={**LEAN32, "PROGRAMS": 32 * HKV}),
-    "lean_32perhead_evict": dict(config={**LEAN32, "PROGRAMS": 32 * HKV, "EVICT_FIRST": True}),
-    "rows_n64": dict(num_splits=1, config=dict(BLOCK_N=64, num_warps=4, num_stages=3)),
-    "rows_n64_evict": dict(num_splits=1, config=dict(BLOCK_N=64, num_warps=4, num_stages=3, EVICT_FIRST=True)),
-    "rows_n128_s2": dict(num_splits=1, config=dict(BLOCK_N=128, num_warps=4, num_stages=2, EVICT_FIRST=True)),
-    "deep_evict": dict(num_splits=1, config={**DEEP_DECODE, "EVICT_FIRST": True}),
+}
+GAP_DEEP = {  # one program per row, where the rows fill the SMs once
+    "deep_n64_s6": dict(config={**DEEP_DECODE, "num_stages": 6}),
+    "deep_n128_w8_s3": dict(config=dict(BLOCK_N=128, num_warps=8, num_stages=3)),
+    "deep_tma_n32_s8": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=8, TMA=True)),
+    "deep_tma_n32_s12": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=12, TMA=True)),
+    "deep_tma_n16_w2_s12": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=12, TMA=True)),
 }
 
 
 def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
-    """Equal-length decodes: each variant of `GAP_VARIANTS` and SDPA timed in turn from CUDA graphs, ``rounds``
-    times; a variant's ratio is the median over rounds of SDPA's time in that round over its own."""
+    """Equal-length decodes: the launcher's choice, `GAP_MANY_ROWS` (more rows than SMs) or `GAP_DEEP` (at the
+    launcher's split), and SDPA timed in turn from CUDA graphs, ``rounds`` times; a variant's ratio is the median
+    over rounds of SDPA's time in that round over its own."""
     rows = []
     for B, ctx in shapes:
         case = DecodeCase(B, ctx, dtype, dev)
         chosen = _default_config(case)
-        variants = {k: (v if v is not None else dict(num_splits=chosen[0], config={**chosen[1], "EVICT_FIRST": True}))
-                    for k, v in GAP_VARIANTS.items()}
-        if B * HKV > 2 * (num_sms(dev) if dev.type == "cuda" else 132):
-            variants.pop("deep_evict")  # one program per row exceeds a wave
+        sms = num_sms(dev) if dev.type == "cuda" else 132
+        variants = {"default": {}, **(GAP_MANY_ROWS if B * HKV > sms else GAP_DEEP)}
+        if B * HKV <= sms:
+            variants = {k: {**kw, "num_splits": chosen[0]} if kw else kw for k, kw in variants.items()
+                        if dev.type == "cuda" or not kw.get("config", {}).get("TMA")}
         ref = case.ours()[0].float()
         err = {k: (case.ours(**kw)[0].float() - ref).abs().max().item() for k, kw in variants.items()}
         times = {k: [] for k in ("sdpa", *variants)}

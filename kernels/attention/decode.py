@@ -19,6 +19,7 @@ from .decode_schedule import (
     choose_num_splits,
     decode_config,
     deep_splits,
+    lean_config,
     lean_pays_off,
     tma_capable,
     tma_layout,
@@ -127,15 +128,11 @@ def paged_decode_attention(
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE_SIZE=page,
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        KV_EVICT="evict_first" if cfg.get("EVICT_FIRST") else "",
     )
     if cfg.get("LEAN"):
         return _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta)
-    if cfg.get("TMA"):
-        kernel, kv = paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache)
-        meta.pop("KV_EVICT")
-    else:
-        kernel, kv = paged_decode_kernel, (k_cache, v_cache)
+    kernel, kv = ((paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache)) if cfg.get("TMA")
+                  else (paged_decode_kernel, (k_cache, v_cache)))
     # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
     so, sl = out.stride()[:2], lse.stride()
     common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
@@ -175,9 +172,10 @@ def decode_plan(batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
         lean = auto and lean_pays_off(batch, num_kv_heads, num_splits, device, equal_lengths, max_context)
     if not (1 <= num_splits <= 1024):
         raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
-    cfg = config or decode_config(head_dim, dtype, num_splits > 1, batch * num_kv_heads * num_splits,
-                                  tma and not lean, device)
-    return num_splits, ({**cfg, "LEAN": True} if lean else dict(cfg))
+    if lean:
+        return num_splits, lean_config(head_dim, dtype, device)
+    cfg = config or decode_config(head_dim, dtype, num_splits > 1, batch * num_kv_heads * num_splits, tma, device)
+    return num_splits, dict(cfg)
 
 
 def _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta):

@@ -67,7 +67,6 @@ def decode_work(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    KV_EVICT: tl.constexpr = "",
 ):
     """One (b, kvh, split) decode work item; stores normalised out rows and their lse (and, with fused_merge and
     num_splits > 1, merges the splits of (b, kvh) if it is the last of them to finish)."""
@@ -91,7 +90,7 @@ def decode_work(
         k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
         lo, hi, hi,
         stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION, KV_EVICT,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
     )
     finish_decode_item(
         acc, l_i, m_i, b64, kvh, split, heads, h_mask, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr, num_splits,
@@ -178,7 +177,6 @@ def paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
-    KV_EVICT: tl.constexpr,
 ):
     """Grid (B, Hkv, num_splits), or (Hkv, B, num_splits) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
@@ -193,7 +191,7 @@ def paged_decode_kernel(
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, KV_EVICT,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
     )
 
 

@@ -65,6 +65,13 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, progra
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2, HEADS_FASTEST=True)
 
 
+def lean_config(head_dim: int, dtype: torch.dtype, device: torch.device | None = None) -> dict:
+    """Tiles of a stream-K launch (two programs per SM, pointer loads): those of split-KV's up-to-two-per-SM launches.
+    At 128 and 256 sequences over 8k / 32k keys (1024-2048 rows, one H100, CUDA graphs) they ran 1.001-1.008x SDPA
+    where 64-key tiles, 3 stages ran 0.986-0.993x (bench/tune_attention.py --gap, 20261128T042122Z)."""
+    return {**decode_config(head_dim, dtype, split=True, device=device), "LEAN": True}
+
+
 def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma: bool) -> list[dict]:
     """Every config the automatic choice of `paged_decode_attention` can pick for these shapes (split or not, each
     programs-per-SM range, TMA or not, stream-K or not): what a warm-up compiles."""
@@ -72,10 +79,10 @@ def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma
     out: list[dict] = []
     for split in (False, True):
         for programs in (slots, 3 * slots, 5 * slots):  # <= 2, <= 4, > 4 programs per SM
-            for cfg in (decode_config(head_dim, dtype, split, programs, tma, device),
-                        {**decode_config(head_dim, dtype, split, programs, False, device), "LEAN": True}):
-                if cfg not in out:
-                    out.append(cfg)
+            cfg = decode_config(head_dim, dtype, split, programs, tma, device)
+            if cfg not in out:
+                out.append(cfg)
+    out.append(lean_config(head_dim, dtype, device))
     if deep_tuned(head_dim, dtype, device):
         out.append(DEEP_DECODE)
     return out

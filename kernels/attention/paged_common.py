@@ -37,10 +37,8 @@ def paged_attn_loop(
     CAUSAL: tl.constexpr,
     BOUNDED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    KV_EVICT: tl.constexpr = "",
 ):
-    """Accumulate keys [lo, hi) of one sequence / kv head into (acc, l_i, m_i); returns the new triple.
-    KV_EVICT: the K/V loads' L2 eviction policy ("evict_first" where each byte is read once, as in decode)."""
+    """Accumulate keys [lo, hi) of one sequence / kv head into (acc, l_i, m_i); returns the new triple."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for n0 in range(lo, hi, BLOCK_N):
@@ -49,12 +47,11 @@ def paged_attn_loop(
             n_mask = pos < kv_len
             blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
             k_off = blk * stride_kb + (pos % PAGE_SIZE) * stride_kp
-            k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0,
-                        eviction_policy=KV_EVICT)
+            k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         else:
             blk = tl.load(bt_row + pos // PAGE_SIZE).to(tl.int64)
             k_off = blk * stride_kb + (pos % PAGE_SIZE) * stride_kp
-            k = tl.load(k_base + k_off[:, None] + offs_d[None, :], eviction_policy=KV_EVICT)
+            k = tl.load(k_base + k_off[:, None] + offs_d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if CAUSAL:
             s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -66,10 +63,9 @@ def paged_attn_loop(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = blk * stride_vb + (pos % PAGE_SIZE) * stride_vp
         if BOUNDED:
-            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0,
-                        eviction_policy=KV_EVICT)
+            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         else:
-            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], eviction_policy=KV_EVICT)
+            v = tl.load(v_base + v_off[:, None] + offs_d[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i

@@ -201,6 +201,26 @@ def test_decode_default_picks_stream_k():
     assert [b for b in (64, 66, 67, 128, 256) if lean_pays_off(b, 8, 1, dev, True, 8192)] == [67, 128, 256]
 
 
+def test_decode_plan_gives_stream_k_its_two_per_sm_tiles(monkeypatch):
+    """Stream-K runs two programs per SM, so it takes the tiles of split-KV's up-to-two-per-SM launches (32 keys,
+    5 stages at head_dim 128), whatever the batch: not the 64-key tiles of an unsplit grid of many programs."""
+    from accordion.kernels.attention import decode_schedule
+    from accordion.kernels.attention.decode import decode_plan
+
+    monkeypatch.setattr(decode_schedule, "is_interpreter", lambda: False)  # the GPU tiles, chosen on the CPU
+    dev = torch.device("cpu")
+    two_per_sm = decode_schedule.decode_config(128, torch.bfloat16, split=True, device=dev)
+    for batch, ctx, equal in ((128, 8192, True), (256, 32768, True), (24, 32768, False), (128, 8192, False)):
+        splits, cfg = decode_plan(batch, 8, 128, torch.bfloat16, dev, ctx, equal_lengths=equal)
+        assert (splits, cfg) == (1 if batch >= 128 else splits, {**two_per_sm, "LEAN": True})
+    assert two_per_sm["BLOCK_N"] == 32 and two_per_sm["num_stages"] == 5
+    # explicit splits or tiles are kept, and never stream-K
+    assert decode_plan(128, 8, 128, torch.bfloat16, dev, 8192, num_splits=2)[1].get("LEAN") is None
+    assert decode_plan(128, 8, 128, torch.bfloat16, dev, 8192, config=dict(BLOCK_N=64, num_warps=4,
+                                                                           num_stages=3)) == (
+        1, dict(BLOCK_N=64, num_warps=4, num_stages=3))
+
+
 def test_decode_splits_down_to_one_tile():
     """Few rows split their keys down to one tile a split (at batch 1-2 that beat 256-key splits by 1.5x)."""
     from accordion.kernels.attention.decode_schedule import choose_num_splits
