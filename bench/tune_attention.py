@@ -240,19 +240,23 @@ def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
 # stream-K with 32-key tiles, 5 stages ran 1.001-1.008x SDPA at 128-256 x 8k / 32k where the launcher's 64-key tiles,
 # 3 stages ran 0.986-0.993x (hence `lean_config`); an L2 evict-first hint on the K/V loads changed nothing (+-0.1%).
 GAP_SHAPES = [(16, 8192), (16, 32768), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
+GAP_DEEP_SHAPES = [(16, 4096), (16, 8192), (16, 16384), (16, 32768)]
 LEAN32 = dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True)
 GAP_MANY_ROWS = {  # more rows than SMs
     "lean_n64_s3": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=3, LEAN=True)),
     "lean_n32_s6": dict(config={**LEAN32, "num_stages": 6}),
     "lean_32perhead": dict(config={**LEAN32, "PROGRAMS": 32 * HKV}),
 }
-GAP_DEEP = {  # one program per row, where the rows fill the SMs once
-    "deep_n64_s6": dict(config={**DEEP_DECODE, "num_stages": 6}),
-    "deep_n128_w8_s3": dict(config=dict(BLOCK_N=128, num_warps=8, num_stages=3)),
-    "deep_tma_n32_s8": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=8, TMA=True)),
-    "deep_tma_n32_s12": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=12, TMA=True)),
-    "deep_tma_n16_w2_s12": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=12, TMA=True)),
+GAP_DEEP = {  # one program per row where the rows fill the SMs once (round 2, T042936Z: TMA pages, one or two a
+    # tile, 8-12 stages, ran 0.55-0.64x SDPA at 16 x 8k / 32k; 128-key tiles, 8 warps 0.92-0.94x; 6 stages as 5)
+    "n32_s8": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=8)),
+    "n32_s10": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=10)),
+    "n64_w2_s5": dict(config=dict(BLOCK_N=64, num_warps=2, num_stages=5)),
+    "n64_w8_s4": dict(config=dict(BLOCK_N=64, num_warps=8, num_stages=4)),
+    "n64_s5_rows_fastest": dict(config={**DEEP_DECODE, "HEADS_FASTEST": False}),
+    "n64_s4": dict(config={**DEEP_DECODE, "num_stages": 4}),
 }
+GAP_SPLIT2 = dict(num_splits=2, config=dict(BLOCK_N=32, num_warps=4, num_stages=5))  # two programs per SM
 
 
 def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
@@ -266,8 +270,8 @@ def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
         sms = num_sms(dev) if dev.type == "cuda" else 132
         variants = {"default": {}, **(GAP_MANY_ROWS if B * HKV > sms else GAP_DEEP)}
         if B * HKV <= sms:
-            variants = {k: {**kw, "num_splits": chosen[0]} if kw else kw for k, kw in variants.items()
-                        if dev.type == "cuda" or not kw.get("config", {}).get("TMA")}
+            variants = {k: {**kw, "num_splits": chosen[0]} if kw else kw for k, kw in variants.items()}
+            variants["split_x2"] = GAP_SPLIT2
         ref = case.ours()[0].float()
         err = {k: (case.ours(**kw)[0].float() - ref).abs().max().item() for k, kw in variants.items()}
         times = {k: [] for k in ("sdpa", *variants)}
@@ -492,6 +496,7 @@ def main() -> None:
     ap.add_argument("--gap", action="store_true",
                     help="decode only: issue 4's cells below SDPA, candidate schedules and eviction hints, rounds of "
                          "alternating timings against SDPA (CUDA graphs)")
+    ap.add_argument("--gap-deep", action="store_true", help="with --gap: only the rows that fill the SMs once")
     ap.add_argument("--merge", action="store_true",
                     help="decode only: split merge fused into the decode launch or a second launch, splits 1-8, "
                          "also in CUDA graphs")
@@ -519,7 +524,8 @@ def main() -> None:
         print("wrote", write_result("tune-attention", dict(deep=rows, quick=args.quick)))
         return
     if args.gap:
-        rows = tune_gap(dev, dtype, [(2, 64)] if args.quick else GAP_SHAPES, rounds=1 if args.quick else 3)
+        shapes = [(2, 64)] if args.quick else GAP_DEEP_SHAPES if args.gap_deep else GAP_SHAPES
+        rows = tune_gap(dev, dtype, shapes, rounds=1 if args.quick else 3)
         print("wrote", write_result("tune-attention", dict(gap=rows, quick=args.quick)))
         return
     if args.streams:
