@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--modes", default="fused,separate,auto",
-                    help="hybrid attention: comma list of fused,separate,auto")
+                    help="hybrid attention: comma list of fused,separate,auto (a mode named again runs again)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -65,16 +65,17 @@ def main() -> None:
     backend = llm.instance.worker.backend
     modes = args.modes.split(",") if hasattr(backend, "fuse_hybrid") else [backend.name]
     rows, tokens, out = [], {}, {}
-    for mode in modes:
+    for i, mode in enumerate(modes):
         if hasattr(backend, "fuse_hybrid"):
             backend.fuse_hybrid = {"fused": True, "separate": False, "auto": None}[mode]
+        run = mode if mode not in modes[:i] else f"{mode}#{modes[:i].count(mode) + 1}"  # a mode named again: a rerun
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         dt = time.perf_counter() - t0
-        tokens[mode] = [o.outputs[0].token_ids for o in outs]
-        n_out = sum(len(t) for t in tokens[mode])
-        out[mode] = dict(seconds=dt, output_tokens=n_out, output_tok_s=n_out / dt)
-        rows.append([mode, f"{dt:.2f}", n_out, f"{n_out / dt:.0f}"])
+        tokens[run] = [o.outputs[0].token_ids for o in outs]
+        n_out = sum(len(t) for t in tokens[run])
+        out[run] = dict(seconds=dt, output_tokens=n_out, output_tok_s=n_out / dt)
+        rows.append([run, f"{dt:.2f}", n_out, f"{n_out / dt:.0f}"])
     same = len({tuple(map(tuple, t)) for t in tokens.values()}) == 1
     lens = sorted(len(p) for p in prompts)
     path = write_result("engine-stress", dict(settings=vars(args), prompt_lens=lens, runs=out, same_tokens=same))
