@@ -177,7 +177,8 @@ def lean_pays_off(batch: int, num_kv_heads: int, num_splits: int, device: torch.
     T155223Z. And for lengths known equal where the rows alone are more than four programs per SM (from 67 sequences
     at 8 kv heads), whose TMA tiles ran 0.77-0.94x SDPA at 96-256 x 4k-32k on one H100, 0.78-0.87x at 96-192 and
     0.999x at 256 on another, 1.00x at 256 on a third, where stream-K's device-side split partition ran 0.993-1.000x
-    on the first and 0.982-0.991x on the second (bench/results/experiments/decode-many-rows-*.json)."""
+    on the first and 0.982-0.991x on the second (bench/results/experiments/decode-many-rows-*.json), 0.998-1.006x on
+    two more with `lean_config`'s tiles (kernels-20261128-043851.json, -044553.json)."""
     rows, slots = batch * num_kv_heads, 2 * num_sms(device)
     if 10 * rows < slots or batch > LEAN_MAX_SEQS or rows > MAX_TICKETS:
         return False
