@@ -494,7 +494,7 @@ def main() -> None:
     ap.add_argument("--ws", action="store_true",
                     help="hybrid batches: warp-specialized POD variants fused and prefill-only (sm_90, Triton 3.6)")
     ap.add_argument("--gap", action="store_true",
-                    help="decode only: issue 4's cells below SDPA, candidate schedules and eviction hints, rounds of "
+                    help="decode only: issue 4's cells below SDPA, candidate schedules and tiles, rounds of "
                          "alternating timings against SDPA (CUDA graphs)")
     ap.add_argument("--gap-deep", action="store_true", help="with --gap: only the rows that fill the SMs once")
     ap.add_argument("--merge", action="store_true",
