@@ -247,12 +247,14 @@ GAP_MANY_ROWS = {  # more rows than SMs
     "lean_n32_s6": dict(config={**LEAN32, "num_stages": 6}),
     "lean_32perhead": dict(config={**LEAN32, "PROGRAMS": 32 * HKV}),
 }
-GAP_DEEP = {  # one program per row where the rows fill the SMs once. Round 3 (T043342Z): none beat it; 32-key tiles
-    # at 8-10 stages 0.79-0.83x SDPA, 2 or 8 warps 0.68-0.88x, 4 stages 0.67-0.69x, rows-fastest grid the same.
-    # Round 2 (T042936Z): TMA pages, one or two a tile, 8-12 stages 0.55-0.64x; 128-key tiles, 8 warps 0.92-0.94x.
-    # Round 4: stream-K over every SM, ranges across kv heads (FLAT), against the 4 of 132 SMs the rows leave idle
-    "flat_n64_s5_1persm": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True, FLAT=True, PER_SM=1)),
-    "flat_n32_s5_2persm": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True, FLAT=True, PER_SM=2)),
+GAP_DEEP = {  # one program per row where the rows fill the SMs once (round 2, T042936Z: TMA pages, one or two a
+    # tile, 8-12 stages, ran 0.55-0.64x SDPA at 16 x 8k / 32k; 128-key tiles, 8 warps 0.92-0.94x; 6 stages as 5)
+    "n32_s8": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=8)),
+    "n32_s10": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=10)),
+    "n64_w2_s5": dict(config=dict(BLOCK_N=64, num_warps=2, num_stages=5)),
+    "n64_w8_s4": dict(config=dict(BLOCK_N=64, num_warps=8, num_stages=4)),
+    "n64_s5_rows_fastest": dict(config={**DEEP_DECODE, "HEADS_FASTEST": False}),
+    "n64_s4": dict(config={**DEEP_DECODE, "num_stages": 4}),
 }
 GAP_SPLIT2 = dict(num_splits=2, config=dict(BLOCK_N=32, num_warps=4, num_stages=5))  # two programs per SM
 

@@ -180,22 +180,20 @@ def decode_plan(batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 
 def _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta):
     """Stream-K launch (`paged_decode_lean_kernel`): cfg["PER_SM"] programs per SM (default two) of equal key
-    tile ranges over every (sequence, kv head) row; a multiple of Hkv (as many per kv head) unless cfg["FLAT"]."""
+    tile ranges over every (sequence, kv head) row."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     if B > LEAN_MAX_SEQS or B * Hkv > MAX_TICKETS:
         raise ValueError(f"a stream-K decode takes at most {LEAN_MAX_SEQS} sequences, got {B}")
     programs = cfg.get("PROGRAMS") or (3 if is_interpreter() else cfg.get("PER_SM", 2) * num_sms(q.device))
-    flat = bool(cfg.get("FLAT"))
-    if not flat:
-        programs = cdiv(programs, Hkv) * Hkv  # the same number per kv head
+    programs = cdiv(programs, Hkv) * Hkv  # the same number per kv head
     part_o = torch.empty(programs, 2, meta["BLOCK_H"], D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(programs, 2, meta["BLOCK_H"], dtype=torch.float32, device=q.device)
     meta = {k: v for k, v in meta.items() if k != "HEADS_FASTEST"}
     paged_decode_lean_kernel[(programs,)](
         q, k_cache, v_cache, block_table, seq_lens, out, lse, part_o, part_lse, split_tickets(q.device),
         B, Hkv, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
-        *out.stride()[:2], *lse.stride(), qk_scale, MAX_SEQS=LEAN_MAX_SEQS, FLAT=flat, **meta,
+        *out.stride()[:2], *lse.stride(), qk_scale, MAX_SEQS=LEAN_MAX_SEQS, **meta,
     )
     return out, lse
 

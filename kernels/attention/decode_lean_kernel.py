@@ -15,10 +15,6 @@ one whole row a program ran as fast as split-KV). So when the batch's non-empty 
 and a split-KV partition keeps at least 90% of the programs busy, the kernel partitions as split-KV does, on the
 device: every row in k = max(1, (P / Hkv) // B) equal splits, work item i = b * k + split on program r = i mod
 (P / Hkv). A CUDA graph captured once thus runs the better partition for whatever lengths it replays.
-
-FLAT (a constexpr) lays the kv heads' tile sequences end to end instead: any number of programs (one per SM, say,
-where rows x kv heads fall short of the SMs), each of an equal range that may run from one kv head's last rows into
-the next's first ones. It always cuts: there is no split partition in this mode.
 """
 
 import triton
@@ -32,19 +28,19 @@ from .paged_common import NEG_BIG, finalize, merge_step, paged_attn_loop, store_
 def _merge_pieces(
     part_o_ptr, part_lse_ptr,  # fp32 [P, 2, BLOCK_H, D], [P, 2, BLOCK_H]
     o_rows, lse_rows,  # pointers of the row's output [BLOCK_H, D] / lse [BLOCK_H] (head offsets applied)
-    p0, p1, first_slot, pstride, poff, offs_h, h_mask,
+    p0, p1, first_slot, kvh, num_kv_heads, offs_h, h_mask,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Log-sum-exp combination of a cut row's partials: those of the programs of range indices p0 .. p1 (program ids
-    p * pstride + poff), p0's in slot ``first_slot``, the others' in slot 0, read through L2 (".cg": written by
-    other SMs in this launch)."""
+    """Log-sum-exp combination of a cut row's partials: those of kv head ``kvh``'s programs of range indices p0 .. p1
+    (program ids p * Hkv + kvh), p0's in slot ``first_slot``, the others' in slot 0, read through L2 (".cg": written
+    by other SMs in this launch)."""
     offs_d = tl.arange(0, HEAD_DIM)
     m = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
     tot = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for p in range(p0, p1 + 1):
-        piece = ((p * pstride + poff) * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
+        piece = ((p * num_kv_heads + kvh) * 2 + tl.where(p == p0, first_slot, 0)).to(tl.int64) * BLOCK_H
         lse_s = tl.load(part_lse_ptr + piece + offs_h, cache_modifier=".cg")
         o_s = tl.load(part_o_ptr + (piece + offs_h)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
         acc, tot, m = merge_step(acc, tot, m, o_s, lse_s)
@@ -79,112 +75,60 @@ def paged_decode_lean_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MAX_SEQS: tl.constexpr,
-    FLAT: tl.constexpr,
 ):
-    """Grid (P,): P a multiple of Hkv, P / Hkv programs per kv head, each of an equal range of that head's tiles
-    (best: one wave of resident programs); with FLAT any P, each of an equal range of all kv heads' tiles end to
-    end. Every program computes the sequences' tile offsets itself from seq_lens (a [MAX_SEQS] prefix sum in
-    registers): no preparatory launch."""
+    """Grid (P,), P a multiple of Hkv: P / Hkv programs per kv head, each of an equal range of that head's tiles
+    (best: one wave of resident programs). Every program computes the sequences' tile offsets itself from seq_lens
+    (a [MAX_SEQS] prefix sum in registers): no preparatory launch."""
     p = tl.program_id(0)
-    if FLAT:
-        per_head_tiles = tl.sum(_tile_counts(seq_lens_ptr, num_seqs, BLOCK_N, MAX_SEQS), 0)
-        L = tl.cdiv(num_kv_heads * per_head_tiles, tl.num_programs(0))
-        start = p * L
-        end = tl.minimum(start + L, num_kv_heads * per_head_tiles)
-        for kvh in range(start // per_head_tiles, (end - 1) // per_head_tiles + 1):  # empty when start >= end
-            base = kvh * per_head_tiles
-            _range_rows(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-                        ticket_ptr, num_seqs, kvh, num_kv_heads, p, tl.maximum(start - base, 0),
-                        tl.minimum(end - base, per_head_tiles), base, L, start, 1, 0,
-                        stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                        stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
-                        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, MAX_SEQS)
-    else:
-        kvh = p % num_kv_heads  # programs of one range index and neighbouring kv heads run side by side, reading
-        r = p // num_kv_heads  # the same tokens (adjacent in the cache), as split-KV's heads-fastest grid does
-        per_head = tl.num_programs(0) // num_kv_heads
-        offs_s = tl.arange(0, MAX_SEQS)
-        lens = tl.load(seq_lens_ptr + offs_s, mask=offs_s < num_seqs, other=0)
-        real_tiles = tl.where(lens > 0, _tile_counts(seq_lens_ptr, num_seqs, BLOCK_N, MAX_SEQS), 0)
-        k = tl.maximum(per_head // num_seqs, 1)  # split-KV partition: splits per row, items per program round
-        items = num_seqs * k
-        aligned = ((tl.max(real_tiles, 0) * tl.sum((lens > 0).to(tl.int32), 0) * 20 <= 21 * tl.sum(real_tiles, 0))
-                   & (items * 10 >= tl.cdiv(items, per_head) * per_head * 9))
-        if aligned:
-            for i in range(r, items, per_head):
-                b = i // k
-                seq_len = tl.load(seq_lens_ptr + b)
-                split_len = tl.cdiv(tl.cdiv(seq_len, k), BLOCK_N) * BLOCK_N
-                lo = (i % k) * split_len
-                _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
-                           b, kvh, num_kv_heads, lo, tl.minimum(seq_len, lo + split_len), k == 1, p, 0,
-                           b * k, b * k + k - 1, 0, num_kv_heads, kvh,
-                           stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                           stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
-                           GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
-        else:
-            total = tl.sum(_tile_counts(seq_lens_ptr, num_seqs, BLOCK_N, MAX_SEQS), 0)
-            L = tl.cdiv(total, per_head)
-            _range_rows(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
-                        ticket_ptr, num_seqs, kvh, num_kv_heads, p, r * L, tl.minimum(r * L + L, total), 0, L,
-                        r * L, num_kv_heads, kvh,
-                        stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                        stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
-                        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, MAX_SEQS)
-
-
-@triton.jit
-def _tile_counts(seq_lens_ptr, num_seqs, BLOCK_N: tl.constexpr, MAX_SEQS: tl.constexpr):
-    """Key tiles per sequence, [MAX_SEQS] int32: max(1, cdiv(seq_len, BLOCK_N)), 0 past num_seqs."""
+    kvh = p % num_kv_heads  # programs of one range index and neighbouring kv heads run side by side, reading the
+    r = p // num_kv_heads  # same tokens (adjacent in the cache), as split-KV's heads-fastest grid does
+    per_head = tl.num_programs(0) // num_kv_heads
     offs_s = tl.arange(0, MAX_SEQS)
     s_mask = offs_s < num_seqs
     lens = tl.load(seq_lens_ptr + offs_s, mask=s_mask, other=0)
-    return tl.where(s_mask, tl.maximum(tl.cdiv(lens, BLOCK_N), 1), 0)
-
-
-@triton.jit
-def _range_rows(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,  # as above
-    num_seqs, kvh, num_kv_heads, p,
-    start, end,  # the program's tiles [start, end) of kv head kvh's tile sequence
-    base, L,  # that sequence's offset in the launch's ranges (FLAT: kvh times its length, else 0); range length
-    range_start,  # the program's range's first tile in the launch's ranges (its slot-0 piece starts there)
-    pstride, poff,  # program id of range index r: r * pstride + poff
-    stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
-    stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MAX_SEQS: tl.constexpr,
-):
-    """Program p's pieces of kv head kvh's rows: whole rows inside [start, end) stored directly, the rows it cuts
-    (at most the first and the last of its whole range, in slots 0 and 1) as partials that the last of their
-    pieces merges."""
-    # The range's rows from a prefix sum of the tile counts; the vectors die before the key loops (held across
-    # them they cost the loops registers), which walk the rows from the first one's offset.
-    offs_s = tl.arange(0, MAX_SEQS)
-    s_mask = offs_s < num_seqs
-    tiles = _tile_counts(seq_lens_ptr, num_seqs, BLOCK_N, MAX_SEQS)
-    first = tl.cumsum(tiles, 0) - tiles  # each sequence's first tile in the kv head's tile sequence
-    b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
-    b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
-    row_start = tl.sum(tl.where(offs_s < b_first, tiles, 0), 0)
-    for b in range(b_first, b_last + 1):
-        seq_len = tl.load(seq_lens_ptr + b)
-        row_end = row_start + tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
-        seg_start = tl.maximum(start, row_start)
-        seg_end = tl.minimum(end, row_end)
-        g_start = base + row_start  # the row's first tile in the launch's ranges
-        _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
-                   b, kvh, num_kv_heads, (seg_start - row_start) * BLOCK_N,
-                   tl.minimum((seg_end - row_start) * BLOCK_N, seq_len),
-                   (seg_start == row_start) & (seg_end == row_end), p,
-                   tl.where(base + seg_start == range_start, 0, 1),
-                   g_start // L, (base + row_end - 1) // L, tl.where(g_start == (g_start // L) * L, 0, 1),
-                   pstride, poff,
-                   stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                   stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
-                   GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
-        row_start = row_end
-
+    tiles = tl.where(s_mask, tl.maximum(tl.cdiv(lens, BLOCK_N), 1), 0)
+    real_tiles = tl.where(lens > 0, tiles, 0)
+    k = tl.maximum(per_head // num_seqs, 1)  # split-KV partition: splits per row, items per program round
+    items = num_seqs * k
+    aligned = ((tl.max(real_tiles, 0) * tl.sum((lens > 0).to(tl.int32), 0) * 20 <= 21 * tl.sum(real_tiles, 0))
+               & (items * 10 >= tl.cdiv(items, per_head) * per_head * 9))
+    if aligned:
+        for i in range(r, items, per_head):
+            b = i // k
+            seq_len = tl.load(seq_lens_ptr + b)
+            split_len = tl.cdiv(tl.cdiv(seq_len, k), BLOCK_N) * BLOCK_N
+            lo = (i % k) * split_len
+            _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+                       b, kvh, num_kv_heads, lo, tl.minimum(seq_len, lo + split_len), k == 1, p, 0,
+                       b * k, b * k + k - 1, 0,
+                       stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                       stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
+                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
+    else:
+        # The range's rows from a prefix sum of the tile counts; the vectors die before the key loops (held across
+        # them they cost the loops registers), which walk the rows from the first one's offset.
+        first = tl.cumsum(tiles, 0) - tiles  # each sequence's first tile in its kv head's flattened range
+        total = tl.sum(tiles, 0)
+        L = tl.cdiv(total, per_head)
+        start = r * L
+        end = tl.minimum(start + L, total)
+        b_first = tl.sum((s_mask & (first <= start)).to(tl.int32), 0) - 1
+        b_last = tl.where(start < end, tl.sum((s_mask & (first <= end - 1)).to(tl.int32), 0) - 1, -1)
+        row_start = tl.sum(tl.where(offs_s < b_first, tiles, 0), 0)
+        for b in range(b_first, b_last + 1):
+            seq_len = tl.load(seq_lens_ptr + b)
+            row_end = row_start + tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
+            seg_start = tl.maximum(start, row_start)
+            seg_end = tl.minimum(end, row_end)
+            _row_piece(q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, ticket_ptr,
+                       b, kvh, num_kv_heads, (seg_start - row_start) * BLOCK_N,
+                       tl.minimum((seg_end - row_start) * BLOCK_N, seq_len),
+                       (seg_start == row_start) & (seg_end == row_end), p, tl.where(seg_start == start, 0, 1),
+                       row_start // L, (row_end - 1) // L, tl.where(row_start == (row_start // L) * L, 0, 1),
+                       stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                       stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
+                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
+            row_start = row_end
 
 @triton.jit
 def _row_piece(
@@ -194,7 +138,6 @@ def _row_piece(
     whole,  # the piece is the whole row: stored as the output
     p, slot,  # else a partial, in program p's scratch slot
     p0, p1, first_slot,  # the row's pieces: range indices p0 .. p1, p0's in slot first_slot
-    pstride, poff,  # program id of range index r: r * pstride + poff
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
     stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -232,5 +175,5 @@ def _row_piece(
         t_ptr = ticket_ptr + b64 * num_kv_heads + kvh
         if tl.atomic_add(t_ptr, 1, sem="acq_rel", scope="gpu") == p1 - p0:
             tl.atomic_xchg(t_ptr, 0)
-            _merge_pieces(part_o_ptr, part_lse_ptr, o_rows, lse_rows, p0, p1, first_slot, pstride, poff, offs_h,
+            _merge_pieces(part_o_ptr, part_lse_ptr, o_rows, lse_rows, p0, p1, first_slot, kvh, num_kv_heads, offs_h,
                           h_mask, BLOCK_H, HEAD_DIM)

@@ -120,16 +120,16 @@ def test_decode_tma_kernel_matches_reference(dtype, group, pages, num_splits):
     torch.testing.assert_close(lse, ref_lse, **tol)
 
 
-def _check_stream_k(seq_lens, hkv, group, head_dim, page, programs, seed, flat=False):
-    """Stream-K decode with ``programs`` programs (rounded up to a multiple of hkv unless ``flat``) against the
-    reference; the row tickets end zeroed."""
+def _check_stream_k(seq_lens, hkv, group, head_dim, page, programs, seed):
+    """Stream-K decode with ``programs`` programs (rounded up to a multiple of hkv) against the reference; the row
+    tickets end zeroed."""
     from accordion.kernels.attention.decode import split_tickets
 
     gen, dev = _gen(seed), device()
     kv, table, sl = make_paged_kv(seq_lens, hkv, head_dim, page, F32, dev, gen)
     q = torch.randn(len(seq_lens), hkv * group, head_dim, generator=gen).to(dev)
     out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
-    cfg = {**decode_config(head_dim, F32), "LEAN": True, "PROGRAMS": programs, "FLAT": flat}
+    cfg = {**decode_config(head_dim, F32), "LEAN": True, "PROGRAMS": programs}
     scale = head_dim**-0.5
     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale, out=out, lse=lse, config=cfg)
     ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=scale)
@@ -168,27 +168,6 @@ def test_decode_stream_k_fuzz(seq_lens, hkv, group, page, programs, seed):
     """Stream-K on random batches: any lengths (empty ones included), kv heads, GQA group, page size and program
     count give the reference's rows."""
     _check_stream_k(seq_lens, hkv, group, 16, page, programs, seed)
-
-
-@pytest.mark.parametrize("programs,seq_lens,hkv", [
-    (5, [70, 50], 2),  # tiles 5 + 4 a kv head, ranges of 4: program 2 cuts kv head 0's last row and head 1's first
-    (3, [100, 20, 60], 2),  # ranges of 8 tiles: whole rows of both kv heads inside one, cuts at either end
-    (7, [1, 120, 0, 33], 3),  # empty and one-tile rows, three kv heads
-    (1, [40, 9], 2),  # one program: every row whole
-    (40, [16, 8], 2),  # more programs than tiles
-])
-def test_decode_stream_k_flat(programs, seq_lens, hkv):
-    """FLAT stream-K: any program count, ranges over all kv heads' tiles end to end, cutting rows of one kv head
-    and the next in one program (slots 0 and 1), merged by the last of their pieces."""
-    _check_stream_k(seq_lens, hkv, 4, 32, 8, programs, seed=programs * 7 + hkv, flat=True)
-
-
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seq_lens=st.lists(st.integers(0, 120), min_size=1, max_size=5), hkv=st.integers(1, 3),
-       programs=st.integers(1, 20), seed=st.integers(0, 2**16))
-def test_decode_stream_k_flat_fuzz(seq_lens, hkv, programs, seed):
-    """FLAT stream-K on random batches and program counts gives the reference's rows."""
-    _check_stream_k(seq_lens, hkv, 2, 16, 8, programs, seed, flat=True)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -73,8 +73,7 @@ def test_decode_tma_gpu(block_n, num_splits):
 
 
 @pytest.mark.parametrize("cfg", [None, dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True),
-                                 dict(BLOCK_N=16, num_warps=2, num_stages=6, LEAN=True, PER_SM=4),
-                                 dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True, FLAT=True, PER_SM=1)])
+                                 dict(BLOCK_N=16, num_warps=2, num_stages=6, LEAN=True, PER_SM=4)])
 @pytest.mark.parametrize("hkv,group,head_dim", [(8, 4, 128), (2, 8, 64)])
 def test_decode_stream_k_gpu(cfg, hkv, group, head_dim):
     """Stream-K decode at real sizes on a ragged batch (empty, mid-page and long sequences), explicitly and as the
@@ -104,11 +103,6 @@ def test_decode_stream_k_equal_lengths_gpu(seq_lens):
     out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5, out=out, lse=lse,
                            config=dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True))
-    _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
-    # FLAT, one program per SM: every kv head's rows cut across the SMs (a range crosses into the next kv head)
-    out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
-    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5, out=out, lse=lse,
-                           config=dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True, FLAT=True, PER_SM=1))
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
 
 
