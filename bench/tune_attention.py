@@ -248,7 +248,10 @@ GAP_MANY_ROWS = {  # more rows than SMs
     "lean_32perhead": dict(config={**LEAN32, "PROGRAMS": 32 * HKV}),
 }
 GAP_DEEP = {  # one program per row where the rows fill the SMs once (round 2, T042936Z: TMA pages, one or two a
-    # tile, 8-12 stages, ran 0.55-0.64x SDPA at 16 x 8k / 32k; 128-key tiles, 8 warps 0.92-0.94x; 6 stages as 5)
+    # tile, 8-12 stages, ran 0.55-0.64x SDPA at 16 x 8k / 32k; 128-key tiles, 8 warps 0.92-0.94x; 6 stages as 5).
+    # Round 3 (T043342Z) is below: none beat it. Round 4 (662a81c, reverted; experiments/decode-flat-stream-k-*):
+    # stream-K over all 132 SMs, ranges crossing kv heads, cutting every row, ran 0.87-0.95x SDPA at 16 x 4k-32k
+    # at one or two programs per SM, where the deep program ran 0.988-1.012x: the cuts cost more than the 4 idle SMs.
     "n32_s8": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=8)),
     "n32_s10": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=10)),
     "n64_w2_s5": dict(config=dict(BLOCK_N=64, num_warps=2, num_stages=5)),
