@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -25,8 +26,6 @@ def test_no_undefined_names_or_syntax_errors():
 
 def _jit_functions(tree):
     """The functions of a module decorated with ``@triton.jit``, ``@gluon.jit`` or ``@jit_unspecialized(...)``."""
-    import ast
-
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef):
             for dec in node.decorator_list:
@@ -42,8 +41,6 @@ def test_no_defaulted_constexpr_parameters_in_jit_functions():
     but not for the GPU (Triton 3.6: "'str' object has no attribute 'type'" at the call): the CPU tests pass while
     every kernel that calls the helper fails on the GPU (23 GPU tests at 08cb705). Constexprs are passed
     explicitly."""
-    import ast
-
     bad = []
     for path in sorted((ROOT / "kernels").rglob("*.py")):
         for fn in _jit_functions(ast.parse(path.read_text())):

@@ -293,11 +293,16 @@ def _ws_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: dict) -> 
     """Gluon TMA descriptors of the [num_blocks * block_size, Hkv * D] views of the caches, box one page of one kv
     head, for the warp-specialized kernel's TMA copies (``cfg``: `WS_CONFIG`'s P_TMA / D_TMA); ValueError where
     `ws_tma_serves` says they cannot serve."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     why = ws_tma_serves(k_cache, v_cache, cfg)
     if why:
         raise ValueError(why)
+    return _tma_page_descriptors(k_cache, v_cache)
+
+
+def _tma_page_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> list:
+    """`_ws_descriptors` without the check, for a launch that has made it."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
     nb, page, hkv, d = k_cache.shape
     layout = _page_layout(page, d, k_cache.dtype)
     return [TensorDescriptor(c.view(nb * page, hkv * d), [nb * page, hkv * d], [hkv * d, 1], [page, d], layout)
@@ -344,7 +349,7 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
         d_strides = (*d_o.stride()[:3], *d_l.stride())
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
     counters = torch.zeros(1, dtype=torch.int32, device=pq.device)
-    descs = _ws_descriptors(k_cache, v_cache, cfg) if tma else (k_cache, v_cache)
+    descs = _tma_page_descriptors(k_cache, v_cache) if tma else (k_cache, v_cache)  # checked above
     pod_ws_kernel[(sms,)](
         pq, dq, k_cache, v_cache, *descs, prefill.block_table, prefill.cu_seqlens_q, prefill.seq_lens,
         decode.block_table, decode.seq_lens, po, plse, d_o, d_l, counters,

@@ -397,18 +397,18 @@ def _decode_items(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter
 
 
 @gluon.jit
-def _decode_warp(d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr,
-                 num_items, num_kv_heads, num_splits,
-                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                 stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale,
-                 k_desc, v_desc, k_smem, v_smem, bars,
+def _decode_warp(decode_args, k_desc, v_desc, k_smem, v_smem, bars,
                  GROUP: gl.constexpr, NH: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT_ALIGN: gl.constexpr, TMA: gl.constexpr):
-    """One warp: decode (b, kvh, split) items from ticket counter_ptr[0], keys as the MMA's M and the GROUP heads
+    """One warp: decode (b, kvh, split) items from ticket counter_ptr[0] (``decode_args``: the decode half's
+    pointers, counts and strides, as `_decode_items` takes them), keys as the MMA's M and the GROUP heads
     (padded to NH) as its N: S^T [BLOCK_N, NH] = K q^T, O^T [D, NH] += V^T P^T, the softmax down each column
     within the warp (no cross-warp reductions); its own STAGES-deep ring of BLOCK_N-key tiles, by cp.async or, with
     TMA, one page a tile by TMA (bars: the ring's mbarriers; BLOCK_N == PAGE_SIZE; the rows of a split's last page
     past its end are read, masked, and must be finite, as for `_prefill_loader`)."""
+    (d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr, num_items, num_kv_heads, num_splits,
+     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+     stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale) = decode_args
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -555,8 +555,8 @@ def pod_ws_kernel(
                    num_decode_items, num_kv_heads, num_splits,
                    stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                    stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale)
-    # Each partition's arguments are written out: in Triton 3.6 a tuple built by concatenation (decode_args + (...))
-    # loses its members' constexpr-ness, which a partition's arguments need.
+    # The decode arguments travel as one tuple member (in Triton 3.6 a tuple built by concatenation,
+    # decode_args + (...), loses its members' constexpr-ness, which a partition's arguments need).
     gl.warp_specialize([
         (_prefill_tiles, (pq_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, num_prefill_tiles, num_heads, num_m_tiles,
                           num_prefill_seqs, stride_pqt, stride_pqh, stride_pot, stride_poh, stride_plt, stride_plh,
@@ -566,22 +566,10 @@ def pod_ws_kernel(
                            num_m_tiles, num_prefill_seqs, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp,
                            stride_vh, stride_pbt, pk_smem, pv_smem, ready, empty,
                            GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES, P_TMA)),
-        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
-                        num_decode_items, num_kv_heads, num_splits,
-                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                        k_desc, v_desc, k0, v0, bars0, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES,
-                        P_BLOCK_N, D_TMA)),
-        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
-                        num_decode_items, num_kv_heads, num_splits,
-                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                        k_desc, v_desc, k1, v1, bars1, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES,
-                        P_BLOCK_N, D_TMA)),
-        (_decode_warp, (dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, counter_ptr,
-                        num_decode_items, num_kv_heads, num_splits,
-                        stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
-                        stride_dbt, stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls, qk_scale,
-                        k_desc, v_desc, k2, v2, bars2, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, D_STAGES,
-                        P_BLOCK_N, D_TMA)),
+        (_decode_warp, (decode_args, k_desc, v_desc, k0, v0, bars0, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N,
+                        D_STAGES, P_BLOCK_N, D_TMA)),
+        (_decode_warp, (decode_args, k_desc, v_desc, k1, v1, bars1, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N,
+                        D_STAGES, P_BLOCK_N, D_TMA)),
+        (_decode_warp, (decode_args, k_desc, v_desc, k2, v2, bars2, GROUP, D_NH, HEAD_DIM, PAGE_SIZE, D_BLOCK_N,
+                        D_STAGES, P_BLOCK_N, D_TMA)),
     ], [1, 1, 1, 1], [D_REGS, D_REGS, D_REGS, D_REGS])
