@@ -242,24 +242,28 @@ def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
 GAP_SHAPES = [(16, 8192), (16, 32768), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
 GAP_DEEP_SHAPES = [(16, 4096), (16, 8192), (16, 16384), (16, 32768)]
 LEAN32 = dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True)
+# Round 5: Triton 3.6 software-pipelines the paged loop's two-level loads (table entry, then K/V) into
+# floor((num_stages - 1) / 2) K/V buffers (sm_90 compiles), so that "3 stages" streamed one tile, "5" (the deep
+# default) two, "6" as "5"; rounds 1-4 never tried three or four 64-key tiles in flight, nor HOST_BOUND.
+# Rounds 1-4 (tried, not kept): stream-K 64-key tiles 3 stages, 32-key 6 stages, 32 programs a kv head;
+# one program per row with 32-key tiles at 8 / 10 stages (0.79-0.83x SDPA), 2 warps (0.68-0.88x), 8 warps at 4
+# stages, rows fastest (no change), 4 stages (0.67-0.69x), two splits a row at 32-key tiles (0.95-1.00x).
 GAP_MANY_ROWS = {  # more rows than SMs
-    "lean_n64_s3": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=3, LEAN=True)),
-    "lean_n32_s6": dict(config={**LEAN32, "num_stages": 6}),
-    "lean_32perhead": dict(config={**LEAN32, "PROGRAMS": 32 * HKV}),
+    "lean_n64_s5": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True)),
+    "lean_n32_s7": dict(config={**LEAN32, "num_stages": 7}),
+    "lean_n32_s9": dict(config={**LEAN32, "num_stages": 9}),
 }
 GAP_DEEP = {  # one program per row where the rows fill the SMs once (round 2, T042936Z: TMA pages, one or two a
     # tile, 8-12 stages, ran 0.55-0.64x SDPA at 16 x 8k / 32k; 128-key tiles, 8 warps 0.92-0.94x; 6 stages as 5).
-    # Round 3 (T043342Z) is below: none beat it. Round 4 (662a81c, reverted; experiments/decode-flat-stream-k-*):
+    # Round 4 (662a81c, reverted; experiments/decode-flat-stream-k-*):
     # stream-K over all 132 SMs, ranges crossing kv heads, cutting every row, ran 0.87-0.95x SDPA at 16 x 4k-32k
     # at one or two programs per SM, where the deep program ran 0.988-1.012x: the cuts cost more than the 4 idle SMs.
-    "n32_s8": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=8)),
-    "n32_s10": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=10)),
-    "n64_w2_s5": dict(config=dict(BLOCK_N=64, num_warps=2, num_stages=5)),
-    "n64_w8_s4": dict(config=dict(BLOCK_N=64, num_warps=8, num_stages=4)),
-    "n64_s5_rows_fastest": dict(config={**DEEP_DECODE, "HEADS_FASTEST": False}),
-    "n64_s4": dict(config={**DEEP_DECODE, "num_stages": 4}),
+    "n64_s7": dict(config={**DEEP_DECODE, "num_stages": 7}),
+    "n64_s9": dict(config={**DEEP_DECODE, "num_stages": 9}),
+    "host_bound": dict(config={**DEEP_DECODE, "HOST_BOUND": True}),
+    "host_bound_s7": dict(config={**DEEP_DECODE, "num_stages": 7, "HOST_BOUND": True}),
+    "n128_s5": dict(config={**DEEP_DECODE, "BLOCK_N": 128}),
 }
-GAP_SPLIT2 = dict(num_splits=2, config=dict(BLOCK_N=32, num_warps=4, num_stages=5))  # two programs per SM
 
 
 def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
@@ -274,7 +278,6 @@ def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
         variants = {"default": {}, **(GAP_MANY_ROWS if B * HKV > sms else GAP_DEEP)}
         if B * HKV <= sms:
             variants = {k: {**kw, "num_splits": chosen[0]} if kw else kw for k, kw in variants.items()}
-            variants["split_x2"] = GAP_SPLIT2
         ref = case.ours()[0].float()
         err = {k: (case.ours(**kw)[0].float() - ref).abs().max().item() for k, kw in variants.items()}
         times = {k: [] for k in ("sdpa", *variants)}

@@ -86,8 +86,8 @@ def paged_decode_attention(
     num_splits:  split-KV factor; None = automatic: stream-K (`lean_pays_off`), else split-KV from B * Hkv vs SM
                  count and the maximum context. The splits of a row are merged by the last of them to finish
                  (<= FUSED_MERGE_MAX_SPLITS) or by a merge kernel.
-    max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split); default
-                 block_table.shape[1] * block_size.
+    max_seq_len: optional host-side upper bound of seq_lens (refines the automatic split; a config with HOST_BOUND
+                 reads no key past it); default block_table.shape[1] * block_size.
     equal_lengths: the caller knows the seq_lens to be (nearly) equal, e.g. from a host copy; the automatic choice
                  then prefers one deep program per SM (`deep_splits`) or split-KV (`lean_pays_off`). Default: unequal
                  or unknown, as in serving.
@@ -131,22 +131,25 @@ def paged_decode_attention(
     )
     if cfg.get("LEAN"):
         return _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta)
-    kernel, kv = ((paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache)) if cfg.get("TMA")
-                  else (paged_decode_kernel, (k_cache, v_cache)))
+    if cfg.get("TMA"):
+        kernel, kv, bound = paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache), ()
+    else:  # HOST_BOUND: splits and key loops span the host's bound of the lengths (`decode_work`)
+        kernel, kv, bound = paged_decode_kernel, (k_cache, v_cache), (min(max_ctx, block_table.shape[1] * page),)
+        meta["HOST_BOUND"] = bool(cfg.get("HOST_BOUND", False))
     # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
     so, sl = out.stride()[:2], lse.stride()
     common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
     grid = (Hkv, B, num_splits) if meta["HEADS_FASTEST"] else (B, Hkv, num_splits)
     if num_splits == 1:
         kernel[grid](
-            q, *kv, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *common,
+            q, *kv, block_table, seq_lens, out, lse, out, lse, seq_lens, 1, 0, *bound, *common,
             *so, 0, *sl, 0, *so, *sl, qk_scale, **meta,
         )
         return out, lse
     mid_o, mid_lse = split_partials(B, Hq, num_splits, D, q.device)
     kernel[grid](
         q, *kv, block_table, seq_lens, mid_o, mid_lse, out, lse, split_tickets(q.device), num_splits,
-        int(fused), *common, *mid_o.stride()[:3], *mid_lse.stride(), *so, *sl, qk_scale, **meta,
+        int(fused), *bound, *common, *mid_o.stride()[:3], *mid_lse.stride(), *so, *sl, qk_scale, **meta,
     )
     if not fused:
         merge_splits(mid_o, mid_lse, out, lse)

@@ -40,6 +40,7 @@ def decode_work(
     split,
     num_splits,
     fused_merge,
+    len_bound,  # HOST_BOUND: the host's upper bound of every seq_len, <= the block table's columns * PAGE_SIZE
     stride_qb,
     stride_qh,
     stride_kb,
@@ -67,13 +68,19 @@ def decode_work(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HOST_BOUND: tl.constexpr,
 ):
     """One (b, kvh, split) decode work item; stores normalised out rows and their lse (and, with fused_merge and
-    num_splits > 1, merges the splits of (b, kvh) if it is the last of them to finish)."""
+    num_splits > 1, merges the splits of (b, kvh) if it is the last of them to finish).
+
+    HOST_BOUND (rows of known, equal lengths): the splits and the key loop span len_bound keys, the keys past seq_len
+    masked, so that the first block-table entries are fetched beside seq_len instead of after it (one memory
+    latency less before the first K/V tile is requested)."""
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    ctx = len_bound if HOST_BOUND else seq_len
+    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
-    hi = tl.minimum(seq_len, lo + split_len)
+    hi = tl.minimum(ctx, lo + split_len)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -88,7 +95,7 @@ def decode_work(
     acc, l_i, m_i = paged_attn_loop(
         acc, l_i, m_i, q, offs_h,
         k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
-        lo, hi, hi,
+        lo, hi, tl.minimum(seq_len, hi) if HOST_BOUND else hi, hi,
         stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
     )
@@ -158,10 +165,10 @@ def merge_split_rows(
     store_merged(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], lse_ptr + heads * stride_lh, acc, tot, m, h_mask)
 
 
-@jit_unspecialized("stride_btb", "num_splits", "fused_merge")
+@jit_unspecialized("stride_btb", "num_splits", "fused_merge", "len_bound")
 def paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-    num_splits, fused_merge,
+    num_splits, fused_merge, len_bound,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
     stride_vb, stride_vp, stride_vh,
@@ -177,6 +184,7 @@ def paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
+    HOST_BOUND: tl.constexpr,
 ):
     """Grid (B, Hkv, num_splits), or (Hkv, B, num_splits) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
@@ -187,11 +195,11 @@ def paged_decode_kernel(
         b, kvh, num_kv_heads = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     decode_work(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-        b, kvh, tl.program_id(2), num_splits, fused_merge,
+        b, kvh, tl.program_id(2), num_splits, fused_merge, len_bound,
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND,
     )
 
 

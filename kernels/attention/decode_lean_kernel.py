@@ -157,7 +157,7 @@ def _row_piece(
     m_i = tl.full([BLOCK_H], NEG_BIG, dtype=tl.float32)
     acc, l_i, m_i = paged_attn_loop(
         acc, l_i, m_i, q, offs_h,
-        k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb, lo, hi, hi,
+        k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb, lo, hi, hi, hi,
         stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
         HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
     )

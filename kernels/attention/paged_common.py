@@ -26,6 +26,7 @@ def paged_attn_loop(
     lo,  # first key position (multiple of BLOCK_N)
     hi,  # loop end (exclusive, key positions)
     kv_len,  # keys at positions >= kv_len are masked (used only when BOUNDED)
+    tbl_len,  # block-table entries are read for positions < tbl_len only (used only when BOUNDED; >= kv_len)
     stride_kb,
     stride_kp,
     stride_vb,
@@ -45,7 +46,7 @@ def paged_attn_loop(
         pos = n0 + offs_n
         if BOUNDED:
             n_mask = pos < kv_len
-            blk = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            blk = tl.load(bt_row + pos // PAGE_SIZE, mask=pos < tbl_len, other=0).to(tl.int64)
             k_off = blk * stride_kb + (pos % PAGE_SIZE) * stride_kp
             k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         else:

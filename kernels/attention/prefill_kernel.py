@@ -65,12 +65,12 @@ def prefill_work(
         full_end = ((ctx + m0 + 1) // BLOCK_N) * BLOCK_N
         kv_end = tl.minimum(seq_len, ctx + m0 + BLOCK_M)
         acc, l_i, m_i = paged_attn_loop(
-            acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, 0, full_end, seq_len,
+            acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, 0, full_end, seq_len, seq_len,
             stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
             HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False, DOT_PRECISION,
         )
         acc, l_i, m_i = paged_attn_loop(
-            acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, full_end, kv_end, seq_len,
+            acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, full_end, kv_end, seq_len, seq_len,
             stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
             HEAD_DIM, PAGE_SIZE, BLOCK_N, True, True, DOT_PRECISION,
         )

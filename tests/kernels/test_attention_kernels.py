@@ -250,6 +250,23 @@ def test_decode_deep_splits():
         assert ds.deep_splits(4, 8, 4096, 128, torch.bfloat16, dev) == 0
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("bound", [None, 152])
+def test_decode_host_bound_matches_reference(num_splits, bound):
+    """HOST_BOUND (splits and key loops over the host's bound, keys past each seq_len masked; the deep schedule's
+    option): rows shorter than the bound, an empty row, lengths off the page size, the bound from the block table's
+    columns (None) or given."""
+    gen, dev = _gen(71 + num_splits + (bound or 0)), device()
+    seq_lens = [150, 37, 0, 129]
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * 4, 32, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, num_splits=num_splits,
+                           max_seq_len=bound, config={**decode_config(32, F32), "HOST_BOUND": True})
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+
+
 @pytest.mark.parametrize("batch,splits", [(4, 1), (2, 2)])
 def test_decode_deep_schedule_matches_reference(batch, splits, monkeypatch):
     """The launcher told equal lengths takes the deep schedule where `deep_splits` says so (on 8 nominal SMs with
