@@ -240,7 +240,7 @@ def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
 # stream-K with 32-key tiles, 5 stages ran 1.001-1.008x SDPA at 128-256 x 8k / 32k where the launcher's 64-key tiles,
 # 3 stages ran 0.986-0.993x (hence `lean_config`); an L2 evict-first hint on the K/V loads changed nothing (+-0.1%).
 GAP_SHAPES = [(16, 8192), (16, 32768), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
-GAP_DEEP_SHAPES = [(16, 4096), (16, 8192), (16, 16384), (16, 32768)]
+GAP_DEEP_SHAPES = [(16, 2048), (16, 4096), (16, 6144), (16, 8192), (16, 12288), (16, 16384), (16, 24576), (16, 32768)]
 LEAN32 = dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True)
 # Round 5: Triton 3.6 software-pipelines the paged loop's two-level loads (table entry, then K/V) into
 # floor((num_stages - 1) / 2) K/V buffers (sm_90 compiles), so that "3 stages" streamed one tile, "5" (the deep
@@ -258,11 +258,9 @@ GAP_DEEP = {  # one program per row where the rows fill the SMs once (round 2, T
     # Round 4 (662a81c, reverted; experiments/decode-flat-stream-k-*):
     # stream-K over all 132 SMs, ranges crossing kv heads, cutting every row, ran 0.87-0.95x SDPA at 16 x 4k-32k
     # at one or two programs per SM, where the deep program ran 0.988-1.012x: the cuts cost more than the 4 idle SMs.
-    "n64_s7": dict(config={**DEEP_DECODE, "num_stages": 7}),
-    "n64_s9": dict(config={**DEEP_DECODE, "num_stages": 9}),
     "host_bound": dict(config={**DEEP_DECODE, "HOST_BOUND": True}),
-    "host_bound_s7": dict(config={**DEEP_DECODE, "num_stages": 7, "HOST_BOUND": True}),
-    "n128_s5": dict(config={**DEEP_DECODE, "BLOCK_N": 128}),
+    "host_bound_w8": dict(config={**DEEP_DECODE, "num_warps": 8, "HOST_BOUND": True}),
+    "host_bound_n128_s3": dict(config={**DEEP_DECODE, "BLOCK_N": 128, "num_stages": 3, "HOST_BOUND": True}),
 }
 
 
