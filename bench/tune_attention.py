@@ -241,26 +241,22 @@ def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
 # 3 stages ran 0.986-0.993x (hence `lean_config`); an L2 evict-first hint on the K/V loads changed nothing (+-0.1%).
 GAP_SHAPES = [(16, 8192), (16, 32768), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
 GAP_DEEP_SHAPES = [(16, 2048), (16, 4096), (16, 6144), (16, 8192), (16, 12288), (16, 16384), (16, 24576), (16, 32768)]
-LEAN32 = dict(BLOCK_N=32, num_warps=4, num_stages=5, LEAN=True)
-# Round 5: Triton 3.6 software-pipelines the paged loop's two-level loads (table entry, then K/V) into
-# floor((num_stages - 1) / 2) K/V buffers (sm_90 compiles), so that "3 stages" streamed one tile, "5" (the deep
-# default) two, "6" as "5"; rounds 1-4 never tried three or four 64-key tiles in flight, nor HOST_BOUND.
+# Round 5 (20261128T062422Z, T062851Z): Triton 3.6 software-pipelines the paged loop's two-level loads (table entry,
+# then K/V) into floor((num_stages - 1) / 2) K/V buffers (sm_90 compiles): "3 stages" stream one tile, the deep
+# schedule's "5" two, "6" as "5". Three or four 64-key tiles in flight ran 0.8-5% slower than two (one program per
+# row), stream-K with 64-key tiles at 5 stages or 32-key at 7 / 9 0.1-2% slower than `lean_config`; 8 warps or
+# 128-key tiles slower too. HOST_BOUND (key loops over the host's bound: the table read beside seq_len, not after
+# it) ran 0.3-1.5% faster at 16 x 2k-32k: `DEEP_DECODE` takes it.
 # Rounds 1-4 (tried, not kept): stream-K 64-key tiles 3 stages, 32-key 6 stages, 32 programs a kv head;
 # one program per row with 32-key tiles at 8 / 10 stages (0.79-0.83x SDPA), 2 warps (0.68-0.88x), 8 warps at 4
-# stages, rows fastest (no change), 4 stages (0.67-0.69x), two splits a row at 32-key tiles (0.95-1.00x).
-GAP_MANY_ROWS = {  # more rows than SMs
+# stages, rows fastest (no change), 4 stages (0.67-0.69x), two splits a row at 32-key tiles (0.95-1.00x); TMA pages,
+# one or two a tile, 8-12 stages (0.55-0.64x); stream-K over all 132 SMs, ranges crossing kv heads, cutting every row
+# (662a81c, reverted; experiments/decode-flat-stream-k-*): 0.87-0.95x where the deep program ran 0.988-1.012x.
+GAP_MANY_ROWS = {  # more rows than SMs: stream-K's tiles
     "lean_n64_s5": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True)),
-    "lean_n32_s7": dict(config={**LEAN32, "num_stages": 7}),
-    "lean_n32_s9": dict(config={**LEAN32, "num_stages": 9}),
 }
-GAP_DEEP = {  # one program per row where the rows fill the SMs once (round 2, T042936Z: TMA pages, one or two a
-    # tile, 8-12 stages, ran 0.55-0.64x SDPA at 16 x 8k / 32k; 128-key tiles, 8 warps 0.92-0.94x; 6 stages as 5).
-    # Round 4 (662a81c, reverted; experiments/decode-flat-stream-k-*):
-    # stream-K over all 132 SMs, ranges crossing kv heads, cutting every row, ran 0.87-0.95x SDPA at 16 x 4k-32k
-    # at one or two programs per SM, where the deep program ran 0.988-1.012x: the cuts cost more than the 4 idle SMs.
-    "host_bound": dict(config={**DEEP_DECODE, "HOST_BOUND": True}),
-    "host_bound_w8": dict(config={**DEEP_DECODE, "num_warps": 8, "HOST_BOUND": True}),
-    "host_bound_n128_s3": dict(config={**DEEP_DECODE, "BLOCK_N": 128, "num_stages": 3, "HOST_BOUND": True}),
+GAP_DEEP = {  # one program per row where the rows fill the SMs once
+    "no_host_bound": dict(config={**DEEP_DECODE, "HOST_BOUND": False}),
 }
 
 

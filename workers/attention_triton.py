@@ -72,9 +72,10 @@ class TritonAttentionBackend(AttentionBackend):
             pod_attention(k_cache, v_cache, prefill, decode, scale=self.scale)
         else:
             if nd:
+                equal = meta.decode_lengths_equal
                 paged_decode_attention(decode.q, k_cache, v_cache, decode.block_table, decode.seq_lens,
-                                       scale=self.scale, out=decode.out, lse=decode.lse,
-                                       max_seq_len=decode.max_seq_len, equal_lengths=meta.decode_lengths_equal)
+                                       scale=self.scale, out=decode.out, lse=decode.lse, equal_lengths=equal,
+                                       max_seq_len=meta.decode_max_len if equal else decode.max_seq_len)
             if has_prefill:
                 paged_prefill_attention(prefill.q, k_cache, v_cache, prefill.block_table, prefill.cu_seqlens_q,
                                         prefill.seq_lens, scale=self.scale, max_seqlen_q=prefill.max_seqlen_q,

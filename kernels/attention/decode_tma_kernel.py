@@ -1,11 +1,12 @@
 """@triton.jit code for paged decode attention whose K/V pages arrive by TMA (Hopper tensor descriptors).
 
 Same work split, math, outputs and arguments as `decode_kernel.paged_decode_kernel` (see there; without its
-HOST_BOUND option), with K/V given as descriptors instead of pointers. Only the key loop differs: each page of one kv head (PAGE_SIZE rows of HEAD_DIM,
-rows Hkv * HEAD_DIM apart) is one descriptor load of a [PAGE_SIZE, HEAD_DIM] box from the cache viewed as
-[num_blocks * PAGE_SIZE, Hkv * HEAD_DIM]. A key tile is BLOCK_N = PAGE_SIZE or 2 * PAGE_SIZE keys (one or two pages
-scored separately, folded into the running softmax together). A page past the sequence's last one is never looked
-up in the block table: it re-reads the last page, whose keys past seq_len are masked.
+HOST_BOUND option), with K/V given as descriptors instead of pointers. Only the key loop differs: each page of one
+kv head (PAGE_SIZE rows of HEAD_DIM, rows Hkv * HEAD_DIM apart) is one descriptor load of a [PAGE_SIZE, HEAD_DIM]
+box from the cache viewed as [num_blocks * PAGE_SIZE, Hkv * HEAD_DIM]. A key tile is BLOCK_N = PAGE_SIZE or
+2 * PAGE_SIZE keys (one or two pages scored separately, folded into the running softmax together). A page past the
+sequence's last one is never looked up in the block table: it re-reads the last page, whose keys past seq_len are
+masked.
 
 The TMA unit walks the strided page rows, so the loop computes no per-row addresses. On an H100 this ran 1-3%
 faster than the pointer kernel at the launch sizes where `decode.decode_config` picks it (bench/tune_attention.py

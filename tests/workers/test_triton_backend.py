@@ -164,7 +164,8 @@ def test_no_compilation_after_warm_up(tiny_ckpt, hybrid):
 
 def test_decode_lengths_equal_from_host_lengths():
     """A step's decode rows count as equal-length within 5% of the mean (the decode kernel then prefers split-KV);
-    CUDA-graph steps' placeholder zeros and steps without decodes do not."""
+    CUDA-graph steps' placeholder zeros and steps without decodes do not. Their exact longest row bounds the deep
+    schedule's key loops."""
     from accordion.workers.attention import AttentionMetadata
 
     def meta(lens, num_decodes):
@@ -177,6 +178,8 @@ def test_decode_lengths_equal_from_host_lengths():
     assert not meta([100, 200, 98], 3).decode_lengths_equal
     assert not meta([0, 0, 0], 3).decode_lengths_equal
     assert not meta([50], 0).decode_lengths_equal
+    assert meta([100, 102, 98, 700], 3).decode_max_len == 102  # exact, the decode rows only (max_seq_len is bucketed)
+    assert meta([50], 0).decode_max_len == 0
 
 
 def test_auto_hybrid_fuses_balanced_steps_once_per_step(monkeypatch):
