@@ -252,8 +252,8 @@ GAP_DEEP_SHAPES = [(16, 2048), (16, 4096), (16, 6144), (16, 8192), (16, 12288), 
 # stages, rows fastest (no change), 4 stages (0.67-0.69x), two splits a row at 32-key tiles (0.95-1.00x); TMA pages,
 # one or two a tile, 8-12 stages (0.55-0.64x); stream-K over all 132 SMs, ranges crossing kv heads, cutting every row
 # (662a81c, reverted; experiments/decode-flat-stream-k-*): 0.87-0.95x where the deep program ran 0.988-1.012x.
-GAP_MANY_ROWS = {  # more rows than SMs: stream-K's tiles
-    "lean_n64_s5": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True)),
+GAP_MANY_ROWS = {  # more rows than SMs: stream-K as one program per SM with the deep schedule's tiles
+    "lean_deep_128": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True, PROGRAMS=128)),
 }
 GAP_DEEP = {  # one program per row where the rows fill the SMs once
     "no_host_bound": dict(config={**DEEP_DECODE, "HOST_BOUND": False}),
