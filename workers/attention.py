@@ -62,7 +62,7 @@ class AttentionMetadata:
         lens = self.seq_lens_cpu[:self.num_decodes]
         return bool(lens) and lens[0] > 0 and max(lens) * len(lens) <= EQUAL_LENGTHS_SLACK * sum(lens)
 
-    @property
+    @functools.cached_property
     def decode_max_len(self) -> int:
         """The longest decode row's key count from the host lengths, exact (`max_seq_len` is a power-of-two bound):
         what a decode of rows told equal spans (`decode_schedule.DEEP_DECODE` reads no key past it)."""

@@ -26,7 +26,8 @@ LEAN_MIN_KEYS_PER_SLOT = 1536
 LEAN_MANY_ROWS = 3
 # One program per SM for equal lengths (`deep_splits`): its tiles, and where it applies
 # (5 stages: Triton 3.6 pipelines the table-then-K/V loads into two K/V buffers; three or four ran 0.8-5% slower, and
-# HOST_BOUND 0.3-1.5% faster at 16 x 2k-32k, bench/tune_attention.py --gap round 5, 20261128T062422Z, T062851Z)
+# HOST_BOUND 0.2-1.5% faster at 16 x 2k-32k: bench/tune_attention.py --gap round 5, 20261128T062422Z, T062851Z,
+# T063800Z)
 DEEP_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True, HOST_BOUND=True)
 DEEP_MIN_FILL = 0.8
 DEEP_MIN_KEYS = 2048
@@ -101,10 +102,10 @@ def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, 
     long, or 0 where it does not apply.
 
     It applies where rows x splits (a power of two) fill `DEEP_MIN_FILL` to 1 x the SMs and every split keeps at
-    least `DEEP_MIN_KEYS` keys: one program per SM, no second program to hide a restart or a merge behind, so each
-    keeps two 64-key K/V tiles (64 KiB) in flight instead, its key loop spanning the host's bound of the lengths
-    (HOST_BOUND: the block table is read beside seq_len, not after it). Hopper, head_dim 128, 16-bit only (where it was
-    measured). SDPA's decode (cuDNN's flash kernel) is itself one program per (sequence, kv head) row, unsplit.
+    least `DEEP_MIN_KEYS` keys: one program per SM (none beside it to hide a restart or a merge behind), two 64-key
+    K/V tiles (64 KiB) in flight, its key loop spanning the host's bound of the lengths (HOST_BOUND: the block
+    table is read beside seq_len, not after it). Hopper, head_dim 128, 16-bit only (where it
+    was measured). SDPA's decode (cuDNN's flash kernel) is itself one program per (sequence, kv head) row, unsplit.
     On an H100 at 8 kv heads, CUDA graphs, against SDPA (bench/results/experiments/decode-deep-pipeline-*.json and
     the kernels tables at 8ac7ffe and ee3e4fd): 16 x 8k 0.991-1.006x over five leases (split-KV's two programs per
     SM 0.979-0.984x), 16 x 2k / 4k 0.991 / 0.993x (0.933 / 0.958x), 16 x 16k 0.986x (0.993x), 16 x 32k 1.003-1.015x
