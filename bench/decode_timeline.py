@@ -84,12 +84,13 @@ def timeline(case: DecodeCase, config: dict, calls: int = 20) -> dict:
     ts = torch.zeros(case.B * 8, 3, dtype=torch.int64, device=case.q.device)
     real = decode_launcher.paged_decode_kernel
     decode_launcher.paged_decode_kernel = _Timed(ts)
-    stats = []
+    stats, ends = [], []
     try:
         for _ in range(calls):
             case.ours(num_splits=1, config=config)
             torch.cuda.synchronize()
             t = ts.cpu()
+            ends.append(((t[:, 1] - t[:, 0].min()).double() / 1e3).tolist())
             start, end = t[:, 0].double() / 1e3, t[:, 1].double() / 1e3
             dur = (end - start).tolist()
             stats.append(dict(start_spread=float(start.max() - start.min()), end_spread=float(end.max() - end.min()),
@@ -98,7 +99,14 @@ def timeline(case: DecodeCase, config: dict, calls: int = 20) -> dict:
                               sms=len(set(t[:, 2].tolist()))))
     finally:
         decode_launcher.paged_decode_kernel = real
-    return {k: statistics.median(s[k] for s in stats) for k in stats[0]}
+    last = ts.cpu()  # the last launch, per program (kv head fastest): start and end in us from its first start, SM
+    t_min = int(last[:, 0].min())
+    raw = dict(start_us=((last[:, 0] - t_min).double() / 1e3).tolist(),
+               end_us=((last[:, 1] - t_min).double() / 1e3).tolist(), sm=last[:, 2].tolist())
+    # whether the same programs are the slow ones launch after launch: correlation of the ends of launch 0 and 1
+    same = float(torch.corrcoef(torch.tensor([ends[0], ends[1]]))[0, 1]) if calls > 1 else float("nan")
+    return {**{k: statistics.median(s[k] for s in stats) for k in stats[0]}, "end_corr_launches": same,
+            "last_launch": raw}
 
 
 def main() -> None:
@@ -111,13 +119,18 @@ def main() -> None:
             graph_us = graph_ms([lambda cfg=cfg: case.ours(num_splits=1, config=cfg)], dev) * 1e3
             rows.append(dict(batch=B, context=ctx, variant=name, graph_us=graph_us, sdpa_graph_us=sdpa_us,
                              **timeline(case, cfg)))
-            print(rows[-1], flush=True)
+            print({k: v for k, v in rows[-1].items() if k != "last_launch"}, flush=True)
         case = None
     print_table([[f"{r['batch']}x{r['context']}", r["variant"], f"{r['graph_us']:.1f}", f"{r['sdpa_graph_us']:.1f}",
                   f"{r['span']:.1f}", f"{r['start_spread']:.2f}", f"{r['end_spread']:.2f}",
                   f"{r['stream_min']:.1f} / {r['stream_median']:.1f} / {r['stream_max']:.1f}", r["sms"]] for r in rows],
                 ["shape", "variant", "graph us", "SDPA us", "span us", "start spread", "end spread",
                  "stream min / med / max", "SMs"])
+    for r in rows:  # the slowest programs of the last launch: which rows, which SMs
+        raw = r["last_launch"]
+        order = sorted(range(len(raw["end_us"])), key=raw["end_us"].__getitem__)
+        print(r["batch"], r["context"], r["variant"], "last to end (seq, kv head, SM, end us):",
+              [(i // 8, i % 8, raw["sm"][i], round(raw["end_us"][i], 1)) for i in order[-8:]])
     print("wrote", write_result("decode-timeline", dict(rows=rows)))
 
 
