@@ -37,10 +37,10 @@ def _special_register(x, ASM: tl.constexpr):
     return tl.inline_asm_elementwise(ASM, "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1)
 
 
-@jit_unspecialized("stride_btb", "num_splits", "fused_merge", "len_bound")
+@jit_unspecialized("stride_btb", "num_splits", "fused_merge", "len_bound", "tail_keys")
 def timed_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-    num_splits, fused_merge, len_bound,
+    num_splits, fused_merge, len_bound, tail_keys,
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
     stride_fob, stride_foh, stride_flb, stride_flh,
@@ -48,17 +48,18 @@ def timed_decode_kernel(
     ts_ptr,  # int64 [programs, 3]: start ns, end ns, SM
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FASTEST: tl.constexpr, HOST_BOUND: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     """`decode_kernel.paged_decode_kernel` (heads fastest) between two reads of %globaltimer."""
     pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
     t0 = _special_register(pid, "mov.u64 $0, %globaltimer;")
     decode_work(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-        tl.program_id(1), tl.program_id(0), tl.program_id(2), num_splits, fused_merge, len_bound,
+        tl.program_id(1), tl.program_id(0), tl.program_id(2), num_splits, fused_merge, len_bound, tail_keys,
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, tl.num_programs(0), qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND, TAIL,
     )
     t1 = _special_register(pid, "mov.u64 $0, %globaltimer;")
     sm = _special_register(pid, "{ .reg .u32 s; mov.u32 s, %smid; cvt.u64.u32 $0, s; }")

@@ -240,7 +240,7 @@ def tune_deep(dev, dtype, shapes, copies_bytes=256 << 20) -> list[dict]:
 # stream-K with 32-key tiles, 5 stages ran 1.001-1.008x SDPA at 128-256 x 8k / 32k where the launcher's 64-key tiles,
 # 3 stages ran 0.986-0.993x (hence `lean_config`); an L2 evict-first hint on the K/V loads changed nothing (+-0.1%).
 GAP_SHAPES = [(16, 8192), (16, 32768), (64, 8192), (128, 8192), (128, 32768), (256, 8192), (256, 32768)]
-GAP_DEEP_SHAPES = [(16, 2048), (16, 4096), (16, 6144), (16, 8192), (16, 12288), (16, 16384), (16, 24576), (16, 32768)]
+GAP_DEEP_SHAPES = [(16, 4096), (16, 8192), (16, 32768)]  # round 5 also ran 2k, 6k, 12k, 16k, 24k
 # Round 5 (20261128T062422Z, T062851Z): Triton 3.6 software-pipelines the paged loop's two-level loads (table entry,
 # then K/V) into floor((num_stages - 1) / 2) K/V buffers (sm_90 compiles): "3 stages" stream one tile, the deep
 # schedule's "5" two, "6" as "5". Three or four 64-key tiles in flight ran 0.8-5% slower than two (one program per
@@ -255,8 +255,13 @@ GAP_DEEP_SHAPES = [(16, 2048), (16, 4096), (16, 6144), (16, 8192), (16, 12288), 
 GAP_MANY_ROWS = {  # more rows than SMs: stream-K as one program per SM with the deep schedule's tiles
     "lean_deep_128": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=5, LEAN=True, PROGRAMS=128)),
 }
-GAP_DEEP = {  # one program per row where the rows fill the SMs once
-    "no_host_bound": dict(config={**DEEP_DECODE, "HOST_BOUND": False}),
+GAP_DEEP = {  # one program per row where the rows fill the SMs once. Round 6: a tail split (TAIL_TILES) at one
+    # program per SM (> 114 KiB of shared memory), so that the block scheduler hands the rows' tails to the SMs that
+    # finish first (bench/decode_timeline.py: the programs end 5 us apart at 16 x 8k, different ones each launch)
+    "n128": dict(config={**DEEP_DECODE, "BLOCK_N": 128}),
+    "tail_n128_t4": dict(num_splits=2, config={**DEEP_DECODE, "BLOCK_N": 128, "TAIL_TILES": 4}),
+    "tail_n128_t8": dict(num_splits=2, config={**DEEP_DECODE, "BLOCK_N": 128, "TAIL_TILES": 8}),
+    "tail_s9_t8": dict(num_splits=2, config={**DEEP_DECODE, "num_stages": 9, "TAIL_TILES": 8}),
 }
 
 
@@ -271,7 +276,7 @@ def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
         sms = num_sms(dev) if dev.type == "cuda" else 132
         variants = {"default": {}, **(GAP_MANY_ROWS if B * HKV > sms else GAP_DEEP)}
         if B * HKV <= sms:
-            variants = {k: {**kw, "num_splits": chosen[0]} if kw else kw for k, kw in variants.items()}
+            variants = {k: {"num_splits": chosen[0], **kw} if kw else kw for k, kw in variants.items()}
         ref = case.ours()[0].float()
         err = {k: (case.ours(**kw)[0].float() - ref).abs().max().item() for k, kw in variants.items()}
         times = {k: [] for k in ("sdpa", *variants)}

@@ -133,9 +133,13 @@ def paged_decode_attention(
         return _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta)
     if cfg.get("TMA"):
         kernel, kv, bound = paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache), ()
-    else:  # HOST_BOUND: splits and key loops span the host's bound of the lengths (`decode_work`)
-        kernel, kv, bound = paged_decode_kernel, (k_cache, v_cache), (min(max_ctx, block_table.shape[1] * page),)
-        meta["HOST_BOUND"] = bool(cfg.get("HOST_BOUND", False))
+    else:  # HOST_BOUND: splits and key loops span the host's bound of the lengths; TAIL: a tail split (`decode_work`)
+        tail = int(cfg.get("TAIL_TILES", 0)) * cfg["BLOCK_N"]
+        if tail and num_splits != 2:
+            raise ValueError(f"a TAIL_TILES decode config takes two splits, got {num_splits}")
+        kernel, kv = paged_decode_kernel, (k_cache, v_cache)
+        bound = (min(max_ctx, block_table.shape[1] * page), tail)
+        meta.update(HOST_BOUND=bool(cfg.get("HOST_BOUND", False)), TAIL=tail > 0)
     # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
     so, sl = out.stride()[:2], lse.stride()
     common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))

@@ -267,6 +267,24 @@ def test_decode_host_bound_matches_reference(num_splits, bound):
     _close(out, ref, lse, ref_lse)
 
 
+@pytest.mark.parametrize("host_bound", [False, True])
+@pytest.mark.parametrize("tail_tiles", [1, 3, 20])
+def test_decode_tail_split_matches_reference(host_bound, tail_tiles):
+    """TAIL_TILES: two splits, the second the row's last tail_tiles key tiles (more than a row has: all of it),
+    merged in the launch; rows shorter than the bound, an empty row, lengths off the page size."""
+    gen, dev = _gen(91 + tail_tiles + host_bound), device()
+    seq_lens = [150, 37, 0, 129]
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
+    q = torch.randn(len(seq_lens), HKV * 4, 32, generator=gen).to(dev)
+    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+    cfg = {**decode_config(32, F32), "HOST_BOUND": host_bound, "TAIL_TILES": tail_tiles}
+    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, num_splits=2, config=cfg)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+    with pytest.raises(ValueError, match="two splits"):
+        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, num_splits=3, config=cfg)
+
+
 @pytest.mark.parametrize("batch,splits", [(4, 1), (2, 2)])
 def test_decode_deep_schedule_matches_reference(batch, splits, monkeypatch):
     """The launcher told equal lengths takes the deep schedule where `deep_splits` says so (on 8 nominal SMs with
