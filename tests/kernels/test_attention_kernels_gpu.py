@@ -124,19 +124,20 @@ def test_decode_deep_schedule_gpu(batch, ctx, splits):
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
 
 
-@pytest.mark.parametrize("num_splits", [1, 2])
-def test_decode_host_bound_gpu(num_splits):
-    """The deep schedule's tiles, HOST_BOUND (key loops over the host's bound, keys past each seq_len masked), on
-    rows shorter than the bound, an empty one, lengths off the page size, against the reference."""
+@pytest.mark.parametrize("num_splits,extra", [(1, {}), (2, {}), (2, dict(BLOCK_N=128, TAIL_TILES=4))])
+def test_decode_host_bound_gpu(num_splits, extra):
+    """The deep schedule's tiles, HOST_BOUND (key loops over the host's bound, keys past each seq_len masked), also
+    with a tail split (TAIL_TILES), on rows shorter than the bound, an empty one, lengths off the page size, against
+    the reference."""
     from accordion.kernels.attention.decode_schedule import DEEP_DECODE
 
-    gen = torch.Generator().manual_seed(7 * num_splits)
+    gen = torch.Generator().manual_seed(7 * num_splits + len(extra))
     seq_lens = [5000] * 13 + [4097, 0, 1]
     kv, table, sl = make_paged_kv(seq_lens, 8, 128, 16, BF16, DEV, gen)
     q = torch.randn(len(seq_lens), 32, 128, generator=gen).to(BF16).to(DEV)
     out, lse = poisoned(q.shape, BF16, DEV), poisoned(q.shape[:2], torch.float32, DEV)
     paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5, out=out, lse=lse, max_seq_len=5003,
-                           num_splits=num_splits, config={**DEEP_DECODE, "HOST_BOUND": True})
+                           num_splits=num_splits, config={**DEEP_DECODE, "HOST_BOUND": True, **extra})
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=128**-0.5))
 
 
