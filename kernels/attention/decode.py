@@ -91,7 +91,8 @@ def paged_decode_attention(
     equal_lengths: the caller knows the seq_lens to be (nearly) equal, e.g. from a host copy; the automatic choice
                  then prefers one deep program per SM (`deep_splits`) or split-KV (`lean_pays_off`). Default: unequal
                  or unknown, as in serving.
-    config:      tile-size override (keys of `decode_config`), for tuning.
+    config:      tile-size override (keys of `decode_config`; HOST_BOUND, and TAIL_TILES with two splits, as in
+                 `decode_kernel.decode_work`), for tuning.
     Returns (out, lse). No host syncs; scratch sizes depend on shapes only (CUDA-graph capturable).
     """
     check_tensor("q", q, 3, FLOAT_DTYPES)
