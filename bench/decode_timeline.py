@@ -24,11 +24,10 @@ from bench.kernels import DecodeCase, graph_ms  # noqa: E402
 
 from accordion.kernels.attention import decode as decode_launcher  # noqa: E402
 from accordion.kernels.attention.decode_kernel import decode_work  # noqa: E402
-from accordion.kernels.attention.decode_schedule import DEEP_DECODE  # noqa: E402
+from accordion.kernels.attention.decode_schedule import deep_config  # noqa: E402
 from accordion.kernels.utils import jit_unspecialized  # noqa: E402
 
 SHAPES = [(16, 8192), (16, 32768)]
-VARIANTS = {"deep": DEEP_DECODE, "deep_no_host_bound": {**DEEP_DECODE, "HOST_BOUND": False}}
 
 
 @triton.jit
@@ -37,10 +36,10 @@ def _special_register(x, ASM: tl.constexpr):
     return tl.inline_asm_elementwise(ASM, "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1)
 
 
-@jit_unspecialized("stride_btb", "num_splits", "fused_merge", "len_bound", "tail_keys")
+@jit_unspecialized("stride_btb", "num_splits", "fused_merge", "len_bound")
 def timed_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-    num_splits, fused_merge, len_bound, tail_keys,
+    num_splits, fused_merge, len_bound,
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
     stride_fob, stride_foh, stride_flb, stride_flh,
@@ -48,18 +47,17 @@ def timed_decode_kernel(
     ts_ptr,  # int64 [programs, 3]: start ns, end ns, SM
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FASTEST: tl.constexpr, HOST_BOUND: tl.constexpr,
-    TAIL: tl.constexpr,
 ):
     """`decode_kernel.paged_decode_kernel` (heads fastest) between two reads of %globaltimer."""
     pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
     t0 = _special_register(pid, "mov.u64 $0, %globaltimer;")
     decode_work(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-        tl.program_id(1), tl.program_id(0), tl.program_id(2), num_splits, fused_merge, len_bound, tail_keys,
+        tl.program_id(1), tl.program_id(0), tl.program_id(2), num_splits, fused_merge, len_bound,
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, tl.num_programs(0), qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND, TAIL,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND,
     )
     t1 = _special_register(pid, "mov.u64 $0, %globaltimer;")
     sm = _special_register(pid, "{ .reg .u32 s; mov.u32 s, %smid; cvt.u64.u32 $0, s; }")
@@ -113,10 +111,12 @@ def timeline(case: DecodeCase, config: dict, calls: int = 20) -> dict:
 def main() -> None:
     dev = torch.device("cuda")
     rows = []
+    deep = deep_config(dev)  # this GPU's tiles of the deep schedule
+    variants = {"deep": deep, "deep_no_host_bound": {**deep, "HOST_BOUND": False}}
     for B, ctx in SHAPES:
         case = DecodeCase(B, ctx, torch.bfloat16, dev)
         sdpa_us = graph_ms([case.theirs], dev) * 1e3
-        for name, cfg in VARIANTS.items():
+        for name, cfg in variants.items():
             graph_us = graph_ms([lambda cfg=cfg: case.ours(num_splits=1, config=cfg)], dev) * 1e3
             rows.append(dict(batch=B, context=ctx, variant=name, graph_us=graph_us, sdpa_graph_us=sdpa_us,
                              **timeline(case, cfg)))

@@ -74,6 +74,14 @@ def is_hopper(device: torch.device) -> bool:
     return cuda_capability(device)[0] == 9
 
 
+def is_h200(device: torch.device) -> bool:
+    """An H200 (or GH200 with HBM3e): Hopper's SMs with 1.4x the H100's memory bandwidth, which some memory-bound
+    kernels tile for separately."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return "H200" in _device_props(device.index if device.index is not None else torch.cuda.current_device()).name
+
+
 def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
     """Raise ValueError unless `t` is a tensor with `ndim` dims, a unit last-dim stride and an allowed dtype."""
     if not isinstance(t, torch.Tensor):

@@ -12,12 +12,12 @@ from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_po
 from .decode_kernel import merge_splits_kernel, paged_decode_kernel
 from .decode_lean_kernel import paged_decode_lean_kernel
 from .decode_schedule import (
-    DEEP_DECODE,
     LEAN_MAX_SEQS,
     MAX_SPLITS,
     MAX_TICKETS,
     choose_num_splits,
     decode_config,
+    deep_config,
     deep_splits,
     lean_config,
     lean_pays_off,
@@ -91,8 +91,8 @@ def paged_decode_attention(
     equal_lengths: the caller knows the seq_lens to be (nearly) equal, e.g. from a host copy; the automatic choice
                  then prefers one deep program per SM (`deep_splits`) or split-KV (`lean_pays_off`). Default: unequal
                  or unknown, as in serving.
-    config:      tile-size override (keys of `decode_config`; HOST_BOUND, and TAIL_TILES with two splits, as in
-                 `decode_kernel.decode_work`), for tuning.
+    config:      tile-size override (keys of `decode_config`; HOST_BOUND as in `decode_kernel.decode_work`),
+                 for tuning.
     Returns (out, lse). No host syncs; scratch sizes depend on shapes only (CUDA-graph capturable).
     """
     check_tensor("q", q, 3, FLOAT_DTYPES)
@@ -134,13 +134,10 @@ def paged_decode_attention(
         return _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta)
     if cfg.get("TMA"):
         kernel, kv, bound = paged_decode_tma_kernel, tma_descriptors(k_cache, v_cache), ()
-    else:  # HOST_BOUND: splits and key loops span the host's bound of the lengths; TAIL: a tail split (`decode_work`)
-        tail = int(cfg.get("TAIL_TILES", 0)) * cfg["BLOCK_N"]
-        if tail and num_splits != 2:
-            raise ValueError(f"a TAIL_TILES decode config takes two splits, got {num_splits}")
+    else:  # HOST_BOUND: splits and key loops span the host's bound of the lengths (`decode_work`)
         kernel, kv = paged_decode_kernel, (k_cache, v_cache)
-        bound = (min(max_ctx, block_table.shape[1] * page), tail)
-        meta.update(HOST_BOUND=bool(cfg.get("HOST_BOUND", False)), TAIL=tail > 0)
+        bound = (min(max_ctx, block_table.shape[1] * page),)
+        meta.update(HOST_BOUND=bool(cfg.get("HOST_BOUND", False)))
     # Strides read once per tensor (a launch's host time is mostly Python: eager hybrid steps pay it every layer)
     so, sl = out.stride()[:2], lse.stride()
     common = (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0))
@@ -173,7 +170,7 @@ def decode_plan(batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     auto = num_splits is None and config is None
     deep = deep_splits(batch, num_kv_heads, max_context, head_dim, dtype, device) if auto and equal_lengths else 0
     if deep:
-        num_splits, config = deep, DEEP_DECODE
+        num_splits, config = deep, deep_config(device)
     elif num_splits is None:
         block_n = config["BLOCK_N"] if config is not None else decode_config(head_dim, dtype)["BLOCK_N"]
         num_splits = choose_num_splits(batch, num_kv_heads, max_context, device, block_n)

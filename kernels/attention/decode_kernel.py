@@ -41,7 +41,6 @@ def decode_work(
     num_splits,
     fused_merge,
     len_bound,  # HOST_BOUND: the host's upper bound of every seq_len, <= the block table's columns * PAGE_SIZE
-    tail_keys,  # TAIL: split 1 takes the row's last tail_keys keys (a multiple of BLOCK_N), split 0 the rest
     stride_qb,
     stride_qh,
     stride_kb,
@@ -70,26 +69,18 @@ def decode_work(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HOST_BOUND: tl.constexpr,
-    TAIL: tl.constexpr,
 ):
     """One (b, kvh, split) decode work item; stores normalised out rows and their lse (and, with fused_merge and
     num_splits > 1, merges the splits of (b, kvh) if it is the last of them to finish).
 
     HOST_BOUND (rows of known, equal lengths): the splits and the key loop span len_bound keys, the keys past seq_len
     masked, so that the first block-table entries are fetched beside seq_len instead of after it (one memory
-    latency less before the first K/V tile is requested). TAIL (two splits): split 0 covers all but the row's last
-    tail_keys keys, split 1 those; launched one program per SM, the block scheduler hands the tails to the SMs that
-    finish first."""
+    latency less before the first K/V tile is requested)."""
     seq_len = tl.load(seq_lens_ptr + b)
     ctx = len_bound if HOST_BOUND else seq_len
-    if TAIL:
-        cut = tl.maximum(ctx - tail_keys, 0) // BLOCK_N * BLOCK_N
-        lo = tl.where(split == 0, 0, cut)
-        hi = tl.where(split == 0, cut, ctx)
-    else:
-        split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * split_len
-        hi = tl.minimum(ctx, lo + split_len)
+    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(ctx, lo + split_len)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -174,10 +165,10 @@ def merge_split_rows(
     store_merged(o_ptr + heads[:, None] * stride_oh + offs_d[None, :], lse_ptr + heads * stride_lh, acc, tot, m, h_mask)
 
 
-@jit_unspecialized("stride_btb", "num_splits", "fused_merge", "len_bound", "tail_keys")
+@jit_unspecialized("stride_btb", "num_splits", "fused_merge", "len_bound")
 def paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-    num_splits, fused_merge, len_bound, tail_keys,
+    num_splits, fused_merge, len_bound,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
     stride_vb, stride_vp, stride_vh,
@@ -194,7 +185,6 @@ def paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
     HOST_BOUND: tl.constexpr,
-    TAIL: tl.constexpr,
 ):
     """Grid (B, Hkv, num_splits), or (Hkv, B, num_splits) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
@@ -205,11 +195,11 @@ def paged_decode_kernel(
         b, kvh, num_kv_heads = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     decode_work(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr,
-        b, kvh, tl.program_id(2), num_splits, fused_merge, len_bound, tail_keys,
+        b, kvh, tl.program_id(2), num_splits, fused_merge, len_bound,
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND, TAIL,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND,
     )
 
 

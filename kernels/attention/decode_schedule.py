@@ -1,7 +1,8 @@
 """Which decode schedule and tiles a paged decode launch uses, from shapes alone (no host sync): split-KV over one
 well-filled wave, K/V pages by TMA when programs crowd the SMs, one deep-pipelined program per SM for rows known to be
 equally long that fill the SMs once, or stream-K for batches of unequal lengths. The
-numbers behind each rule are in the docstrings (1xH100, bench/tune_attention.py)."""
+numbers behind each rule are in the docstrings (1xH100, bench/tune_attention.py); the H200, whose HBM3e streams 1.4x
+faster, takes wider tiles in the deep and stream-K schedules (`deep_config`, `lean_config`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 
 import torch
 
-from ..utils import cdiv, is_hopper, is_interpreter, num_sms
+from ..utils import cdiv, is_h200, is_hopper, is_interpreter, num_sms
 
 MAX_SPLITS = 64
 # Stream-K's fixed costs (its prefix sums, rows cut into many pieces merged one by one) lose to split-KV on short
@@ -29,6 +30,10 @@ LEAN_MANY_ROWS = 3
 # HOST_BOUND 0.2-1.5% faster at 16 x 2k-32k: bench/tune_attention.py --gap round 5, 20261128T062422Z, T062851Z,
 # T063800Z)
 DEEP_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True, HOST_BOUND=True)
+# On an H200 the H100's deep tiles ran 0.83-0.85x SDPA at 16 x 4k-128k; two 128-key tiles in flight (128 KiB, still
+# one program per SM) 0.97-0.99x, where three 64-key tiles ran 0.84x, four 0.82x, two 64-key splits per row
+# 0.93-0.97x, 8 warps 0.91-0.97x (bench/tune_attention.py --gap round 7, 20261128T175953Z)
+DEEP_DECODE_H200 = {**DEEP_DECODE, "BLOCK_N": 128}
 DEEP_MIN_FILL = 0.8
 DEEP_MIN_KEYS = 2048
 MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
@@ -71,8 +76,13 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, progra
 def lean_config(head_dim: int, dtype: torch.dtype, device: torch.device | None = None) -> dict:
     """Tiles of a stream-K launch (two programs per SM, pointer loads): those of split-KV's up-to-two-per-SM launches.
     At 128 and 256 sequences over 8k / 32k keys (1024-2048 rows, one H100, CUDA graphs) they ran 1.001-1.008x SDPA
-    where 64-key tiles, 3 stages ran 0.986-0.993x (bench/tune_attention.py --gap, 20261128T042122Z)."""
-    return {**decode_config(head_dim, dtype, split=True, device=device), "LEAN": True}
+    where 64-key tiles, 3 stages ran 0.986-0.993x (bench/tune_attention.py --gap, 20261128T042122Z). On an H200 those
+    ran 0.86-0.89x and 64-key tiles at 5 stages (two in flight, 128 KiB per SM) 0.976-0.989x; 32-key tiles at 7
+    stages 0.86-0.87x, one 128-key program per SM 0.92x (round 7, 20261128T175953Z)."""
+    cfg = decode_config(head_dim, dtype, split=True, device=device)
+    if device is not None and cfg["BLOCK_N"] == 32 and is_h200(device):
+        cfg = {**cfg, "BLOCK_N": 64}
+    return {**cfg, "LEAN": True}
 
 
 def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma: bool) -> list[dict]:
@@ -87,18 +97,23 @@ def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma
                 out.append(cfg)
     out.append(lean_config(head_dim, dtype, device))
     if deep_tuned(head_dim, dtype, device):
-        out.append(DEEP_DECODE)
+        out.append(deep_config(device))
     return out
 
 
+def deep_config(device: torch.device) -> dict:
+    """Tiles of the one-program-per-SM schedule (`deep_splits`) on this GPU: `DEEP_DECODE`, `DEEP_DECODE_H200`."""
+    return DEEP_DECODE_H200 if is_h200(device) else DEEP_DECODE
+
+
 def deep_tuned(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `DEEP_DECODE` was tuned for these shapes on this GPU (Hopper, head_dim 128, 16-bit)."""
+    """Whether `deep_config` was tuned for these shapes on this GPU (Hopper, head_dim 128, 16-bit)."""
     return not is_interpreter() and head_dim == 128 and dtype != torch.float32 and is_hopper(device)
 
 
 def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, dtype: torch.dtype,
                 device: torch.device) -> int:
-    """Split factor of the one-program-per-SM schedule (`DEEP_DECODE`) for a batch of rows known to be equally
+    """Split factor of the one-program-per-SM schedule (`deep_config`) for a batch of rows known to be equally
     long, or 0 where it does not apply.
 
     It applies where rows x splits (a power of two) fill `DEEP_MIN_FILL` to 1 x the SMs and every split keeps at

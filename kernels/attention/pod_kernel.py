@@ -115,9 +115,9 @@ def _tile(
         r = idx // num_splits
         decode_work(
             dq_ptr, k_ptr, v_ptr, d_bt_ptr, d_sl_ptr, do_ptr, dlse_ptr, dfo_ptr, dflse_ptr, d_ticket_ptr,
-            r // num_kv_heads, r % num_kv_heads, split, num_splits, d_fused_merge, 0, 0,
+            r // num_kv_heads, r % num_kv_heads, split, num_splits, d_fused_merge, 0,
             stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_dbt,
             stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
             stride_dfob, stride_dfoh, stride_dflb, stride_dflh, num_kv_heads, qk_scale,
-            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION, False, False,
+            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION, False,
         )

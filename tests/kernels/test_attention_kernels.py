@@ -222,6 +222,28 @@ def test_decode_plan_gives_stream_k_its_two_per_sm_tiles(monkeypatch):
         1, dict(BLOCK_N=64, num_warps=4, num_stages=3))
 
 
+def test_decode_plan_takes_wider_tiles_on_an_h200(monkeypatch):
+    """On an H200 (1.4x the H100's bandwidth) the deep schedule takes 128-key tiles and stream-K 64-key tiles, two
+    in flight each; split-KV and TMA tiles, and every other GPU's, are unchanged."""
+    from accordion.kernels.attention import decode_schedule as ds
+    from accordion.kernels.attention.decode import decode_plan
+
+    monkeypatch.setattr(ds, "is_interpreter", lambda: False)
+    monkeypatch.setattr(ds, "deep_tuned", lambda *a: True)
+    dev = torch.device("cpu")
+    shapes = ((16, 8192), (256, 8192))
+    plans = [decode_plan(b, 8, 128, torch.bfloat16, dev, ctx, equal_lengths=True) for b, ctx in shapes]
+    assert plans == [(1, ds.DEEP_DECODE), (1, ds.lean_config(128, torch.bfloat16, dev))]
+    assert plans[1][1]["BLOCK_N"] == 32
+    monkeypatch.setattr(ds, "is_h200", lambda device: True)
+    deep, lean = (decode_plan(b, 8, 128, torch.bfloat16, dev, ctx, equal_lengths=True) for b, ctx in shapes)
+    assert deep == (1, {**ds.DEEP_DECODE, "BLOCK_N": 128}) and ds.deep_config(dev) == deep[1]
+    assert lean[1] == dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True, LEAN=True)
+    assert ds.deep_config(dev) in ds.decode_variants(128, torch.bfloat16, dev, tma=True)
+    assert lean[1] in ds.decode_variants(128, torch.bfloat16, dev, tma=True)
+    assert ds.decode_config(128, torch.bfloat16, split=True, device=dev)["BLOCK_N"] == 32
+
+
 def test_decode_splits_down_to_one_tile():
     """Few rows split their keys down to one tile a split (at batch 1-2 that beat 256-key splits by 1.5x)."""
     from accordion.kernels.attention.decode_schedule import choose_num_splits
@@ -265,24 +287,6 @@ def test_decode_host_bound_matches_reference(num_splits, bound):
                            max_seq_len=bound, config={**decode_config(32, F32), "HOST_BOUND": True})
     ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
     _close(out, ref, lse, ref_lse)
-
-
-@pytest.mark.parametrize("host_bound", [False, True])
-@pytest.mark.parametrize("tail_tiles", [1, 3, 20])
-def test_decode_tail_split_matches_reference(host_bound, tail_tiles):
-    """TAIL_TILES: two splits, the second the row's last tail_tiles key tiles (more than a row has: all of it),
-    merged in the launch; rows shorter than the bound, an empty row, lengths off the page size."""
-    gen, dev = _gen(91 + tail_tiles + host_bound), device()
-    seq_lens = [150, 37, 0, 129]
-    kv, table, sl = make_paged_kv(seq_lens, HKV, 32, 8, F32, dev, gen)
-    q = torch.randn(len(seq_lens), HKV * 4, 32, generator=gen).to(dev)
-    out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
-    cfg = {**decode_config(32, F32), "HOST_BOUND": host_bound, "TAIL_TILES": tail_tiles}
-    paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, out=out, lse=lse, num_splits=2, config=cfg)
-    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
-    _close(out, ref, lse, ref_lse)
-    with pytest.raises(ValueError, match="two splits"):
-        paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125, num_splits=3, config=cfg)
 
 
 @pytest.mark.parametrize("batch,splits", [(4, 1), (2, 2)])
