@@ -12,6 +12,7 @@ from ..utils import cdiv, check_same_device, check_tensor, is_interpreter, is_po
 from .decode_kernel import merge_splits_kernel, paged_decode_kernel
 from .decode_lean_kernel import paged_decode_lean_kernel
 from .decode_schedule import (
+    DEEP_DECODE,
     LEAN_MAX_SEQS,
     MAX_SPLITS,
     MAX_TICKETS,
@@ -23,6 +24,7 @@ from .decode_schedule import (
     lean_pays_off,
     tma_capable,
     tma_layout,
+    waves_of_rows,
 )
 from .decode_tma_kernel import paged_decode_tma_kernel
 
@@ -164,13 +166,16 @@ def decode_plan(batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     """(num_splits, config) of a `paged_decode_attention` launch, from shapes alone; config["LEAN"] marks stream-K.
 
     Automatic where num_splits and config are None: one deep program per SM for equal lengths that fill the SMs
-    once (`deep_splits`), stream-K where it pays (`lean_pays_off`), else split-KV (`choose_num_splits`) with
-    `decode_config`'s tiles (TMA pages where ``tma``, the caches' `tma_capable`)."""
+    once (`deep_splits`), on an H200 one per row for equal lengths of many rows (`waves_of_rows`), stream-K where it
+    pays (`lean_pays_off`), else split-KV (`choose_num_splits`) with `decode_config`'s tiles (TMA pages where
+    ``tma``, the caches' `tma_capable`)."""
     lean = False
     auto = num_splits is None and config is None
     deep = deep_splits(batch, num_kv_heads, max_context, head_dim, dtype, device) if auto and equal_lengths else 0
     if deep:
         num_splits, config = deep, deep_config(device)
+    elif auto and equal_lengths and waves_of_rows(batch, num_kv_heads, max_context, head_dim, dtype, device):
+        num_splits, config = 1, DEEP_DECODE
     elif num_splits is None:
         block_n = config["BLOCK_N"] if config is not None else decode_config(head_dim, dtype)["BLOCK_N"]
         num_splits = choose_num_splits(batch, num_kv_heads, max_context, device, block_n)

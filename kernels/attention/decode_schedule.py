@@ -34,6 +34,10 @@ DEEP_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True, HO
 # one program per SM) 0.97-0.99x, where three 64-key tiles ran 0.84x, four 0.82x, two 64-key splits per row
 # 0.93-0.97x, 8 warps 0.91-0.97x (bench/tune_attention.py --gap round 7, 20261128T175953Z)
 DEEP_DECODE_H200 = {**DEEP_DECODE, "BLOCK_N": 128}
+# On an H200, rows known equal that number at least WAVES_MIN_ROWS_PER_SM x the SMs run one program per row over
+# several waves with `DEEP_DECODE`'s tiles (three resident per SM): 0.988 / 0.995x SDPA at 256 x 8k / 32k where
+# stream-K ran 0.976 / 0.977x; at 128 sequences (7.8 rows per SM) 0.975 / 0.966x against 0.978 / 0.989x (round 7)
+WAVES_MIN_ROWS_PER_SM = 12
 DEEP_MIN_FILL = 0.8
 DEEP_MIN_KEYS = 2048
 MAX_TICKETS = 1 << 14  # (sequence, kv head) pairs a fused-merge launch can count; larger batches merge separately
@@ -98,6 +102,8 @@ def decode_variants(head_dim: int, dtype: torch.dtype, device: torch.device, tma
     out.append(lean_config(head_dim, dtype, device))
     if deep_tuned(head_dim, dtype, device):
         out.append(deep_config(device))
+        if is_h200(device):
+            out.append(DEEP_DECODE)  # `waves_of_rows`
     return out
 
 
@@ -109,6 +115,14 @@ def deep_config(device: torch.device) -> dict:
 def deep_tuned(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `deep_config` was tuned for these shapes on this GPU (Hopper, head_dim 128, 16-bit)."""
     return not is_interpreter() and head_dim == 128 and dtype != torch.float32 and is_hopper(device)
+
+
+def waves_of_rows(batch: int, num_kv_heads: int, max_context: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device) -> bool:
+    """Whether rows known equal run one program each over several waves (`DEEP_DECODE`'s tiles, unsplit) rather
+    than stream-K: on an H200, from `WAVES_MIN_ROWS_PER_SM` rows per SM, rows of at least `DEEP_MIN_KEYS` keys."""
+    return (deep_tuned(head_dim, dtype, device) and is_h200(device) and max_context >= DEEP_MIN_KEYS
+            and batch * num_kv_heads >= WAVES_MIN_ROWS_PER_SM * num_sms(device) and batch <= LEAN_MAX_SEQS)
 
 
 def deep_splits(batch: int, num_kv_heads: int, max_context: int, head_dim: int, dtype: torch.dtype,

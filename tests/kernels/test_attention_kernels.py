@@ -224,14 +224,15 @@ def test_decode_plan_gives_stream_k_its_two_per_sm_tiles(monkeypatch):
 
 def test_decode_plan_takes_wider_tiles_on_an_h200(monkeypatch):
     """On an H200 (1.4x the H100's bandwidth) the deep schedule takes 128-key tiles and stream-K 64-key tiles, two
-    in flight each; split-KV and TMA tiles, and every other GPU's, are unchanged."""
+    in flight each, and many equal rows one program each; split-KV and TMA tiles, and every other GPU's, are
+    unchanged."""
     from accordion.kernels.attention import decode_schedule as ds
     from accordion.kernels.attention.decode import decode_plan
 
     monkeypatch.setattr(ds, "is_interpreter", lambda: False)
     monkeypatch.setattr(ds, "deep_tuned", lambda *a: True)
     dev = torch.device("cpu")
-    shapes = ((16, 8192), (256, 8192))
+    shapes = ((16, 8192), (128, 8192))
     plans = [decode_plan(b, 8, 128, torch.bfloat16, dev, ctx, equal_lengths=True) for b, ctx in shapes]
     assert plans == [(1, ds.DEEP_DECODE), (1, ds.lean_config(128, torch.bfloat16, dev))]
     assert plans[1][1]["BLOCK_N"] == 32
@@ -242,6 +243,12 @@ def test_decode_plan_takes_wider_tiles_on_an_h200(monkeypatch):
     assert ds.deep_config(dev) in ds.decode_variants(128, torch.bfloat16, dev, tma=True)
     assert lean[1] in ds.decode_variants(128, torch.bfloat16, dev, tma=True)
     assert ds.decode_config(128, torch.bfloat16, split=True, device=dev)["BLOCK_N"] == 32
+    # 12+ rows per SM (here 132 nominal SMs, 8 kv heads: 198+ sequences) of >= 2k keys: one program per row
+    rows = {b: decode_plan(b, 8, 128, torch.bfloat16, dev, 8192, equal_lengths=True) for b in (128, 197, 198, 256)}
+    assert [b for b, plan in rows.items() if plan == (1, ds.DEEP_DECODE)] == [198, 256]
+    assert decode_plan(256, 8, 128, torch.bfloat16, dev, 1024, equal_lengths=True)[1].get("LEAN")
+    assert decode_plan(256, 8, 128, torch.bfloat16, dev, 8192)[1].get("LEAN")  # unequal lengths: stream-K
+    assert ds.DEEP_DECODE in ds.decode_variants(128, torch.bfloat16, dev, tma=True)
 
 
 def test_decode_splits_down_to_one_tile():
