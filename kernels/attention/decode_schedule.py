@@ -35,8 +35,9 @@ DEEP_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True, HO
 # 0.93-0.97x, 8 warps 0.91-0.97x (bench/tune_attention.py --gap round 7, 20261128T175953Z)
 DEEP_DECODE_H200 = {**DEEP_DECODE, "BLOCK_N": 128}
 # On an H200, rows known equal that number at least WAVES_MIN_ROWS_PER_SM x the SMs run one program per row over
-# several waves with `DEEP_DECODE`'s tiles (three resident per SM): 0.988 / 0.995x SDPA at 256 x 8k / 32k where
-# stream-K ran 0.976 / 0.977x; at 128 sequences (7.8 rows per SM) 0.975 / 0.966x against 0.978 / 0.989x (round 7)
+# several waves with `DEEP_DECODE`'s tiles (64 KiB of shared memory each, up to three per SM): 0.988 / 0.995x SDPA at
+# 256 x 8k / 32k where stream-K ran 0.976 / 0.977x (round 7, T175953Z), 0.968 / 0.977x against 0.941 / 0.963x on a
+# second lease (T182959Z); at 128 sequences (7.8 rows per SM) 0.975 / 0.966x against stream-K's 0.978 / 0.989x
 WAVES_MIN_ROWS_PER_SM = 12
 DEEP_MIN_FILL = 0.8
 DEEP_MIN_KEYS = 2048
