@@ -34,7 +34,7 @@ SMID_SLOTS = 1024
 POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as a prefill tile
 
 # Warp-specialized Gluon kernel (Hopper): per CTA (one per SM) 8 prefill warps fed by a one-warp cp.async loader,
-# and three one-warp decode partitions; three 64-key prefill stages, two 16-key stages per decode warp. Against the
+# and three one-warp decode partitions; three 64-key prefill stages, two 32-key stages per decode warp. Against the
 # design before (four decode warps, prefill warps copying their own K/V), the loader made the prefill warps alone
 # 1.11-1.19x faster and overlapping their softmax with the next Q K^T wgmma a further 1.03x, 0.95-0.96x the prefill
 # kernel (1xH100, bench/results/experiments/pod-ws-loader-20261128.json, pod-ws-loader-overlap-20261128.json).
@@ -45,8 +45,18 @@ POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as 
 # lease, bench/results/tune-attention-nvidia-h100-80gb-hbm3-20261128T031847Z.json. Both need caches
 # `ws_tma_serves` accepts; the kernel copies by cp.async where it does not. D_STAGES 4 with D_TMA needs 240 KB of
 # shared memory, more than an H100 has.
-WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=True, D_BLOCK_H=16, D_BLOCK_N=16, D_STAGES=2,
-                 D_TMA=True, D_REGS=152, num_warps=8)
+# Then Q in the prefill warps' registers instead of a 32 KB shared tile, which made room for 32-key decode tiles (two
+# pages by TMA: each tile's 32 MMAs run in independent chains and its softmax, barrier and wait come once per 32 keys)
+# and, the decode warpgroup at 120 registers, left the prefill warps 192 (no spills): fused 1.09-1.71x the two kernels
+# against 0.99-1.59x on the same 8 hybrid batches, 3-19% faster on each, the prefill warps alone 1.06-1.15x the
+# prefill kernel against 1.03-1.11x (1xH200, one lease, tune-attention-nvidia-h200-20261129T021411Z.json). 32-key
+# tiles with Q in shared memory need 240 KB; with two prefill stages they fit but the prefill warps ran 0.63-0.83x
+# (...T020237Z.json). Not measured on an H100.
+WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=True, D_BLOCK_H=16, D_BLOCK_N=32, D_STAGES=2,
+                 D_TMA=True, D_REGS=120, num_warps=8)
+# Caches TMA cannot serve are copied by cp.async, with these tiles: a 32-key cp.async decode tile spills 876 bytes a
+# thread at 120 registers, a 16-key one 112 at 128 (sm_90 build under Triton 3.6; not timed).
+WS_CP_ASYNC = dict(P_TMA=False, D_TMA=False, D_BLOCK_N=16, D_REGS=128)
 # GQA groups up to 8 (the GPU tests cover 1, 4 and 8): a group of 16 at head_dim 128 spills in the decode warps (528
 # bytes, sm_90 build), and no GPU test covers it; the Triton POD kernel or the two kernels serve it.
 WS_MAX_GROUP = 8
@@ -277,15 +287,15 @@ def pod_attention(
 
 def ws_tma_serves(k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: dict) -> str | None:
     """Why the warp-specialized kernel's TMA copies (``cfg``'s P_TMA / D_TMA) cannot serve these caches, or None:
-    they need caches in `tma_layout`, pages of at least 8 keys that divide P_BLOCK_N, and for D_TMA pages of
-    D_BLOCK_N keys."""
+    they need caches in `tma_layout`, pages of at least 8 keys that divide P_BLOCK_N, and for D_TMA pages that
+    divide D_BLOCK_N."""
     page = k_cache.shape[1]
     if not tma_layout(k_cache, v_cache):
         return "TMA needs the caches in `tma_layout` (contiguous [num_blocks, block_size, Hkv, D])"
     if cfg["P_TMA"] and (page < 8 or cfg["P_BLOCK_N"] % page):
         return f"P_TMA needs pages of >= 8 keys that divide P_BLOCK_N={cfg['P_BLOCK_N']}, got {page}"
-    if cfg["D_TMA"] and page != cfg["D_BLOCK_N"]:
-        return f"D_TMA needs pages of D_BLOCK_N={cfg['D_BLOCK_N']} keys, got {page}"
+    if cfg["D_TMA"] and cfg["D_BLOCK_N"] % page:
+        return f"D_TMA needs pages that divide D_BLOCK_N={cfg['D_BLOCK_N']}, got {page}"
     return None
 
 
@@ -341,7 +351,7 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
         raise ValueError(f"num_splits must be in [1, 1024], got {splits}")
     tma = cfg["P_TMA"] or cfg["D_TMA"]
     if tma and ws_tma_serves(k_cache, v_cache, cfg):
-        cfg, tma = {**cfg, "P_TMA": False, "D_TMA": False}, False
+        cfg, tma = {**cfg, **WS_CP_ASYNC}, False
     if splits == 1:
         d_o, d_l, d_strides = do, dlse, (*do.stride()[:2], 0, *dlse.stride(), 0)
     else:

@@ -1,14 +1,15 @@
 """Gluon (Hopper) POD attention: one persistent CTA per SM whose warps are specialized by role.
 
-The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma, fed by a one-warp
-loader partition that copies their K/V tiles into a shared-memory ring (TMA, or cp.async; mbarrier handshakes: the
-consumer warps issue no loads and wait on no copies of their own). Beside them three one-warp partitions stream
-decode work items, each on its own: keys are the MMA's M and the GQA group's heads its N (mma_v2, S^T = K q^T,
-O^T += V^T P^T), so a 16-key tile costs 16 MMAs and the softmax runs down columns inside the warp, with no
-cross-warp reduction or barrier; each keeps its own ring of pages (TMA, or cp.async). Every partition has its own
-registers (setmaxnreg), so a compute-bound and a bandwidth-bound stream share every SM with the resources each
-needs -- what one Triton program, whose registers, shared memory and pipeline depth are the larger role's, cannot do
-(`pod_kernel.py`). When its prefill tiles are done, the prefill partition takes decode items too.
+The default partition (8 warps, two warpgroups) runs prefill tiles of 128 query rows with wgmma (Q in registers),
+fed by a one-warp loader partition that copies their K/V tiles into a shared-memory ring (TMA, or cp.async; mbarrier
+handshakes: the consumer warps issue no loads and wait on no copies of their own). Beside them three one-warp
+partitions stream decode work items, each on its own: keys are the MMA's M and the GQA group's heads its N (mma_v2,
+S^T = K q^T, O^T += V^T P^T), so a 32-key tile costs 32 MMAs in independent chains and the softmax runs down columns
+inside the warp, with no cross-warp reduction or barrier; each keeps its own ring of tiles (TMA pages, or cp.async).
+Every partition has its own registers (setmaxnreg), so a compute-bound and a bandwidth-bound stream share every SM
+with the resources each needs -- what one Triton program, whose registers, shared memory and pipeline depth are the
+larger role's, cannot do (`pod_kernel.py`). When its prefill tiles are done, the prefill partition takes decode items
+too.
 
 Work split: prefill tiles (m_tile, b, qh), heaviest causal m-tiles first, go to CTAs round-robin (CTA c takes c,
 c + grid, ...: the loader and the prefill warps walk the same list); decode items (b, kv_head, split) by ticket
@@ -203,7 +204,7 @@ def _prefill_loader(k_ptr, v_ptr, k_desc, v_desc, bt_ptr, cu_ptr, sl_ptr, num_ti
 @gluon.jit
 def _prefill_tiles(p_q_ptr, cu_ptr, sl_ptr, o_ptr, lse_ptr, num_tiles, num_heads, num_m_tiles, num_seqs,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
-                   q_smem, k_smem, v_smem, ready, empty, decode_args,
+                   k_smem, v_smem, ready, empty, decode_args,
                    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, D_BLOCK_H: gl.constexpr, HELP: gl.constexpr):
     """This CTA's prefill tiles (idx = program id, + grid, ...; heaviest m-tiles first), BLOCK_M = 16 * num_warps
@@ -217,7 +218,7 @@ def _prefill_tiles(p_q_ptr, cu_ptr, sl_ptr, o_ptr, lse_ptr, num_tiles, num_heads
         if m0 < q_len:
             _prefill_rows(p_q_ptr, o_ptr, lse_ptr, qh, q_start, q_len, m0, seq_len, n_tiles, full_tiles,
                           stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
-                          q_smem, k_smem, v_smem, ready, empty, it, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)
+                          k_smem, v_smem, ready, empty, it, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)
             it += n_tiles
     if HELP:
         _decode_items(*decode_args, k_smem, v_smem, GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES)
@@ -252,11 +253,12 @@ def _release(empty, stage):
 @gluon.jit
 def _prefill_rows(p_q_ptr, o_ptr, lse_ptr, qh, q_start, q_len, m0, seq_len, n_tiles, full_tiles,
                   stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
-                  q_smem, k_smem, v_smem, ready, empty, it,
+                  k_smem, v_smem, ready, empty, it,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Queries [m0, m0 + BLOCK_M) of one prefill sequence, head qh (q at position seq_len - q_len + i sees keys up to
-    its position) against its n_tiles key tiles, which arrive in ring stages it, it + 1, ... (mod STAGES): wgmma,
-    only the diagonal key tiles masked; stores the out rows and their lse.
+    its position) against its n_tiles key tiles, which arrive in ring stages it, it + 1, ... (mod STAGES): wgmma
+    with Q in registers (its A operand; 32 registers a thread at head_dim 128, no Q tile in shared memory), only the
+    diagonal key tiles masked; stores the out rows and their lse.
 
     Software pipeline: S_{j+1} = Q K_{j+1}^T runs on the tensor cores while the CUDA cores do the softmax of S_j,
     then O += P_j V_j; a stage goes back to the loader once both have read it. (Overlapping the softmax with
@@ -266,17 +268,14 @@ def _prefill_rows(p_q_ptr, o_ptr, lse_ptr, qh, q_start, q_len, m0, seq_len, n_ti
     S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BLOCK_N, 16])
     O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, HEAD_DIM, 16])
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-    LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [W, 1], [1, 0])
+    Q_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=S_L, k_width=2)
     dtype: gl.constexpr = k_smem.dtype
-    offs_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, LD))
-    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, LD))
+    # Q stays in registers, the A operand of every Q K^T wgmma, loaded straight into that layout
+    offs_m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, Q_L))
+    offs_d = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, Q_L))
     rows = (q_start + offs_m).to(gl.int64)
     q = gl.load(p_q_ptr + gl.expand_dims(rows * stride_qt + qh * stride_qh, 1) + gl.expand_dims(offs_d, 0),
                 mask=gl.expand_dims(offs_m < q_len, 1), other=0.0)
-    gl.thread_barrier()  # the previous tile's wgmmas reading q_smem have retired in every warp
-    q_smem.store(q)
-    fence_async_shared()
-    gl.thread_barrier()
 
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_L)
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, S_L))
@@ -285,19 +284,20 @@ def _prefill_rows(p_q_ptr, o_ptr, lse_ptr, qh, q_start, q_len, m0, seq_len, n_ti
     stage = it % STAGES
     mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
     fence_async_shared()
-    s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L),
+    s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L),
                       use_acc=False)
     for j in range(0, n_tiles - 1):
         nxt = (it + j + 1) % STAGES
         mbarrier.wait(ready.index(nxt), ((it + j + 1) // STAGES) & 1)
         fence_async_shared()
-        s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)),
+        s_tok = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)),
                               gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L), use_acc=False, is_async=True)
         p16, alpha, m_i, l_i = _softmax_step(s, j, m_i, l_i, q_pos, full_tiles, seq_len, qk_scale, BLOCK_N, S_L,
                                              P_L, dtype)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_L)), 1)
         acc_tok = warpgroup_mma(p16, v_smem.index(stage), acc, is_async=True)
-        s, acc, p16 = warpgroup_mma_wait(0, deps=[s_tok, acc_tok, p16])
+        # register operands stay live until their wgmmas retire
+        s, acc, p16, q = warpgroup_mma_wait(0, deps=[s_tok, acc_tok, p16, q])
         _release(empty, stage)
         stage = nxt
     p16, alpha, m_i, l_i = _softmax_step(s, n_tiles - 1, m_i, l_i, q_pos, full_tiles, seq_len, qk_scale, BLOCK_N,
@@ -404,8 +404,8 @@ def _decode_warp(decode_args, k_desc, v_desc, k_smem, v_smem, bars,
     pointers, counts and strides, as `_decode_items` takes them), keys as the MMA's M and the GROUP heads
     (padded to NH) as its N: S^T [BLOCK_N, NH] = K q^T, O^T [D, NH] += V^T P^T, the softmax down each column
     within the warp (no cross-warp reductions); its own STAGES-deep ring of BLOCK_N-key tiles, by cp.async or, with
-    TMA, one page a tile by TMA (bars: the ring's mbarriers; BLOCK_N == PAGE_SIZE; the rows of a split's last page
-    past its end are read, masked, and must be finite, as for `_prefill_loader`)."""
+    TMA, BLOCK_N // PAGE_SIZE pages a tile by TMA (bars: the ring's mbarriers; the rows of a split's last page past
+    its end are read, masked, and must be finite, as for `_prefill_loader`)."""
     (d_q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, o_ptr, lse_ptr, counter_ptr, num_items, num_kv_heads, num_splits,
      stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
      stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, qk_scale) = decode_args
@@ -415,8 +415,9 @@ def _decode_warp(decode_args, k_desc, v_desc, k_smem, v_smem, bars,
     LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [1, 1], [1, 0])
     QT: gl.constexpr = gl.BlockedLayout([8, 1], [HEAD_DIM // 8, 32 * 8 // HEAD_DIM], [1, 1], [0, 1])
     TILE_BYTES: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * k_smem.dtype.primitive_bitwidth // 8  # K and V
+    PAGES: gl.constexpr = BLOCK_N // PAGE_SIZE  # a TMA tile's pages
     if TMA:
-        gl.static_assert(BLOCK_N == PAGE_SIZE, "a TMA decode tile is one page")
+        gl.static_assert(BLOCK_N % PAGE_SIZE == 0, "a TMA decode tile is whole pages")
     it = 0  # ring tiles consumed so far (TMA: stage and mbarrier phase)
     idx = gl.atomic_add(counter_ptr, 1)
     while idx < num_items:
@@ -433,10 +434,10 @@ def _decode_warp(decode_args, k_desc, v_desc, k_smem, v_smem, bars,
             for t in gl.static_range(STAGES - 1):
                 if t < n_tiles:
                     _tma_pages(k_desc, v_desc, bars.index((it + t) % STAGES), k_smem.index((it + t) % STAGES),
-                               v_smem.index((it + t) % STAGES), bt_row, first_page + t, last_page, kvh * HEAD_DIM,
-                               PAGE_SIZE, 1)
-            # the row of the page to copy next, loaded a tile ahead of its copy
-            next_pages = gl.load(bt_row + gl.minimum(first_page + STAGES - 1, last_page)) * PAGE_SIZE
+                               v_smem.index((it + t) % STAGES), bt_row, first_page + t * PAGES, last_page,
+                               kvh * HEAD_DIM, PAGE_SIZE, PAGES)
+            # the cache row of the next tile's first page, loaded a tile ahead of its copy
+            next_pages = gl.load(bt_row + gl.minimum(first_page + (STAGES - 1) * PAGES, last_page)) * PAGE_SIZE
         else:
             next_pages = _ring_start(k_smem, v_smem, k_base, v_base, bt_row, lo, hi, n_tiles, stride_kb, stride_kp,
                                      stride_vb, stride_vp, HEAD_DIM, PAGE_SIZE, BLOCK_N, STAGES, LD)
@@ -455,9 +456,15 @@ def _decode_warp(decode_args, k_desc, v_desc, k_smem, v_smem, bars,
                 if j + STAGES - 1 < n_tiles:
                     refill = (it + j + STAGES - 1) % STAGES
                     mbarrier.expect(bars.index(refill), TILE_BYTES)
-                    _tma_kv(k_desc, v_desc, bars.index(refill), k_smem.index(refill), v_smem.index(refill),
-                            next_pages, kvh * HEAD_DIM)
-                    next_pages = gl.load(bt_row + gl.minimum(first_page + j + STAGES, last_page)) * PAGE_SIZE
+                    k_dst, v_dst = k_smem.index(refill), v_smem.index(refill)
+                    _tma_kv(k_desc, v_desc, bars.index(refill), k_dst.slice(0, PAGE_SIZE),
+                            v_dst.slice(0, PAGE_SIZE), next_pages, kvh * HEAD_DIM)
+                    refill_page = first_page + (j + STAGES - 1) * PAGES
+                    for c in gl.static_range(1, PAGES):  # a multi-page tile's other pages
+                        row = gl.load(bt_row + gl.minimum(refill_page + c, last_page)) * PAGE_SIZE
+                        _tma_kv(k_desc, v_desc, bars.index(refill), k_dst.slice(c * PAGE_SIZE, PAGE_SIZE),
+                                v_dst.slice(c * PAGE_SIZE, PAGE_SIZE), row, kvh * HEAD_DIM)
+                    next_pages = gl.load(bt_row + gl.minimum(refill_page + PAGES, last_page)) * PAGE_SIZE
                 stage = (it + j) % STAGES
                 mbarrier.wait(bars.index(stage), ((it + j) // STAGES) & 1)
             else:
@@ -523,10 +530,8 @@ def pod_ws_kernel(
     (any value).
     counter_ptr: int32 [1] zeroed ticket of the decode items."""
     dtype: gl.constexpr = pq_ptr.dtype.element_ty
-    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_M, HEAD_DIM], dtype)
     kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([P_BLOCK_N, HEAD_DIM], dtype)
     d_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_BLOCK_N, HEAD_DIM], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [P_BLOCK_M, HEAD_DIM], q_sl)
     pk_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
     pv_smem = gl.allocate_shared_memory(dtype, [P_STAGES, P_BLOCK_N, HEAD_DIM], kv_sl)
     ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], mbarrier.MBarrierLayout())
@@ -560,7 +565,7 @@ def pod_ws_kernel(
     gl.warp_specialize([
         (_prefill_tiles, (pq_ptr, p_cu_ptr, p_sl_ptr, po_ptr, plse_ptr, num_prefill_tiles, num_heads, num_m_tiles,
                           num_prefill_seqs, stride_pqt, stride_pqh, stride_pot, stride_poh, stride_plt, stride_plh,
-                          qk_scale, q_smem, pk_smem, pv_smem, ready, empty, decode_args,
+                          qk_scale, pk_smem, pv_smem, ready, empty, decode_args,
                           GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, P_STAGES, D_BLOCK_H, HELP)),
         (_prefill_loader, (k_ptr, v_ptr, k_desc, v_desc, p_bt_ptr, p_cu_ptr, p_sl_ptr, num_prefill_tiles, num_heads,
                            num_m_tiles, num_prefill_seqs, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp,

@@ -758,7 +758,7 @@ def test_warp_specialized_kernel_serves_tested_shapes_only():
 
 def test_warp_specialized_tma_descriptors():
     """The TMA copies' descriptors: one page of one kv head a box over the [num_blocks * page, Hkv * D] cache view;
-    caches they cannot describe, pages that do not tile a prefill key tile, or (D_TMA) are not one decode tile, are
+    caches they cannot describe, pages that do not tile a prefill key tile, or (D_TMA) a decode tile, are
     a ValueError, and `ws_tma_serves` says why (the launch then copies by cp.async)."""
     from accordion.kernels.attention.pod import WS_CONFIG, _ws_descriptors, ws_tma_serves
 
@@ -771,8 +771,9 @@ def test_warp_specialized_tma_descriptors():
         _ws_descriptors(k[:, :, :1], k[:, :, :1], cfg)
     with pytest.raises(ValueError, match="divide"):
         _ws_descriptors(k[:, :4].contiguous(), k[:, :4].contiguous(), cfg)
-    k32 = torch.zeros(4, 32, 2, 128, dtype=torch.bfloat16)
-    assert "D_BLOCK_N" in ws_tma_serves(k32, k32, cfg) and ws_tma_serves(k32, k32, {**cfg, "D_TMA": False}) is None
+    k32, k64 = (torch.zeros(4, n, 2, 128, dtype=torch.bfloat16) for n in (32, 64))
+    assert ws_tma_serves(k32, k32, cfg) is None  # 32-key decode tiles: one page of 32 keys, or two of 16
+    assert "D_BLOCK_N" in ws_tma_serves(k64, k64, cfg) and ws_tma_serves(k64, k64, {**cfg, "D_TMA": False}) is None
 
 
 def test_pod_pays_off_on_the_balanced_batches_of_the_kernel_table():

@@ -171,12 +171,12 @@ def test_pod_gpu_matches_references():
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 def test_pod_gpu_both_kernels_match_references(hkv, group, head_dim, dtype, num_splits):
     """The default launch (the warp-specialized Gluon kernel on sm_90 under Triton 3.6, asserted there; also with its
-    copies by cp.async, and with a third decode stage) and the Triton kernel (taken when a config is given) against
-    the references: ragged chunks (1 query, mid-page ends, several m-tiles) beside empty, one-key and long decodes,
-    the decode split automatic, 1 or 5."""
+    copies by cp.async as where TMA cannot serve, and with one-page decode tiles in three stages) and the Triton
+    kernel (taken when a config is given) against the references: ragged chunks (1 query, mid-page ends, several
+    m-tiles) beside empty, one-key and long decodes, the decode split automatic, 1 or 5."""
     import triton
 
-    from accordion.kernels.attention.pod import pod_config, ws_capable, ws_supported_triton
+    from accordion.kernels.attention.pod import WS_CP_ASYNC, pod_config, ws_capable, ws_supported_triton
     from accordion.kernels.utils import cuda_capability
 
     gen = torch.Generator().manual_seed(hkv * 1000 + group * 10 + head_dim)
@@ -189,7 +189,7 @@ def test_pod_gpu_both_kernels_match_references(hkv, group, head_dim, dtype, num_
     launches = [(None, None), (pod_config(head_dim, dtype), None)]
     if cuda_capability(DEV) == (9, 0) and ws_supported_triton(triton.__version__):
         assert ws_capable(kv[0], group, kv[1], pq, dq)
-        launches += [(None, {"P_TMA": False, "D_TMA": False}), (None, {"D_TMA": True, "D_STAGES": 3})]
+        launches += [(None, WS_CP_ASYNC), (None, {"D_BLOCK_N": 16, "D_STAGES": 3})]
     for config, ws_config in launches:
         po, plse, do, dlse = pod_attention(
             kv[0], kv[1], PrefillArgs(pq, table[:3], cu, sl[:3], max(p_q), out=poisoned(pq.shape, dtype, DEV)),
