@@ -122,6 +122,7 @@ def graph_ms(fns, dev) -> float:
 
     if dev.type != "cuda":
         return bench(run, dev) / len(fns)
+    torch.cuda.synchronize(dev)  # do_bench_cudagraph runs on a side stream: the inputs' writes must be done first
     return triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns)
 
 
