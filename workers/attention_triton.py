@@ -10,7 +10,6 @@ runs the two in sequence, or with ``fuse_hybrid`` the POD-style fused kernel, on
 from __future__ import annotations
 
 import torch
-
 from accordion.kernels.attention import (
     DecodeArgs,
     PrefillArgs,
@@ -18,6 +17,7 @@ from accordion.kernels.attention import (
     paged_prefill_attention,
     pod_attention,
     pod_pays_off,
+    pod_rule,
     write_kv_cache,
     ws_capable,
 )
@@ -45,7 +45,7 @@ class TritonAttentionBackend(AttentionBackend):
             nd = meta.num_decodes
             fuse = ws_capable(kv_cache[0], self.num_heads // self.num_kv_heads, kv_cache[1], q) and pod_pays_off(
                 meta.query_lens_cpu[nd:], meta.seq_lens_cpu[nd:], meta.seq_lens_cpu[:nd],
-                self.num_heads, self.num_kv_heads, self.head_dim, q.element_size())
+                self.num_heads, self.num_kv_heads, self.head_dim, q.element_size(), pod_rule(q.device))
             self._step_fuse = (meta, fuse)
         return self._step_fuse[1]
 

@@ -12,6 +12,7 @@ from ..utils import (
     cdiv,
     check_tensor,
     cuda_capability,
+    is_h200,
     is_interpreter,
     next_power_of_2,
     num_sms,
@@ -63,14 +64,34 @@ WS_MAX_GROUP = 8
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
 
-# When fusing pays, from the kernel benchmark's hybrid table (1xH100, 77c5718,
-# bench/results/kernels-20261128-032707.json, CUDA graphs): with prefill time / decode time (each estimated at the
-# prefill and decode kernels' measured rates) in [0.1, 30] the warp-specialized kernel ran 1.08-1.61x the two
-# kernels in sequence (23 of 27 batches; 1.30-1.61x at 0.4-1.7); below 0.06, decode-dominated, 0.99-1.04x (even:
-# left to the two kernels).
-POD_BALANCE = (0.1, 30.0)
-PREFILL_FLOPS_PER_S = 440e12
-DECODE_BYTES_PER_S = 3.0e12
+
+@dataclass(frozen=True)
+class PodRule:
+    """When a hybrid batch fuses (`pod_pays_off`): the ratio of its prefill half's estimated time (causal FLOPs at
+    ``prefill_flops_per_s``) to its decode half's (K/V bytes at ``decode_bytes_per_s``) lies in [low, high]."""
+
+    low: float
+    high: float
+    prefill_flops_per_s: float
+    decode_bytes_per_s: float
+
+
+# From the kernel benchmark's hybrid table (1xH100, 77c5718, bench/results/kernels-20261128-032707.json, CUDA
+# graphs): with the estimated ratio in [0.1, 30] the warp-specialized kernel ran 1.08-1.61x the two kernels in
+# sequence (23 of 27 batches; 1.30-1.61x at 0.4-1.7); below 0.06, decode-dominated, 0.99-1.04x (even: left to the
+# two kernels).
+POD_RULE_H100 = PodRule(0.1, 30.0, 440e12, 3.0e12)
+# On an H200 (HBM3e: decode bytes at its 4.3 TB/s copy bandwidth) the kernel at 721c196 ran 1.03-1.73x the two
+# kernels on 26 of the same 27 batches, estimated ratios 0.037-38.8, and 1.001x on the last, at 0.018
+# (bench/results/kernels-20261129-022402.json). The H100 rule, applied there, left out four of them: three that ran
+# 1.03-1.12x and the 1.001x one.
+POD_RULE_H200 = PodRule(0.03, 50.0, 440e12, 4.3e12)
+
+
+def pod_rule(device: torch.device) -> PodRule:
+    """The fusing rule measured on this GPU's kind (`POD_RULE_H200` on an H200, else `POD_RULE_H100`)."""
+    return POD_RULE_H200 if is_h200(device) else POD_RULE_H100
+
 
 # Gluon (triton.experimental) renames its API between releases (Triton 3.9: thread_barrier -> barrier,
 # async_copy_global_to_shared -> async_load), so the warp-specialized kernel runs only under the Triton it is written
@@ -138,13 +159,15 @@ def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_seq_lens: list[int],
-                 num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int) -> bool:
+                 num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int,
+                 rule: PodRule = POD_RULE_H100) -> bool:
     """Whether a hybrid batch should run fused: the ratio of its prefill half's estimated time (causal FLOPs of
-    each chunk over its cached prefix) to its decode half's (K/V bytes read) lies in POD_BALANCE."""
+    each chunk over its cached prefix) to its decode half's (K/V bytes read) lies in ``rule``'s band (the
+    GPU's: `pod_rule`)."""
     flops = 4 * num_heads * head_dim * sum(q * (s - q / 2) for q, s in zip(prefill_q_lens, prefill_seq_lens))
-    t_p = flops / PREFILL_FLOPS_PER_S
-    t_d = sum(decode_seq_lens) * 2 * num_kv_heads * head_dim * elem_bytes / DECODE_BYTES_PER_S
-    return t_d > 0 and POD_BALANCE[0] <= t_p / t_d <= POD_BALANCE[1]
+    t_p = flops / rule.prefill_flops_per_s
+    t_d = sum(decode_seq_lens) * 2 * num_kv_heads * head_dim * elem_bytes / rule.decode_bytes_per_s
+    return t_d > 0 and rule.low <= t_p / t_d <= rule.high
 
 
 def ws_serves_shape(group: int, head_dim: int, dtype: torch.dtype) -> bool:

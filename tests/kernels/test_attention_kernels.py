@@ -777,14 +777,22 @@ def test_warp_specialized_tma_descriptors():
 
 
 def test_pod_pays_off_on_the_balanced_batches_of_the_kernel_table():
-    """The per-step rule fuses the kernel benchmark's hybrid batches but those dominated by their decodes (the
-    warp-specialized kernel ran 1.08-1.61x the sequence on the fused ones on an H100, 0.99-1.04x on the others)."""
-    from accordion.kernels.attention import pod_pays_off
+    """The per-step rule fuses the kernel benchmark's hybrid batches but those dominated by their decodes: on an H100
+    (the warp-specialized kernel ran 1.08-1.61x the sequence on the fused ones, 0.99-1.04x on the others) four are
+    left out, on an H200 (1.03-1.73x, and 1.001x on the most decode-heavy batch) one."""
+    from accordion.kernels.attention import POD_RULE_H100, POD_RULE_H200, pod_pays_off, pod_rule
 
     shape = dict(num_heads=32, num_kv_heads=8, head_dim=128, elem_bytes=2)
     table = {(chunk, bd, ctx) for chunk in (512, 1024, 2048) for bd in (16, 64, 128) for ctx in (4096, 16384, 32768)}
-    fused = {(chunk, bd, ctx) for chunk, bd, ctx in table
-             if pod_pays_off([chunk], [{512: 4096, 1024: 16384, 2048: 32768}[chunk]], [ctx] * bd, **shape)}
-    assert table - fused == {(512, 64, 16384), (512, 64, 32768), (512, 128, 16384), (512, 128, 32768)}
-    assert not pod_pays_off([8192], [90000], [2000] * 30, **shape)  # a long chunk beside a few short decodes
-    assert not pod_pays_off([64], [64], [], **shape)  # no decodes
+
+    def fused(rule):
+        return {(chunk, bd, ctx) for chunk, bd, ctx in table
+                if pod_pays_off([chunk], [{512: 4096, 1024: 16384, 2048: 32768}[chunk]], [ctx] * bd, **shape,
+                                rule=rule)}
+
+    assert table - fused(POD_RULE_H100) == {(512, 64, 16384), (512, 64, 32768), (512, 128, 16384), (512, 128, 32768)}
+    assert table - fused(POD_RULE_H200) == {(512, 128, 32768)}
+    assert pod_rule(torch.device("cpu")) == POD_RULE_H100  # off an H200: the H100's rule
+    for rule in (POD_RULE_H100, POD_RULE_H200):
+        assert not pod_pays_off([8192], [90000], [2000] * 30, **shape, rule=rule)  # a long chunk, a few short decodes
+        assert not pod_pays_off([64], [64], [], **shape, rule=rule)  # no decodes
