@@ -47,6 +47,7 @@ def timed_decode_kernel(
     ts_ptr,  # int64 [programs, 3]: start ns, end ns, SM
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FASTEST: tl.constexpr, HOST_BOUND: tl.constexpr,
+    FAST_OFFSETS: tl.constexpr,
 ):
     """`decode_kernel.paged_decode_kernel` (heads fastest) between two reads of %globaltimer."""
     pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
@@ -57,7 +58,7 @@ def timed_decode_kernel(
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, tl.num_programs(0), qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND, FAST_OFFSETS,
     )
     t1 = _special_register(pid, "mov.u64 $0, %globaltimer;")
     sm = _special_register(pid, "{ .reg .u32 s; mov.u32 s, %smid; cvt.u64.u32 $0, s; }")

@@ -27,6 +27,7 @@ from .decode_schedule import (
     waves_of_rows,
 )
 from .decode_tma_kernel import paged_decode_tma_kernel
+from .paged_common import fast_offsets
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The in-kernel merge reads a row's splits one after another: a win up to 8 splits (one launch fewer), slower than
@@ -132,6 +133,8 @@ def paged_decode_attention(
         BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
         HEADS_FASTEST=bool(cfg.get("HEADS_FASTEST", True)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if not cfg.get("TMA"):  # the pointer kernels' address arithmetic (`paged_common.paged_attn_loop`)
+        meta.update(FAST_OFFSETS=fast_offsets(k_cache, v_cache))
     if cfg.get("LEAN"):
         return _launch_lean(q, k_cache, v_cache, block_table, seq_lens, out, lse, qk_scale, cfg, meta)
     if cfg.get("TMA"):

@@ -69,6 +69,7 @@ def decode_work(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HOST_BOUND: tl.constexpr,
+    FAST_OFFSETS: tl.constexpr,
 ):
     """One (b, kvh, split) decode work item; stores normalised out rows and their lse (and, with fused_merge and
     num_splits > 1, merges the splits of (b, kvh) if it is the last of them to finish).
@@ -97,7 +98,7 @@ def decode_work(
         k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb,
         lo, hi, tl.minimum(seq_len, hi) if HOST_BOUND else hi, hi,
         stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION, FAST_OFFSETS,
     )
     finish_decode_item(
         acc, l_i, m_i, b64, kvh, split, heads, h_mask, o_ptr, lse_ptr, fo_ptr, flse_ptr, ticket_ptr, num_splits,
@@ -185,10 +186,11 @@ def paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     HEADS_FASTEST: tl.constexpr,
     HOST_BOUND: tl.constexpr,
+    FAST_OFFSETS: tl.constexpr,
 ):
     """Grid (B, Hkv, num_splits), or (Hkv, B, num_splits) when HEADS_FASTEST: the programs that run together then
     read the same tokens of neighbouring kv heads, which are adjacent in a [num_blocks, PAGE, Hkv, D] cache.
-    Tensor shapes as in `decode_work`."""
+    Tensor shapes as in `decode_work`; FAST_OFFSETS as in `paged_common.paged_attn_loop`."""
     if HEADS_FASTEST:
         b, kvh, num_kv_heads = tl.program_id(1), tl.program_id(0), tl.num_programs(0)
     else:
@@ -199,7 +201,7 @@ def paged_decode_kernel(
         stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
         stride_fob, stride_foh, stride_flb, stride_flh, num_kv_heads, qk_scale,
-        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND,
+        GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, HOST_BOUND, FAST_OFFSETS,
     )
 
 

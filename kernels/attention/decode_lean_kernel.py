@@ -75,6 +75,7 @@ def paged_decode_lean_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MAX_SEQS: tl.constexpr,
+    FAST_OFFSETS: tl.constexpr,
 ):
     """Grid (P,), P a multiple of Hkv: P / Hkv programs per kv head, each of an equal range of that head's tiles
     (best: one wave of resident programs). Every program computes the sequences' tile offsets itself from seq_lens
@@ -103,7 +104,7 @@ def paged_decode_lean_kernel(
                        b * k, b * k + k - 1, 0,
                        stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                        stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
-                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
+                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_OFFSETS)
     else:
         # The range's rows from a prefix sum of the tile counts; the vectors die before the key loops (held across
         # them they cost the loops registers), which walk the rows from the first one's offset.
@@ -127,7 +128,7 @@ def paged_decode_lean_kernel(
                        row_start // L, (row_end - 1) // L, tl.where(row_start == (row_start // L) * L, 0, 1),
                        stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                        stride_btb, stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
-                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION)
+                       GROUP, BLOCK_H, HEAD_DIM, PAGE_SIZE, BLOCK_N, DOT_PRECISION, FAST_OFFSETS)
             row_start = row_end
 
 @triton.jit
@@ -141,7 +142,7 @@ def _row_piece(
     stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
     stride_ob, stride_oh, stride_lb, stride_lh, qk_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_OFFSETS: tl.constexpr,
 ):
     """Attention of row (b, kvh)'s query heads over keys [lo, hi): the output if ``whole``, else a partial that the
     last of the row's pieces to finish (a ticket per row) merges."""
@@ -159,7 +160,7 @@ def _row_piece(
         acc, l_i, m_i, q, offs_h,
         k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, bt_ptr + b64 * stride_btb, lo, hi, hi, hi,
         stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION,
+        HEAD_DIM, PAGE_SIZE, BLOCK_N, False, True, DOT_PRECISION, FAST_OFFSETS,
     )
     out, lse = finalize(acc, l_i, m_i)
     o_rows = o_ptr + b64 * stride_ob + heads * stride_oh

@@ -108,7 +108,7 @@ def _tile(
             m_tile, rem // num_heads, rem % num_heads,
             stride_pqt, stride_pqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt,
             stride_pot, stride_poh, stride_plt, stride_plh, qk_scale,
-            GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, DOT_PRECISION,
+            GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, DOT_PRECISION, False,
         )
     else:
         split = idx % num_splits
@@ -119,5 +119,5 @@ def _tile(
             stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_dbt,
             stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
             stride_dfob, stride_dfoh, stride_dflb, stride_dflh, num_kv_heads, qk_scale,
-            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION, False,
+            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION, False, False,
         )

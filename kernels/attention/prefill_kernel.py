@@ -39,8 +39,10 @@ def prefill_work(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_OFFSETS: tl.constexpr,
 ):
-    """One (m_tile, b, qh) prefill work item; does nothing when the tile lies past the sequence's queries."""
+    """One (m_tile, b, qh) prefill work item; does nothing when the tile lies past the sequence's queries.
+    FAST_OFFSETS as in `paged_common.paged_attn_loop`."""
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     m0 = m_tile * BLOCK_M
@@ -67,12 +69,12 @@ def prefill_work(
         acc, l_i, m_i = paged_attn_loop(
             acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, 0, full_end, seq_len, seq_len,
             stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False, DOT_PRECISION,
+            HEAD_DIM, PAGE_SIZE, BLOCK_N, False, False, DOT_PRECISION, FAST_OFFSETS,
         )
         acc, l_i, m_i = paged_attn_loop(
             acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, full_end, kv_end, seq_len, seq_len,
             stride_kb, stride_kp, stride_vb, stride_vp, qk_scale,
-            HEAD_DIM, PAGE_SIZE, BLOCK_N, True, True, DOT_PRECISION,
+            HEAD_DIM, PAGE_SIZE, BLOCK_N, True, True, DOT_PRECISION, FAST_OFFSETS,
         )
         out, lse = finalize(acc, l_i, m_i)
         tl.store(o_ptr + rows[:, None] * stride_ot + qh * stride_oh + offs_d[None, :],
@@ -96,6 +98,7 @@ def paged_prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_OFFSETS: tl.constexpr,
 ):
     """Grid (cdiv(max_seqlen_q, BLOCK_M), Hq, B); m tiles run last-first (heaviest causal tiles first)."""
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -104,5 +107,5 @@ def paged_prefill_kernel(
         m_tile, tl.program_id(2), tl.program_id(1),
         stride_qt, stride_qh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_btb,
         stride_ot, stride_oh, stride_lt, stride_lh, qk_scale,
-        GROUP, HEAD_DIM, PAGE_SIZE, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        GROUP, HEAD_DIM, PAGE_SIZE, BLOCK_M, BLOCK_N, DOT_PRECISION, FAST_OFFSETS,
     )

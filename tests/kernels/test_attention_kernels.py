@@ -385,6 +385,33 @@ def test_decode_mqa_strided_cache_and_empty_rows():
     assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))
 
 
+def test_caches_of_different_strides_take_int64_offsets():
+    """K and V caches of different strides (a V cache stored [num_blocks, Hkv, P, D], read through a permuted view)
+    take the kernels' general int64 offsets (`fast_offsets` False): decode split-KV, stream-K and prefill match
+    the references; `fast_offsets` holds for views of one [2, ...] cache unless an offset reaches 2**31."""
+    from accordion.kernels.attention.paged_common import fast_offsets
+
+    gen, dev = _gen(8), device()
+    seq_lens = [45, 9, 33]
+    kv, table, sl = make_paged_kv(seq_lens, HKV, 64, 8, F32, dev, gen)
+    k_cache = kv[0]
+    v_cache = kv[1].permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # same values, other strides
+    assert fast_offsets(kv[0], kv[1]) and not fast_offsets(k_cache, v_cache)
+    huge = torch.empty(2, 1 << 20, 16, 8, 128, device="meta")  # 2**34 elements a cache
+    assert not fast_offsets(huge[0], huge[1]) and fast_offsets(huge[0, :1024], huge[1, :1024])
+    q = torch.randn(len(seq_lens), HKV * 4, 64, generator=gen).to(dev)
+    ref, ref_lse = ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.125)
+    for kw in (dict(num_splits=2), dict(config={**decode_config(64, F32), "LEAN": True, "PROGRAMS": 4})):
+        out, lse = poisoned(q.shape, F32, dev), poisoned(q.shape[:2], F32, dev)
+        paged_decode_attention(q, k_cache, v_cache, table, sl, scale=0.125, out=out, lse=lse, **kw)
+        _close(out, ref, lse, ref_lse)
+    qp, cu = make_prefill_batch([20, 9, 1], seq_lens, HKV * 4, 64, F32, dev, gen)
+    out, lse = poisoned(qp.shape, F32, dev), poisoned(qp.shape[:2], F32, dev)
+    paged_prefill_attention(qp, k_cache, v_cache, table, cu, sl, scale=0.125, max_seqlen_q=20, out=out, lse=lse)
+    ref, ref_lse = ref_paged_prefill_attention(qp, kv[0], kv[1], table, cu, sl, scale=0.125)
+    _close(out, ref, lse, ref_lse)
+
+
 PREFILL_CASES = {
     # name: (q_lens, seq_lens)
     "mixed": ([1, 37, 20, 16], [50, 37, 100, 16]),  # single token, full prefill, chunk over a prefix, exact page
