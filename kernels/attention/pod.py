@@ -28,6 +28,7 @@ from .decode import (
     split_tickets,
 )
 from .decode_schedule import choose_num_splits, decode_config, tma_layout
+from .paged_common import fast_offsets
 from .pod_kernel import pod_attention_kernel
 from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
 
@@ -285,6 +286,7 @@ def pod_attention(
         P_BLOCK_M=cfg["P_BLOCK_M"], P_BLOCK_N=cfg["P_BLOCK_N"],
         D_BLOCK_H=max(16, next_power_of_2(Hq // Hkv)), D_BLOCK_N=cfg["D_BLOCK_N"],
         USE_SMID=use_smid, SMID_SLOTS=SMID_SLOTS, DOT_PRECISION=dot_precision(pq.dtype),
+        FAST_OFFSETS=fast_offsets(k_cache, v_cache),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     constants.update(register_cap(cfg, pq.device))

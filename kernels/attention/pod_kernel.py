@@ -57,8 +57,10 @@ def pod_attention_kernel(
     USE_SMID: tl.constexpr,
     SMID_SLOTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_OFFSETS: tl.constexpr,
 ):
-    """Grid: any size (each program loops); best one program per resident slot of every SM."""
+    """Grid: any size (each program loops); best one program per resident slot of every SM. FAST_OFFSETS as in
+    `paged_common.paged_attn_loop`."""
     if USE_SMID:
         slot = tl.atomic_add(counter_ptr + 2 + _smid() % SMID_SLOTS, 1)
     else:
@@ -77,7 +79,8 @@ def pod_attention_kernel(
                   stride_pot, stride_poh, stride_plt, stride_plh,
                   stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
                   stride_dfob, stride_dfoh, stride_dflb, stride_dflh, qk_scale,
-                  GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, DOT_PRECISION)
+                  GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, D_BLOCK_H, D_BLOCK_N, DOT_PRECISION,
+                  FAST_OFFSETS)
         else:
             kind = 1 - kind
             switches += 1
@@ -96,7 +99,7 @@ def _tile(
     stride_dfob, stride_dfoh, stride_dflb, stride_dflh, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, P_BLOCK_M: tl.constexpr,
     P_BLOCK_N: tl.constexpr, D_BLOCK_H: tl.constexpr, D_BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FAST_OFFSETS: tl.constexpr,
 ):
     """Tile ``idx`` of ``kind`` (0: prefill (m_tile, b, qh), heaviest m-tiles first; 1: decode (b, kvh, split))."""
     if kind == 0:
@@ -108,7 +111,7 @@ def _tile(
             m_tile, rem // num_heads, rem % num_heads,
             stride_pqt, stride_pqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_pbt,
             stride_pot, stride_poh, stride_plt, stride_plh, qk_scale,
-            GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, DOT_PRECISION, False,
+            GROUP, HEAD_DIM, PAGE_SIZE, P_BLOCK_M, P_BLOCK_N, DOT_PRECISION, FAST_OFFSETS,
         )
     else:
         split = idx % num_splits
@@ -119,5 +122,5 @@ def _tile(
             stride_dqb, stride_dqh, stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, stride_dbt,
             stride_dob, stride_doh, stride_dos, stride_dlb, stride_dlh, stride_dls,
             stride_dfob, stride_dfoh, stride_dflb, stride_dflh, num_kv_heads, qk_scale,
-            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION, False, False,
+            GROUP, D_BLOCK_H, HEAD_DIM, PAGE_SIZE, D_BLOCK_N, DOT_PRECISION, False, FAST_OFFSETS,
         )
