@@ -38,7 +38,7 @@ def paged_attn_loop(
     CAUSAL: tl.constexpr,
     BOUNDED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FAST_OFFSETS: tl.constexpr = False,
+    FAST_OFFSETS: tl.constexpr,
 ):
     """Accumulate keys [lo, hi) of one sequence / kv head into (acc, l_i, m_i); returns the new triple.
 
