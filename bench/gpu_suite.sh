@@ -7,6 +7,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # The device copy has no (or stale) git metadata: the caller passes the commit (ACCORDION_COMMIT=$(git rev-parse --short HEAD) bash ...).
 export TOKENIZERS_PARALLELISM=false ACCORDION_COMMIT=${ACCORDION_COMMIT:?pass ACCORDION_COMMIT=$(git rev-parse --short HEAD): the device copy has stale git metadata}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Wheels the image lacks (.whl, carried): ../shared/tools/build-gpu-wheels grpcio-health-checking==1.84.0 \
+#   grpcio-reflection==1.84.0 prometheus_client psutil   (without them tests/integration fails to collect)
 # Workload traces (../shared/data does not travel): `mkdir -p .data && cp -r ../shared/data/traces .data/`, carry .data
 [ -d .data/traces ] && export ACCORDION_DATA_DIR=$PWD/.data
 if [ -d .whl ]; then

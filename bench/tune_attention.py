@@ -278,6 +278,15 @@ GAP_MANY_ROWS = {  # more rows than SMs: stream-K, or a program per row over sev
     "lean_n64_s7_1": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=7, LEAN=True, PROGRAMS=128)),
     "rows_n64": dict(config={**DEEP_DECODE, "HOST_BOUND": False}),
     "rows_n128": dict(config={**DEEP_DECODE, "BLOCK_N": 128, "HOST_BOUND": False}),
+    "rows_n128_hb": dict(config={**DEEP_DECODE, "BLOCK_N": 128}),
+    # round 8 (H200, batch 64: 2-4 rows per SM, where the H100's one-page TMA tiles ran 0.984-0.988x SDPA): more
+    # TMA pages in flight, and stream-K with three 64-key tiles in flight
+    "tma_p1_w2_s6": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=6, TMA=True)),
+    "tma_p1_w2_s8": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=8, TMA=True)),
+    "tma_p1_w2_s10": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=10, TMA=True)),
+    "tma_p2_w4_s6": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=6, TMA=True)),
+    "tma_p2_w4_s8": dict(config=dict(BLOCK_N=32, num_warps=4, num_stages=8, TMA=True)),
+    "lean_n64_s7": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=7, LEAN=True)),
 }
 GAP_DEEP = {  # one program per row where the rows fill the SMs once (at the launcher's split unless named)
     "n128": dict(config={**DEEP_DECODE, "BLOCK_N": 128}),
@@ -290,16 +299,17 @@ GAP_DEEP = {  # one program per row where the rows fill the SMs once (at the lau
 }
 
 
-def tune_gap(dev, dtype, shapes, rounds=3) -> list[dict]:
+def tune_gap(dev, dtype, shapes, rounds=3, names=None) -> list[dict]:
     """Equal-length decodes: the launcher's choice, `GAP_MANY_ROWS` (more rows than SMs) or `GAP_DEEP` (at the
-    launcher's split), and SDPA timed in turn from CUDA graphs, ``rounds`` times; a variant's ratio is the median
-    over rounds of SDPA's time in that round over its own."""
+    launcher's split; either only the variants in ``names`` where given), and SDPA timed in turn from CUDA graphs,
+    ``rounds`` times; a variant's ratio is the median over rounds of SDPA's time in that round over its own."""
     rows = []
     for B, ctx in shapes:
         case = DecodeCase(B, ctx, dtype, dev)
         chosen = _default_config(case)
         sms = num_sms(dev) if dev.type == "cuda" else 132
         variants = {"default": {}, **(GAP_MANY_ROWS if B * HKV > sms else GAP_DEEP)}
+        variants = {k: kw for k, kw in variants.items() if k == "default" or names is None or k in names}
         if B * HKV <= sms:
             variants = {k: {"num_splits": chosen[0], **kw} if kw else kw for k, kw in variants.items()}
         ref = case.ours()[0].float()
@@ -612,6 +622,7 @@ def main() -> None:
                          "alternating timings against SDPA (CUDA graphs)")
     ap.add_argument("--gap-deep", action="store_true", help="with --gap: only the rows that fill the SMs once")
     ap.add_argument("--shapes", default="", help="with --gap: batch x context pairs, e.g. 16x8192,256x32768")
+    ap.add_argument("--variants", default="", help="with --gap: comma list of variant names (default: all)")
     ap.add_argument("--offsets", action="store_true",
                     help="decode and prefill: int32 K/V offsets shared by V against int64 offsets (CUDA graphs)")
     ap.add_argument("--merge", action="store_true",
@@ -651,7 +662,8 @@ def main() -> None:
         shapes = [(2, 64)] if args.quick else GAP_DEEP_SHAPES if args.gap_deep else GAP_SHAPES
         if args.shapes:
             shapes = [tuple(int(x) for x in pair.split("x")) for pair in args.shapes.split(",")]
-        rows = tune_gap(dev, dtype, shapes, rounds=1 if args.quick else 3)
+        rows = tune_gap(dev, dtype, shapes, rounds=1 if args.quick else 3,
+                        names=set(args.variants.split(",")) if args.variants else None)
         print("wrote", write_result("tune-attention", dict(gap=rows, quick=args.quick)))
         return
     if args.streams:
