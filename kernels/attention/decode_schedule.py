@@ -65,8 +65,11 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, progra
             return dict(BLOCK_N=32, num_warps=4, num_stages=6, TMA=True, HEADS_FASTEST=True)
         if tma and programs > 2 * slots:
             # up to four programs per SM: one TMA page a tile, 2 warps, 6 stages (48 KiB). 1.007-1.014x SDPA at
-            # 64 x 8k / 32k (pointer tiles 0.981-0.988)
-            return dict(BLOCK_N=16, num_warps=2, num_stages=6, TMA=True, HEADS_FASTEST=True)
+            # 64 x 8k / 32k (pointer tiles 0.981-0.988). On an H200 8 stages (56 KiB, one page more in flight):
+            # 1.006-1.010x SDPA at 64 x 8k / 32k / 128k where 6 stages ran 0.972-0.988x, 10 stages 0.982-0.990x
+            # (bench/tune_attention.py --gap round 8, 20261129T053248Z)
+            stages = 8 if device is not None and is_h200(device) else 6
+            return dict(BLOCK_N=16, num_warps=2, num_stages=stages, TMA=True, HEADS_FASTEST=True)
         if split or 0 < programs <= 2 * slots:
             # up to two programs per SM: 32-key tiles, 5 stages (80 KiB). At 16 x 8k / 32k / 128k split in two:
             # 0.969 / 1.001 / 1.002x SDPA (TMA tiles at best 0.970 / 1.003 / 1.008)

@@ -224,8 +224,8 @@ def test_decode_plan_gives_stream_k_its_two_per_sm_tiles(monkeypatch):
 
 def test_decode_plan_takes_wider_tiles_on_an_h200(monkeypatch):
     """On an H200 (1.4x the H100's bandwidth) the deep schedule takes 128-key tiles and stream-K 64-key tiles, two
-    in flight each, and many equal rows one program each; split-KV and TMA tiles, and every other GPU's, are
-    unchanged."""
+    in flight each, many equal rows one program each, and TMA pages at two to four programs per SM one page more in
+    flight; split-KV's tiles, and every other GPU's, are unchanged."""
     from accordion.kernels.attention import decode_schedule as ds
     from accordion.kernels.attention.decode import decode_plan
 
@@ -236,7 +236,12 @@ def test_decode_plan_takes_wider_tiles_on_an_h200(monkeypatch):
     plans = [decode_plan(b, 8, 128, torch.bfloat16, dev, ctx, equal_lengths=True) for b, ctx in shapes]
     assert plans == [(1, ds.DEEP_DECODE), (1, ds.lean_config(128, torch.bfloat16, dev))]
     assert plans[1][1]["BLOCK_N"] == 32
+    tma64 = decode_plan(64, 8, 128, torch.bfloat16, dev, 8192, equal_lengths=True, tma=True)
+    assert tma64 == (1, dict(BLOCK_N=16, num_warps=2, num_stages=6, TMA=True, HEADS_FASTEST=True))
     monkeypatch.setattr(ds, "is_h200", lambda device: True)
+    tma64_h200 = decode_plan(64, 8, 128, torch.bfloat16, dev, 8192, equal_lengths=True, tma=True)
+    assert tma64_h200 == (1, {**tma64[1], "num_stages": 8})
+    assert tma64_h200[1] in ds.decode_variants(128, torch.bfloat16, dev, tma=True)
     deep, lean = (decode_plan(b, 8, 128, torch.bfloat16, dev, ctx, equal_lengths=True) for b, ctx in shapes)
     assert deep == (1, {**ds.DEEP_DECODE, "BLOCK_N": 128}) and ds.deep_config(dev) == deep[1]
     assert lean[1] == dict(BLOCK_N=64, num_warps=4, num_stages=5, HEADS_FASTEST=True, LEAN=True)
