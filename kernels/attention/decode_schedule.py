@@ -67,7 +67,8 @@ def decode_config(head_dim: int, dtype: torch.dtype, split: bool = False, progra
             # up to four programs per SM: one TMA page a tile, 2 warps, 6 stages (48 KiB). 1.007-1.014x SDPA at
             # 64 x 8k / 32k (pointer tiles 0.981-0.988). On an H200 8 stages (56 KiB, one page more in flight):
             # 1.006-1.010x SDPA at 64 x 8k / 32k / 128k where 6 stages ran 0.972-0.988x, 10 stages 0.982-0.990x
-            # (bench/tune_attention.py --gap round 8, 20261129T053248Z)
+            # on one machine (bench/tune_attention.py --gap round 8, 20261129T053248Z), 0.972-0.978x against
+            # 0.975-0.982x on another (T053755Z and a repeat): kept for the mean, the machine matters more
             stages = 8 if device is not None and is_h200(device) else 6
             return dict(BLOCK_N=16, num_warps=2, num_stages=stages, TMA=True, HEADS_FASTEST=True)
         if split or 0 < programs <= 2 * slots:
