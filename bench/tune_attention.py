@@ -278,12 +278,13 @@ GAP_MANY_ROWS = {  # more rows than SMs: stream-K, or a program per row over sev
     "lean_n64_s7_1": dict(config=dict(BLOCK_N=64, num_warps=4, num_stages=7, LEAN=True, PROGRAMS=128)),
     "rows_n64": dict(config={**DEEP_DECODE, "HOST_BOUND": False}),
     "rows_n128": dict(config={**DEEP_DECODE, "BLOCK_N": 128, "HOST_BOUND": False}),
-    "rows_n128_hb": dict(config={**DEEP_DECODE, "BLOCK_N": 128}),
     # round 8 (H200, batch 64: 2-4 rows per SM, where the H100's one-page TMA tiles ran 0.984-0.988x SDPA): more
     # TMA pages in flight, and stream-K with three 64-key tiles in flight. 20261129T053248Z (machine B): 8 stages
     # 1.006-1.010x where 6 ran 0.972-0.988x (10: 0.982-0.990x; two pages a tile 0.84-0.87x; stream-K at 7 stages
     # 0.965-0.974x); T053755Z (machine C) 8 stages 0.973-0.978x against 6's 0.979-0.980x, stream-K 0.987-0.999x,
-    # a 128-key program per row 0.982-1.008x. `decode_config` takes 8 stages on an H200
+    # a 128-key program per row 0.983-1.008x (a repeat there: experiments/decode-gap-batch64-h200-machine-c-*).
+    # `decode_config` takes 8 stages on an H200. rows_n128_hb: rows_n128 over the host's bound (same times)
+    "rows_n128_hb": dict(config={**DEEP_DECODE, "BLOCK_N": 128}),
     "tma_p1_w2_s6": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=6, TMA=True)),
     "tma_p1_w2_s8": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=8, TMA=True)),
     "tma_p1_w2_s10": dict(config=dict(BLOCK_N=16, num_warps=2, num_stages=10, TMA=True)),
