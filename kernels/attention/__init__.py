@@ -6,17 +6,8 @@ Cache layout: k_cache / v_cache `[num_blocks, block_size, Hkv, D]` (views of one
 from .decode import paged_decode_attention
 from .kv_cache import write_kv_cache
 from .merge import merge_attention_states
-from .pod import (
-    POD_RULE_H100,
-    POD_RULE_H200,
-    DecodeArgs,
-    PodRule,
-    PrefillArgs,
-    pod_attention,
-    pod_pays_off,
-    pod_rule,
-    ws_capable,
-)
+from .pod import DecodeArgs, PrefillArgs, pod_attention, ws_capable
+from .pod_schedule import POD_RULE_H100, POD_RULE_H200, PodRule, pod_pays_off, pod_rule
 from .prefill import paged_prefill_attention
 from .varlen import varlen_attention_with_positions
 

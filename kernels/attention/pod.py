@@ -1,4 +1,5 @@
-"""Launcher: POD-Attention style fused attention of a hybrid batch (prefill chunks + decodes, one launch)."""
+"""Launcher: POD-Attention style fused attention of a hybrid batch (prefill chunks + decodes, one launch); its tiles
+and the rule for when a hybrid batch fuses are in `pod_schedule`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from ..utils import (
     cdiv,
     check_tensor,
     cuda_capability,
-    is_h200,
     is_interpreter,
     next_power_of_2,
     num_sms,
@@ -27,72 +27,21 @@ from .decode import (
     split_partials,
     split_tickets,
 )
-from .decode_schedule import choose_num_splits, decode_config, tma_layout
+from .decode_schedule import choose_num_splits, tma_layout
 from .paged_common import fast_offsets
 from .pod_kernel import pod_attention_kernel
-from .prefill import paged_prefill_attention, prefill_config, validate_prefill_inputs
+from .pod_schedule import (
+    POD_DECODE_TOKENS_PER_SPLIT,
+    WS_CONFIG,
+    WS_CP_ASYNC,
+    WS_ITEMS_PER_SM,
+    WS_MIN_SPLIT_KEYS,
+    pod_config,
+    ws_serves_shape,
+)
+from .prefill import paged_prefill_attention, validate_prefill_inputs
 
 SMID_SLOTS = 1024
-POD_DECODE_TOKENS_PER_SPLIT = 4096  # keeps a decode work item about as long as a prefill tile
-
-# Warp-specialized Gluon kernel (Hopper): per CTA (one per SM) 8 prefill warps fed by a one-warp cp.async loader,
-# and three one-warp decode partitions; three 64-key prefill stages, two 32-key stages per decode warp. Against the
-# design before (four decode warps, prefill warps copying their own K/V), the loader made the prefill warps alone
-# 1.11-1.19x faster and overlapping their softmax with the next Q K^T wgmma a further 1.03x, 0.95-0.96x the prefill
-# kernel (1xH100, bench/results/experiments/pod-ws-loader-20261128.json, pod-ws-loader-overlap-20261128.json).
-# P_TMA: the loader copies pages by TMA (16 instructions a 64-key tile instead of 64 cp.async a thread): the prefill
-# warps alone went from 0.94-0.99x the prefill kernel to 1.00-1.07x. D_TMA: each decode warp copies its pages by TMA
-# too (one page a tile; 4 instructions instead of 16 cp.async a thread): fused 1.00-1.65x the two kernels against
-# 0.97-1.37x without (8 hybrid batches; a third decode stage or twice the decode splits did not add). 1xH100, one
-# lease, bench/results/tune-attention-nvidia-h100-80gb-hbm3-20261128T031847Z.json. Both need caches
-# `ws_tma_serves` accepts; the kernel copies by cp.async where it does not. D_STAGES 4 with D_TMA needs 240 KB of
-# shared memory, more than an H100 has.
-# Then Q in the prefill warps' registers instead of a 32 KB shared tile, which made room for 32-key decode tiles (two
-# pages by TMA: each tile's 32 MMAs run in independent chains and its softmax, barrier and wait come once per 32 keys)
-# and, the decode warpgroup at 120 registers, left the prefill warps 192 (no spills): fused 1.09-1.71x the two kernels
-# against 0.99-1.59x on the same 8 hybrid batches, 3-19% faster on each, the prefill warps alone 1.06-1.15x the
-# prefill kernel against 1.03-1.11x (1xH200, one lease, tune-attention-nvidia-h200-20261129T021411Z.json). 32-key
-# tiles with Q in shared memory need 240 KB; with two prefill stages they fit but the prefill warps ran 0.63-0.83x
-# (...T020237Z.json). Not measured on an H100.
-WS_CONFIG = dict(P_BLOCK_M=128, P_BLOCK_N=64, P_STAGES=3, P_TMA=True, D_BLOCK_H=16, D_BLOCK_N=32, D_STAGES=2,
-                 D_TMA=True, D_REGS=120, num_warps=8)
-# Caches TMA cannot serve are copied by cp.async, with these tiles: a 32-key cp.async decode tile spills 876 bytes a
-# thread at 120 registers, a 16-key one 112 at 128 (sm_90 build under Triton 3.6; not timed).
-WS_CP_ASYNC = dict(P_TMA=False, D_TMA=False, D_BLOCK_N=16, D_REGS=128)
-# GQA groups up to 8 (the GPU tests cover 1, 4 and 8): a group of 16 at head_dim 128 spills in the decode warps (528
-# bytes, sm_90 build), and no GPU test covers it; the Triton POD kernel or the two kernels serve it.
-WS_MAX_GROUP = 8
-WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
-WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
-
-
-@dataclass(frozen=True)
-class PodRule:
-    """When a hybrid batch fuses (`pod_pays_off`): the ratio of its prefill half's estimated time (causal FLOPs at
-    ``prefill_flops_per_s``) to its decode half's (K/V bytes at ``decode_bytes_per_s``) lies in [low, high]."""
-
-    low: float
-    high: float
-    prefill_flops_per_s: float
-    decode_bytes_per_s: float
-
-
-# From the kernel benchmark's hybrid table (1xH100, 77c5718, bench/results/kernels-20261128-032707.json, CUDA
-# graphs): with the estimated ratio in [0.1, 30] the warp-specialized kernel ran 1.08-1.61x the two kernels in
-# sequence (23 of 27 batches; 1.30-1.61x at 0.4-1.7); below 0.06, decode-dominated, 0.99-1.04x (even: left to the
-# two kernels).
-POD_RULE_H100 = PodRule(0.1, 30.0, 440e12, 3.0e12)
-# On an H200 (HBM3e: decode bytes at its 4.3 TB/s copy bandwidth) the kernel at 721c196 ran 1.03-1.73x the two
-# kernels on 26 of the same 27 batches, estimated ratios 0.037-38.8, and 1.001x on the last, at 0.018
-# (bench/results/kernels-20261129-022402.json). The H100 rule, applied there, left out four of them: three that ran
-# 1.03-1.12x and the 1.001x one.
-POD_RULE_H200 = PodRule(0.03, 50.0, 440e12, 4.3e12)
-
-
-def pod_rule(device: torch.device) -> PodRule:
-    """The fusing rule measured on this GPU's kind (`POD_RULE_H200` on an H200, else `POD_RULE_H100`)."""
-    return POD_RULE_H200 if is_h200(device) else POD_RULE_H100
-
 
 # Gluon (triton.experimental) renames its API between releases (Triton 3.9: thread_barrier -> barrier,
 # async_copy_global_to_shared -> async_load), so the warp-specialized kernel runs only under the Triton it is written
@@ -147,34 +96,6 @@ class DecodeArgs:
 
 
 _resident: dict[tuple, int] = {}  # (device, compile-time parameters) -> programs resident per SM (persistent grid)
-
-
-def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the fused kernel: prefill and decode CTAs of similar size so >= 2 co-reside per SM."""
-    if is_interpreter():
-        p, d = prefill_config(head_dim, dtype, torch.device("cpu")), decode_config(head_dim, dtype)
-        return dict(P_BLOCK_M=p["BLOCK_M"], P_BLOCK_N=p["BLOCK_N"], D_BLOCK_N=d["BLOCK_N"], num_warps=1, num_stages=1)
-    if dtype == torch.float32 or head_dim > 128:
-        return dict(P_BLOCK_M=64, P_BLOCK_N=32, D_BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3)  # bench/tune_attention.py
-
-
-def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_seq_lens: list[int],
-                 num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int,
-                 rule: PodRule = POD_RULE_H100) -> bool:
-    """Whether a hybrid batch should run fused: the ratio of its prefill half's estimated time (causal FLOPs of
-    each chunk over its cached prefix) to its decode half's (K/V bytes read) lies in ``rule``'s band (the
-    GPU's: `pod_rule`)."""
-    flops = 4 * num_heads * head_dim * sum(q * (s - q / 2) for q, s in zip(prefill_q_lens, prefill_seq_lens))
-    t_p = flops / rule.prefill_flops_per_s
-    t_d = sum(decode_seq_lens) * 2 * num_kv_heads * head_dim * elem_bytes / rule.decode_bytes_per_s
-    return t_d > 0 and rule.low <= t_p / t_d <= rule.high
-
-
-def ws_serves_shape(group: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the warp-specialized kernel is built and tested for this shape: 16-bit, head_dim 64 or 128, GQA groups
-    (query heads per kv head) of at most WS_MAX_GROUP."""
-    return dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128) and 1 <= group <= WS_MAX_GROUP
 
 
 def ws_capable(k_cache: torch.Tensor, group: int, *tensors: torch.Tensor) -> bool:

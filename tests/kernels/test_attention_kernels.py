@@ -781,7 +781,7 @@ def test_warp_specialized_pod_only_under_the_triton_it_is_written_for():
 
 def test_warp_specialized_kernel_serves_tested_shapes_only():
     """16-bit, head_dim 64 / 128, GQA groups 1-8 (those the GPU tests cover; 16 spills at head_dim 128)."""
-    from accordion.kernels.attention.pod import ws_serves_shape
+    from accordion.kernels.attention.pod_schedule import ws_serves_shape
 
     assert all(ws_serves_shape(g, d, t) for g in (1, 2, 4, 8) for d in (64, 128) for t in (torch.bfloat16, torch.half))
     assert not any((ws_serves_shape(16, 128, torch.bfloat16), ws_serves_shape(0, 128, torch.bfloat16),
@@ -792,7 +792,8 @@ def test_warp_specialized_tma_descriptors():
     """The TMA copies' descriptors: one page of one kv head a box over the [num_blocks * page, Hkv * D] cache view;
     caches they cannot describe, pages that do not tile a prefill key tile, or (D_TMA) a decode tile, are
     a ValueError, and `ws_tma_serves` says why (the launch then copies by cp.async)."""
-    from accordion.kernels.attention.pod import WS_CONFIG, _ws_descriptors, ws_tma_serves
+    from accordion.kernels.attention.pod import _ws_descriptors, ws_tma_serves
+    from accordion.kernels.attention.pod_schedule import WS_CONFIG
 
     cfg = {**WS_CONFIG, "P_TMA": True, "D_TMA": True}
     k = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)

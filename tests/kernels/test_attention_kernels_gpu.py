@@ -176,7 +176,8 @@ def test_pod_gpu_both_kernels_match_references(hkv, group, head_dim, dtype, num_
     m-tiles) beside empty, one-key and long decodes, the decode split automatic, 1 or 5."""
     import triton
 
-    from accordion.kernels.attention.pod import WS_CP_ASYNC, pod_config, ws_capable, ws_supported_triton
+    from accordion.kernels.attention.pod import ws_capable, ws_supported_triton
+    from accordion.kernels.attention.pod_schedule import WS_CP_ASYNC, pod_config
     from accordion.kernels.utils import cuda_capability
 
     gen = torch.Generator().manual_seed(hkv * 1000 + group * 10 + head_dim)
