@@ -10,6 +10,7 @@ runs the two in sequence, or with ``fuse_hybrid`` the POD-style fused kernel, on
 from __future__ import annotations
 
 import torch
+
 from accordion.kernels.attention import (
     DecodeArgs,
     PrefillArgs,

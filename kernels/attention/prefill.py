@@ -97,6 +97,7 @@ def paged_prefill_attention(
         *out.stride()[:2], *lse.stride(), float(scale) * 1.4426950408889634,
         GROUP=Hq // k_cache.shape[2], HEAD_DIM=D, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=dot_precision(q.dtype),
-        FAST_OFFSETS=fast_offsets(k_cache, v_cache), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **register_cap(cfg, q.device),
+        FAST_OFFSETS=fast_offsets(k_cache, v_cache), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **register_cap(cfg, q.device),
     )
     return out, lse
