@@ -6,7 +6,7 @@ On an H100 (Llama-3.1-8B attention shape: Hq=32, Hkv=8, D=128, bf16, block_size 
       replayed from CUDA graphs (the GPU's time, as the engine's decode steps) and eagerly (do_bench);
   (b) causal prefill of one sequence: TFLOP/s vs SDPA's flash backend on the same data;
   (c) hybrid batches: pod_attention vs the prefill kernel then the decode kernel (ratio > 1: fused is faster),
-      eagerly and from CUDA graphs.
+      eagerly and from CUDA graphs, and the host (CPU) time one eager call of each takes to return.
 Writes bench/results/kernels-<time>.json (GPU, torch/triton versions, git commit, settings, rows).
 `--quick`: tiny shapes on CPU under TRITON_INTERPRET=1 (only checks that the script executes).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,24 @@ def bench(fn, dev) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return sorted(ts)[len(ts) // 2] * 1e3
+
+
+def host_us(fn, dev) -> float:
+    """Median host microseconds one call of fn() takes to return (validation, allocation, launches: what an eager
+    engine step pays per layer whatever the GPU does) over 200 calls (2 on CPU, where the interpreter runs the
+    kernels); the GPU is drained every 8 calls so that no launch waits."""
+    calls = 200 if dev.type == "cuda" else 2
+    fn()
+    ts = []
+    for i in range(calls):
+        if i % 8 == 0 and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return 1e6 * statistics.median(ts)
 
 
 def copy_bandwidth(dev, nbytes: int) -> float:
@@ -227,11 +246,11 @@ def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
                     prefill_only()
                     decode_only()
 
-                ms_seq = bench(seq, dev)
                 def pod():
                     pod_attention(kv[0], kv[1], pa, da, scale=D**-0.5)
 
-                ms_pod = bench(pod, dev)
+                ms_seq, ms_pod = bench(seq, dev), bench(pod, dev)
+                host_seq, host_pod = host_us(seq, dev), host_us(pod, dev)
                 g_seq, g_pod = graph_ms([seq], dev), graph_ms([pod], dev)
                 g_p, g_d = graph_ms([prefill_only], dev), graph_ms([decode_only], dev)
                 # a fused launch cannot beat the longer half alone: the speed-up's ceiling and the share of the
@@ -242,10 +261,11 @@ def run_hybrid(dev, dtype, chunks, decode_batches, decode_contexts):
                                  sequential_ms=ms_seq, pod_ms=ms_pod, speedup=ms_seq / ms_pod,
                                  graph_sequential_ms=g_seq, graph_pod_ms=g_pod, graph_speedup=g_seq / g_pod,
                                  graph_prefill_ms=g_p, graph_decode_ms=g_d, overlap_bound=bound,
-                                 shorter_half_hidden=hidden))
+                                 shorter_half_hidden=hidden, host_sequential_us=host_seq, host_pod_us=host_pod))
                 print(f"hybrid chunk={chunk:5d}@{p_ctx:6d} decodes={bd:4d}@{d_ctx:6d}: seq {ms_seq:7.3f} ms, "
                       f"pod {ms_pod:7.3f} ms (x{ms_seq / ms_pod:.2f}); graphs x{g_seq / g_pod:.3f} "
-                      f"(bound x{bound:.2f}, {100 * hidden:.0f}% of the shorter half hidden)", flush=True)
+                      f"(bound x{bound:.2f}, {100 * hidden:.0f}% of the shorter half hidden); host us/call seq "
+                      f"{host_seq:.0f}, pod {host_pod:.0f}", flush=True)
                 kv = None  # free the GPU memory before the next shape
     return rows
 
@@ -298,11 +318,12 @@ def main() -> None:
     for r in prefill:
         print(f"{r['tokens']:>9} {r['tflop_s']:>8.1f} {r['sdpa_flash_tflop_s']:>8.1f} {r['ratio_vs_sdpa']:>6.2f}")
     print(f"{'chunk':>6} {'pctx':>6} {'dec':>4} {'dctx':>6} {'seq ms':>8} {'pod ms':>8} {'x':>5} {'x graphs':>8} "
-          f"{'bound':>6} {'hidden':>6}")
+          f"{'bound':>6} {'hidden':>6} {'host us seq':>11} {'pod':>5}")
     for r in hybrid:
         print(f"{r['chunk']:>6} {r['prefill_context']:>6} {r['decodes']:>4} {r['decode_context']:>6} "
               f"{r['sequential_ms']:>8.3f} {r['pod_ms']:>8.3f} {r['speedup']:>5.2f} {r['graph_speedup']:>8.3f} "
-              f"{r['overlap_bound']:>6.2f} {100 * r['shorter_half_hidden']:>5.0f}%")
+              f"{r['overlap_bound']:>6.2f} {100 * r['shorter_half_hidden']:>5.0f}% {r['host_sequential_us']:>11.0f} "
+              f"{r['host_pod_us']:>5.0f}")
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
 
 

@@ -325,6 +325,32 @@ def test_decode_cuda_graph_capture():
     _check(out, lse, *ref_paged_decode_attention(q, kv[0], kv[1], table, sl, scale=0.088))
 
 
+def test_pod_cuda_graph_replays():
+    """The fused kernel captured once and replayed three times with new queries, eagerly launched in between: each
+    launch leaves its decode-item counter zeroed for the next, so every replay matches the references."""
+    gen = torch.Generator().manual_seed(17)
+    p_q, p_seq, d_seq = [700], [5000], [4096] * 6 + [1, 300, 20000]
+    kv, table, sl = make_paged_kv(p_seq + d_seq, 8, 128, 16, BF16, DEV, gen)
+    pq, cu = make_prefill_batch(p_q, p_seq, 32, 128, BF16, DEV, gen)
+    dq = torch.randn(len(d_seq), 32, 128, generator=gen).to(BF16).to(DEV)
+    prefill = PrefillArgs(pq, table[:1], cu, sl[:1], 700, out=torch.empty_like(pq),
+                          lse=torch.empty(pq.shape[:2], device=DEV))
+    decode = DecodeArgs(dq, table[1:], sl[1:], out=torch.empty_like(dq), lse=torch.empty(dq.shape[:2], device=DEV))
+    pod_attention(kv[0], kv[1], prefill, decode, scale=128**-0.5)  # compile outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pod_attention(kv[0], kv[1], prefill, decode, scale=128**-0.5)
+    for _ in range(3):
+        pq.copy_(torch.randn(pq.shape, generator=gen).to(BF16))
+        dq.copy_(torch.randn(dq.shape, generator=gen).to(BF16))
+        g.replay()
+        _check(prefill.out, prefill.lse, *ref_paged_prefill_attention(pq, kv[0], kv[1], table[:1], cu, sl[:1],
+                                                                       scale=128**-0.5))
+        _check(decode.out, decode.lse, *ref_paged_decode_attention(dq, kv[0], kv[1], table[1:], sl[1:],
+                                                                   scale=128**-0.5))
+        pod_attention(kv[0], kv[1], prefill, decode, scale=128**-0.5)
+
+
 def test_decode_split_merge_two_threads_two_streams():
     """Two threads decode with in-kernel split merges on their own streams at once, a CUDA graph captured by one
     of them replaying meanwhile: ticket counters are never shared, every result matches the reference."""
