@@ -326,8 +326,8 @@ def test_decode_cuda_graph_capture():
 
 
 def test_pod_cuda_graph_replays():
-    """The fused kernel captured once and replayed three times with new queries, eagerly launched in between: each
-    launch leaves its decode-item counter zeroed for the next, so every replay matches the references."""
+    """The fused kernel captured once and replayed three times with new queries, eagerly launched in between: the
+    graph replays its own zeroed decode-item counter and split scratch, so every replay matches the references."""
     gen = torch.Generator().manual_seed(17)
     p_q, p_seq, d_seq = [700], [5000], [4096] * 6 + [1, 300, 20000]
     kv, table, sl = make_paged_kv(p_seq + d_seq, 8, 128, 16, BF16, DEV, gen)
