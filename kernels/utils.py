@@ -30,29 +30,40 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), asked once: it reads the environment and NVML on every call, microseconds that a
+    launcher asking several times paid on every launch."""
+    return torch.cuda.is_available()
+
+
+@functools.cache
 def _device_props(index: int):
     return torch.cuda.get_device_properties(index)
 
 
+def _props(device: torch.device):
+    """The properties of a CUDA device, None for other devices or without CUDA."""
+    if device.type != "cuda" or not _cuda_available():
+        return None
+    return _device_props(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming-multiprocessor count of a CUDA device (a nominal 132 off-GPU, so heuristics still run)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return 132
-    return _device_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+    p = _props(device)
+    return 132 if p is None else p.multi_processor_count
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability, (0, 0) for non-CUDA devices."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return (0, 0)
-    p = _device_props(device.index if device.index is not None else torch.cuda.current_device())
-    return (p.major, p.minor)
+    p = _props(device)
+    return (0, 0) if p is None else (p.major, p.minor)
 
 
 def resident_programs(compiled, device: torch.device) -> int:
     """How many programs of a compiled Triton kernel fit on one SM at once (registers, shared memory, warps)."""
-    p = _device_props(device.index if device.index is not None else torch.cuda.current_device())
+    p = _props(device)
     warps = compiled.metadata.num_warps
     regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
     by_regs = getattr(p, "regs_per_multiprocessor", 65536) // max(1, regs_per_warp * warps)
@@ -77,9 +88,8 @@ def is_hopper(device: torch.device) -> bool:
 def is_h200(device: torch.device) -> bool:
     """An H200 (or GH200 with HBM3e): Hopper's SMs with 1.4x the H100's memory bandwidth, which some memory-bound
     kernels tile for separately."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return "H200" in _device_props(device.index if device.index is not None else torch.cuda.current_device()).name
+    p = _props(device)
+    return p is not None and "H200" in p.name
 
 
 def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None) -> None:

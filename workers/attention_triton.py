@@ -22,6 +22,7 @@ from accordion.kernels.attention import (
     write_kv_cache,
     ws_capable,
 )
+from accordion.kernels.attention.decode import MERGE_CHUNKS, merge_splits, split_partials
 from accordion.kernels.attention.decode_schedule import LEAN_MIN_CONTEXT, decode_variants, tma_capable
 from accordion.kernels.utils import is_interpreter
 from accordion.workers.attention import AttentionBackend, AttentionMetadata
@@ -121,6 +122,11 @@ class TritonAttentionBackend(AttentionBackend):
             for splits in (1,) if cfg.get("LEAN") else (1, 2):
                 paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_table, meta.seq_lens,
                                        scale=self.scale, num_splits=splits, config=cfg)
+        # and the split merge's variants (`MERGE_CHUNKS`), on scratch partials
+        out = torch.empty(1, self.num_heads, self.head_dim, dtype=kv_cache.dtype, device=dev)
+        lse = torch.empty(1, self.num_heads, dtype=torch.float32, device=dev)
+        for splits in MERGE_CHUNKS:
+            merge_splits(*split_partials(1, self.num_heads, splits, self.head_dim, dev), out, lse)
 
 
 def _warm_up_meta(num_decodes: int, prefill: bool, max_seq_len: int, device: torch.device,

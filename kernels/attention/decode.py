@@ -33,6 +33,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The in-kernel merge reads a row's splits one after another: a win up to 8 splits (one launch fewer), slower than
 # the merge kernel's parallel read at 64 (1xH100, bench/tune_attention.py --merge)
 FUSED_MERGE_MAX_SPLITS = 8
+# The merge kernel reads a row's splits in chunks of 8 where there are at most 8 (1.2-1.4x faster than a padded
+# chunk of 64 at 2-8 splits: 7.4 against 9.8 us at 64 sequences x 32 heads), else of 64 (a loop of 8-split chunks ran
+# 0.4-0.9x the padded read at 16-64 splits) (1xH200, CUDA graphs, bench/results/experiments/merge-chunks-*.json)
+MERGE_CHUNKS = (8, MAX_SPLITS)
 _tickets: dict[tuple[str, int, int], torch.Tensor] = {}  # (device, thread, stream) -> split_tickets buffer
 
 
@@ -242,12 +246,14 @@ def split_partials(B: int, Hq: int, S: int, D: int, device: torch.device) -> tup
 
 def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Combine split partials mid_o fp32 [B, Hq, S, D], mid_lse fp32 [B, Hq, S] into out [B, Hq, D], lse [B, Hq].
-    One compiled variant serves every S <= MAX_SPLITS (the split rows are masked)."""
+    Two compiled variants, by the chunk of splits read at once (`MERGE_CHUNKS`: the smallest that holds S); any S
+    is correct (a chunk at a time, the last masked)."""
     B, Hq, S, D = mid_o.shape
+    chunk = next((c for c in MERGE_CHUNKS if S <= c), MERGE_CHUNKS[-1])
     merge_splits_kernel[(B, Hq)](
         mid_o, mid_lse, out, lse,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(2),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        S, SPLITS_PAD=max(MAX_SPLITS, next_power_of_2(S)), HEAD_DIM=D, num_warps=1 if is_interpreter() else 4,
+        S, CHUNK=chunk, HEAD_DIM=D, num_warps=1 if is_interpreter() else 4,
     )

@@ -216,27 +216,31 @@ def merge_splits_kernel(
     stride_ob, stride_oh,
     stride_lb, stride_lh,
     num_splits,
-    SPLITS_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Grid (B, Hq): log-sum-exp weighted combination of the num_splits (<= SPLITS_PAD) partial
-    results of one row."""
+    """Grid (B, Hq): log-sum-exp weighted combination of the num_splits partials of one row, CHUNK splits a step
+    (a running max rescales the sum between steps; the launcher picks a CHUNK that takes them in one). Empty splits
+    (lse -inf) weigh 0; all empty -> (0, -inf)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < num_splits
-    lse = tl.load(mid_lse_ptr + b * stride_mlb + h * stride_mlh + offs_s * stride_mls, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)
-    tot = tl.sum(w, 0)
-    o = tl.load(
-        mid_o_ptr + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
-        mask=s_mask[:, None], other=0.0,
-    )
+    mid_lse_ptr += b * stride_mlb + h * stride_mlh
+    mid_o_ptr += b * stride_mob + h * stride_moh
+    m = tl.full([], NEG_BIG, dtype=tl.float32)
+    tot = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, CHUNK):
+        offs_s = s0 + tl.arange(0, CHUNK)
+        s_mask = offs_s < num_splits
+        lse = tl.load(mid_lse_ptr + offs_s * stride_mls, mask=s_mask, other=float("-inf"))
+        o = tl.load(mid_o_ptr + offs_s[:, None] * stride_mos + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(lse - m_new)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        tot = tot * alpha + tl.sum(w, 0)
+        m = m_new
     denom = tl.where(tot > 0.0, tot, 1.0)
-    out = tl.sum(o * w[:, None], 0) / denom
-    out_lse = tl.where(tot > 0.0, m_safe + tl.log(denom), float("-inf"))
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
-    tl.store(lse_ptr + b * stride_lb + h * stride_lh, out_lse)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / denom).to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh, tl.where(tot > 0.0, m + tl.log(denom), float("-inf")))

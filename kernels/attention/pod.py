@@ -261,8 +261,8 @@ def _tma_page_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> list:
 
     nb, page, hkv, d = k_cache.shape
     layout = _page_layout(page, d, k_cache.dtype)
-    return [TensorDescriptor(c.view(nb * page, hkv * d), [nb * page, hkv * d], [hkv * d, 1], [page, d], layout)
-            for c in (k_cache, v_cache)]
+    # the descriptor reads only the base's pointer and dtype: no 2-D view needed
+    return [TensorDescriptor(c, [nb * page, hkv * d], [hkv * d, 1], [page, d], layout) for c in (k_cache, v_cache)]
 
 
 @functools.cache

@@ -79,10 +79,11 @@ def test_decode_sequence_fastest_order(num_splits):
     _close(out, ref, lse, ref_lse)
 
 
-@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("num_splits", [2, 5, 11])
 def test_decode_split_merge_fused_and_separate(num_splits):
     """Split partials merged in the decode launch (the last split of each (sequence, kv head) to finish merges, then
-    zeroes its ticket) equal a separate merge launch and the reference, empty splits included (seq_len 1)."""
+    zeroes its ticket) equal a separate merge launch and the reference, empty splits included (seq_len 1); 11 splits
+    (more than the in-launch merge takes) run the merge kernel's two chunks of MERGE_CHUNK, the second masked."""
     from accordion.kernels.attention.decode import split_tickets
 
     gen, dev = _gen(91 + num_splits), device()
