@@ -83,7 +83,7 @@ def test_decode_sequence_fastest_order(num_splits):
 def test_decode_split_merge_fused_and_separate(num_splits):
     """Split partials merged in the decode launch (the last split of each (sequence, kv head) to finish merges, then
     zeroes its ticket) equal a separate merge launch and the reference, empty splits included (seq_len 1); 11 splits
-    (more than the in-launch merge takes) run the merge kernel's two chunks of MERGE_CHUNK, the second masked."""
+    are more than the in-launch merge takes (the merge kernel's 64-split chunk, masked)."""
     from accordion.kernels.attention.decode import split_tickets
 
     gen, dev = _gen(91 + num_splits), device()
@@ -98,6 +98,31 @@ def test_decode_split_merge_fused_and_separate(num_splits):
                                config=cfg)
         _close(out, ref, lse, ref_lse)
     assert not split_tickets(dev).any()
+
+
+@pytest.mark.parametrize("num_splits", [3, 8, 11, 70])
+def test_merge_splits_kernel_chunks(num_splits):
+    """The split merge launch against log-sum-exp weights in torch, for each chunk it reads splits in (8 at a time up
+    to 8, 64 beyond: 70 takes two steps, the second masked), with empty splits (0 / -inf) and a row with none."""
+    from accordion.kernels.attention.decode import merge_splits, split_partials
+
+    gen, dev = _gen(300 + num_splits), device()
+    B, H, D = 3, 4, 32
+    mid_o, mid_lse = split_partials(B, H, num_splits, D, dev)
+    mid_o.copy_(torch.randn(B, H, num_splits, D, generator=gen).to(dev))
+    mid_lse.copy_(torch.randn(B, H, num_splits, generator=gen).to(dev))
+    empty = torch.rand(B, H, num_splits, generator=gen).to(dev) < 0.3
+    empty[0, 0] = True  # a row whose splits are all empty
+    mid_o.masked_fill_(empty[..., None], 0.0)
+    mid_lse.masked_fill_(empty, float("-inf"))
+    out, lse = poisoned((B, H, D), F32, dev), poisoned((B, H), F32, dev)
+    merge_splits(mid_o, mid_lse, out, lse)
+    ref_lse = torch.logsumexp(mid_lse, dim=-1)
+    w = torch.exp(mid_lse - ref_lse[..., None]).nan_to_num(0.0)
+    ref = (w[..., None] * mid_o).sum(-2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert out[0, 0].eq(0).all() and lse[0, 0] == float("-inf")
 
 
 @pytest.mark.parametrize("dtype", [F32, torch.float16])  # (the interpreter misreads bf16 descriptor loads)
