@@ -219,7 +219,8 @@ def hybrid_batch(chunk: int, p_ctx: int, bd: int, d_ctx: int, dtype, dev):
     cu = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
     pq, dq = torch.randn(chunk, HQ, D, dtype=dtype, device=dev), torch.randn(bd, HQ, D, dtype=dtype, device=dev)
     pa = PrefillArgs(pq, p_table, cu, torch.tensor([p_ctx], dtype=torch.int32, device=dev), chunk,
-                     out=torch.empty_like(pq), lse=torch.empty(chunk, HQ, dtype=torch.float32, device=dev))
+                     out=torch.empty_like(pq), lse=torch.empty(chunk, HQ, dtype=torch.float32, device=dev),
+                     max_seq_len=p_ctx)
     da = DecodeArgs(dq, d_table, torch.full((bd,), d_ctx, dtype=torch.int32, device=dev), out=torch.empty_like(dq),
                     lse=torch.empty(bd, HQ, dtype=torch.float32, device=dev), max_seq_len=d_ctx)
 

@@ -38,6 +38,13 @@ class TritonAttentionBackend(AttentionBackend):
         super().__init__(*args, **kw)
         self.fuse_hybrid = fuse_hybrid
         self._step_fuse: tuple[AttentionMetadata | None, bool] = (None, False)
+        self._step_ws: tuple[AttentionMetadata | None, bool] = (None, False)
+
+    def _ws(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether the warp-specialized fused kernel serves this step (`ws_capable`), asked once per step."""
+        if self._step_ws[0] is not meta:
+            self._step_ws = (meta, ws_capable(kv_cache[0], self.num_heads // self.num_kv_heads, kv_cache[1], q))
+        return self._step_ws[1]
 
     def _fuse(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
         """A hybrid step's choice, made once per step (every layer sees the same ``meta``)."""
@@ -45,7 +52,7 @@ class TritonAttentionBackend(AttentionBackend):
             return self.fuse_hybrid
         if self._step_fuse[0] is not meta:
             nd = meta.num_decodes
-            fuse = ws_capable(kv_cache[0], self.num_heads // self.num_kv_heads, kv_cache[1], q) and pod_pays_off(
+            fuse = self._ws(q, kv_cache, meta) and pod_pays_off(
                 meta.query_lens_cpu[nd:], meta.seq_lens_cpu[nd:], meta.seq_lens_cpu[:nd],
                 self.num_heads, self.num_kv_heads, self.head_dim, q.element_size(), pod_rule(q.device))
             self._step_fuse = (meta, fuse)
@@ -69,8 +76,14 @@ class TritonAttentionBackend(AttentionBackend):
                                 max_seq_len=meta.max_seq_len)
         if has_prefill:
             prefill = PrefillArgs(q[nd:], meta.block_table[nd:], meta.prefill_query_start_loc, meta.seq_lens[nd:],
-                                  meta.max_query_len, out=out[nd:], lse=lse[nd:])
+                                  meta.max_query_len, out=out[nd:], lse=lse[nd:],
+                                  max_seq_len=max(meta.seq_lens_cpu[nd:], default=None))
         if nd and has_prefill and fuse:
+            if self._ws(q, kv_cache, meta):
+                # the step's exact longest decode row (the host lengths are exact) sizes the warp-specialized
+                # launch's decode split and its estimate of the two halves (`pod_schedule.ws_items_per_sm`); the
+                # Triton POD kernel keeps the step's bound, whose split-or-not variants warm-up compiles
+                decode.max_seq_len = meta.decode_max_len
             pod_attention(k_cache, v_cache, prefill, decode, scale=self.scale)
         else:
             if nd:

@@ -34,9 +34,10 @@ from .pod_schedule import (
     POD_DECODE_TOKENS_PER_SPLIT,
     WS_CONFIG,
     WS_CP_ASYNC,
-    WS_ITEMS_PER_SM,
     WS_MIN_SPLIT_KEYS,
     pod_config,
+    pod_rule,
+    ws_items_per_sm,
     ws_serves_shape,
 )
 from .prefill import paged_prefill_attention, validate_prefill_inputs
@@ -66,7 +67,8 @@ class PrefillArgs:
     """Prefill half of a hybrid batch (same meaning as `paged_prefill_attention`).
 
     q [Tq, Hq, D]; block_table int32 [Bp, *]; cu_seqlens_q int32 [Bp + 1]; seq_lens int32 [Bp];
-    max_seqlen_q host int; out optional [Tq, Hq, D]; lse optional fp32 [Tq, Hq].
+    max_seqlen_q host int; out optional [Tq, Hq, D]; lse optional fp32 [Tq, Hq]; max_seq_len optional host upper
+    bound of seq_lens (prefix + chunk), which lets the fused launch size its decode split (`ws_items_per_sm`).
     """
 
     q: torch.Tensor
@@ -76,6 +78,7 @@ class PrefillArgs:
     max_seqlen_q: int
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
+    max_seq_len: int | None = None
 
 
 @dataclass
@@ -132,7 +135,8 @@ def pod_attention(
     below.
     config: tile-size override of the Triton kernel (keys of `pod_config`; `maxnreg` caps registers), for tuning.
     ws_config: overrides of `WS_CONFIG` (tiles, stages, TMA or cp.async copies, decode registers; ITEMS_PER_SM, the
-    decode split's target) for the warp-specialized kernel, which must serve the inputs (`ws_capable`), for tuning.
+    decode split's target, else `ws_items_per_sm`) for the warp-specialized kernel, which must serve the inputs
+    (`ws_capable`), for tuning.
     Returns (prefill_out [Tq, Hq, D], prefill_lse [Tq, Hq], decode_out [Bd, Hq, D], decode_lse [Bd, Hq]);
     the math is that of `paged_prefill_attention` / `paged_decode_attention` (only tile sizes differ on GPU).
     Split-KV decode partials are merged in the same launch when `merges_in_kernel` says so, else by a second one.
@@ -152,6 +156,8 @@ def pod_attention(
         raise ValueError(f"decode.block_table / decode.seq_lens must have Bd={Bd} rows")
     if dq.device != pq.device or decode.block_table.device != pq.device or decode.seq_lens.device != pq.device:
         raise ValueError("prefill and decode tensors must be on one device")
+    if prefill.max_seq_len is not None and not (isinstance(prefill.max_seq_len, int) and prefill.max_seq_len >= 1):
+        raise ValueError(f"prefill.max_seq_len must be a positive int or None, got {prefill.max_seq_len!r}")
     cfg = pod_config(D, pq.dtype) if config is None else config
     num_m = cdiv(prefill.max_seqlen_q, cfg["P_BLOCK_M"])
     if Bp == 0 or Tq == 0 or num_m == 0 or Bd == 0:
@@ -278,7 +284,7 @@ def _page_layout(page: int, head_dim: int, dtype: torch.dtype):
 def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, plse, do, dlse, max_ctx: int,
                scale: float, cfg: dict) -> None:
     """The warp-specialized launch (inputs validated, outputs allocated; ``cfg`` as `WS_CONFIG`, plus for tuning
-    ITEMS_PER_SM): one CTA per SM, decode split so that there are about WS_ITEMS_PER_SM items per SM, partials
+    ITEMS_PER_SM): one CTA per SM, decode split so that there are about `ws_items_per_sm` items per SM, partials
     merged by a second launch; TMA copies only where `ws_tma_serves`, else cp.async."""
     pq, dq = prefill.q, decode.q
     _, Hq, D = pq.shape
@@ -290,7 +296,8 @@ def _launch_ws(k_cache, v_cache, prefill: PrefillArgs, decode: DecodeArgs, po, p
         cfg = dict(cfg)
         items_per_sm = cfg.pop("ITEMS_PER_SM")
     else:
-        items_per_sm = WS_ITEMS_PER_SM
+        items_per_sm = ws_items_per_sm(pq.shape[0], prefill.max_seq_len, prefill.max_seqlen_q, Bd, max_ctx, Hq, Hkv,
+                                       D, pq.element_size(), pod_rule(pq.device))
     if splits is None:
         splits = max(1, min(cdiv(items_per_sm * sms, Bd * Hkv), cdiv(max_ctx, WS_MIN_SPLIT_KEYS), 64))
     if not (1 <= splits <= 1024):

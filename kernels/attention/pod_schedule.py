@@ -44,17 +44,24 @@ WS_CP_ASYNC = dict(P_TMA=False, D_TMA=False, D_BLOCK_N=16, D_REGS=128)
 WS_MAX_GROUP = 8
 WS_ITEMS_PER_SM = 8  # decode splits: about this many (sequence, kv head, split) items per SM ...
 WS_MIN_SPLIT_KEYS = 512  # ... while each split keeps at least this many keys
+# ... and twice as many where the card's rule has a decode-heavy band (`PodRule.decode_heavy`) and the halves'
+# estimated time ratio, prefill / decode, lies in it: the last items, which the prefill warps take beside the decode
+# warps once their tiles are done, are then shorter.
+WS_ITEMS_PER_SM_DECODE_HEAVY = 16
 
 
 @dataclass(frozen=True)
 class PodRule:
     """When a hybrid batch fuses (`pod_pays_off`): the ratio of its prefill half's estimated time (causal FLOPs at
-    ``prefill_flops_per_s``) to its decode half's (K/V bytes at ``decode_bytes_per_s``) lies in [low, high]."""
+    ``prefill_flops_per_s``) to its decode half's (K/V bytes at ``decode_bytes_per_s``) lies in [low, high].
+    ``decode_heavy``: the band of that ratio where the warp-specialized kernel splits its decodes finer
+    (`ws_items_per_sm`); None where none was measured."""
 
     low: float
     high: float
     prefill_flops_per_s: float
     decode_bytes_per_s: float
+    decode_heavy: tuple[float, float] | None = None
 
 
 # From the kernel benchmark's hybrid table (1xH100, 77c5718, bench/results/kernels-20261128-032707.json, CUDA
@@ -66,7 +73,14 @@ POD_RULE_H100 = PodRule(0.1, 30.0, 440e12, 3.0e12)
 # kernels on 26 of the same 27 batches, estimated ratios 0.037-38.8, and 1.001x on the last, at 0.018
 # (bench/results/kernels-20261129-022402.json). The H100 rule, applied there, left out four of them: three that ran
 # 1.03-1.12x and the 1.001x one.
-POD_RULE_H200 = PodRule(0.03, 50.0, 440e12, 4.3e12)
+# Its decode-heavy band, from four H200 leases (`bench/tune_attention.py --ws`-style sweeps, CUDA graphs, 16 decode
+# items per SM against 8; bench/results/experiments/pod-items-per-sm-h200-20261129.json and
+# tune-attention-nvidia-h200-20261129T102722Z.json): at estimated ratios 0.29-0.61 16 items ran 0.6-3.5% faster on
+# four batches in all 12 timings (1024 @ 16k + 64 x 32k: 1.231 -> 1.265x the sequence, 1.189 -> 1.231x, 1.202 ->
+# 1.222x; + 128 x 16k, + 64 x 16k, 512 @ 4k + 64 x 4k), 0.4-0.9% slower on 512 @ 4k + 16 x 16k (three timings) and
+# 0.7% on 2048 @ 32k + 128 x 32k (one); outside the band (0.07, 1.2, 2.4) mostly slower, by up to 2.2%. Two identical
+# launches differed by up to 2.2% on one of those leases.
+POD_RULE_H200 = PodRule(0.03, 50.0, 440e12, 4.3e12, decode_heavy=(0.2, 0.7))
 
 
 def pod_rule(device: torch.device) -> PodRule:
@@ -94,6 +108,22 @@ def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_
     t_p = flops / rule.prefill_flops_per_s
     t_d = sum(decode_seq_lens) * 2 * num_kv_heads * head_dim * elem_bytes / rule.decode_bytes_per_s
     return t_d > 0 and rule.low <= t_p / t_d <= rule.high
+
+
+def ws_items_per_sm(prefill_tokens: int, prefill_max_seq_len: int | None, max_query_len: int, decode_rows: int,
+                    decode_max_seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int,
+                    rule: PodRule) -> int:
+    """The warp-specialized kernel's decode items per SM (`WS_ITEMS_PER_SM`, or `WS_ITEMS_PER_SM_DECODE_HEAVY` where
+    the halves' estimated time ratio lies in ``rule.decode_heavy``), from host bounds: ``prefill_tokens`` query rows
+    of chunks of at most ``max_query_len`` over at most ``prefill_max_seq_len`` keys (None: unknown, the default
+    count), ``decode_rows`` decodes over at most ``decode_max_seq_len`` keys. Costs as `pod_pays_off` counts them."""
+    if prefill_max_seq_len is None or rule.decode_heavy is None:
+        return WS_ITEMS_PER_SM
+    flops = 4 * num_heads * head_dim * prefill_tokens * max(prefill_max_seq_len - max_query_len / 2, 1)
+    kv_bytes = decode_rows * decode_max_seq_len * 2 * num_kv_heads * head_dim * elem_bytes
+    ratio = (flops / rule.prefill_flops_per_s) / max(kv_bytes / rule.decode_bytes_per_s, 1e-12)
+    low, high = rule.decode_heavy
+    return WS_ITEMS_PER_SM_DECODE_HEAVY if low <= ratio <= high else WS_ITEMS_PER_SM
 
 
 def ws_serves_shape(group: int, head_dim: int, dtype: torch.dtype) -> bool:
