@@ -206,3 +206,30 @@ def test_auto_hybrid_fuses_balanced_steps_once_per_step(monkeypatch):
         calls.clear()
         assert [backend._fuse(q, kv, m) for _ in range(3)] == [fused] * 3
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("ws", [True, False])
+def test_fused_step_hands_the_launch_its_host_lengths(monkeypatch, ws):
+    """A fused hybrid step tells `pod_attention` the prefill rows' longest length (for the warp-specialized kernel's
+    estimate of its two halves) and, where that kernel serves, the exact longest decode row; the Triton POD kernel
+    keeps the step's bound (`max_seq_len`), whose split-or-not variants warm-up compiles."""
+    from accordion.workers import attention_triton
+    from accordion.workers.attention import AttentionMetadata
+
+    d_lens, p_lens, q_len = [300, 4000, 700], [9000], 16
+    rows = len(d_lens) + q_len
+    meta = AttentionMetadata(
+        num_decodes=len(d_lens), slot_mapping=torch.zeros(rows, dtype=torch.long),
+        block_table=torch.zeros(len(d_lens) + 1, 8, dtype=torch.int32),
+        seq_lens=torch.tensor(d_lens + p_lens, dtype=torch.int32), query_start_loc=torch.zeros(5, dtype=torch.int32),
+        max_query_len=q_len, max_seq_len=16384, seq_lens_cpu=d_lens + p_lens, query_lens_cpu=[1] * 3 + [q_len],
+        prefill_query_start_loc=torch.tensor([0, q_len], dtype=torch.int32))
+    seen = []
+    monkeypatch.setattr(attention_triton, "ws_capable", lambda *a: ws)
+    monkeypatch.setattr(attention_triton, "pod_attention", lambda k, v, p, d, scale: seen.append((p, d)))
+    backend = attention_triton.TritonAttentionBackend(4, 2, 16, 0.25, fuse_hybrid=True)
+    q, kv = torch.zeros(rows, 4, 16), torch.zeros(2, 4, 16, 2, 16)
+    backend._attend(q, kv, meta, fuse=True)
+    (prefill, decode), = seen
+    assert prefill.max_seq_len == 9000
+    assert decode.max_seq_len == (4000 if ws else 16384)
