@@ -68,6 +68,12 @@ class AttentionMetadata:
         what a decode of rows told equal spans (`decode_schedule.DEEP_DECODE` reads no key past it)."""
         return max(self.seq_lens_cpu[:self.num_decodes], default=0)
 
+    @functools.cached_property
+    def prefill_max_len(self) -> int | None:
+        """The longest prefill row's key count (its prefix and chunk) from the host lengths; None without prefill
+        rows."""
+        return max(self.seq_lens_cpu[self.num_decodes:], default=None)
+
 
 class AttentionBackend(ABC):
     """One instance per model runner; ``forward`` is called by every attention layer of a step."""

@@ -77,7 +77,7 @@ class TritonAttentionBackend(AttentionBackend):
         if has_prefill:
             prefill = PrefillArgs(q[nd:], meta.block_table[nd:], meta.prefill_query_start_loc, meta.seq_lens[nd:],
                                   meta.max_query_len, out=out[nd:], lse=lse[nd:],
-                                  max_seq_len=max(meta.seq_lens_cpu[nd:], default=None))
+                                  max_seq_len=meta.prefill_max_len)
         if nd and has_prefill and fuse:
             if self._ws(q, kv_cache, meta):
                 # the step's exact longest decode row (the host lengths are exact) sizes the warp-specialized
