@@ -98,32 +98,40 @@ def pod_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(P_BLOCK_M=64, P_BLOCK_N=64, D_BLOCK_N=64, num_warps=4, num_stages=3)  # bench/tune_attention.py
 
 
+def halves_ratio(prefill_query_keys: float, decode_keys: float, num_heads: int, num_kv_heads: int, head_dim: int,
+                 elem_bytes: int, rule: PodRule) -> float | None:
+    """A hybrid batch's estimated prefill time over its decode time: ``prefill_query_keys`` = sum over the chunks of
+    q * (s - q / 2) (the causal query-key pairs of a q-token chunk over s keys) at ``rule.prefill_flops_per_s``,
+    ``decode_keys`` = the decode rows' keys, their K/V bytes at ``rule.decode_bytes_per_s``; None without decode
+    keys."""
+    t_p = 4 * num_heads * head_dim * prefill_query_keys / rule.prefill_flops_per_s
+    t_d = decode_keys * 2 * num_kv_heads * head_dim * elem_bytes / rule.decode_bytes_per_s
+    return t_p / t_d if t_d > 0 else None
+
+
 def pod_pays_off(prefill_q_lens: list[int], prefill_seq_lens: list[int], decode_seq_lens: list[int],
                  num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int,
                  rule: PodRule = POD_RULE_H100) -> bool:
-    """Whether a hybrid batch should run fused: the ratio of its prefill half's estimated time (causal FLOPs of
-    each chunk over its cached prefix) to its decode half's (K/V bytes read) lies in ``rule``'s band (the
-    GPU's: `pod_rule`)."""
-    flops = 4 * num_heads * head_dim * sum(q * (s - q / 2) for q, s in zip(prefill_q_lens, prefill_seq_lens))
-    t_p = flops / rule.prefill_flops_per_s
-    t_d = sum(decode_seq_lens) * 2 * num_kv_heads * head_dim * elem_bytes / rule.decode_bytes_per_s
-    return t_d > 0 and rule.low <= t_p / t_d <= rule.high
+    """Whether a hybrid batch should run fused: its `halves_ratio` (causal FLOPs of each chunk over its cached prefix
+    against the decodes' K/V bytes) lies in ``rule``'s band (the GPU's: `pod_rule`)."""
+    ratio = halves_ratio(sum(q * (s - q / 2) for q, s in zip(prefill_q_lens, prefill_seq_lens)),
+                         sum(decode_seq_lens), num_heads, num_kv_heads, head_dim, elem_bytes, rule)
+    return ratio is not None and rule.low <= ratio <= rule.high
 
 
 def ws_items_per_sm(prefill_tokens: int, prefill_max_seq_len: int | None, max_query_len: int, decode_rows: int,
                     decode_max_seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, elem_bytes: int,
                     rule: PodRule) -> int:
     """The warp-specialized kernel's decode items per SM (`WS_ITEMS_PER_SM`, or `WS_ITEMS_PER_SM_DECODE_HEAVY` where
-    the halves' estimated time ratio lies in ``rule.decode_heavy``), from host bounds: ``prefill_tokens`` query rows
-    of chunks of at most ``max_query_len`` over at most ``prefill_max_seq_len`` keys (None: unknown, the default
-    count), ``decode_rows`` decodes over at most ``decode_max_seq_len`` keys. Costs as `pod_pays_off` counts them."""
+    the `halves_ratio` lies in ``rule.decode_heavy``), from host bounds: ``prefill_tokens`` query rows of chunks of
+    at most ``max_query_len`` over at most ``prefill_max_seq_len`` keys (None: unknown, the default count),
+    ``decode_rows`` decodes over at most ``decode_max_seq_len`` keys."""
     if prefill_max_seq_len is None or rule.decode_heavy is None:
         return WS_ITEMS_PER_SM
-    flops = 4 * num_heads * head_dim * prefill_tokens * max(prefill_max_seq_len - max_query_len / 2, 1)
-    kv_bytes = decode_rows * decode_max_seq_len * 2 * num_kv_heads * head_dim * elem_bytes
-    ratio = (flops / rule.prefill_flops_per_s) / max(kv_bytes / rule.decode_bytes_per_s, 1e-12)
+    ratio = halves_ratio(prefill_tokens * max(prefill_max_seq_len - max_query_len / 2, 1),
+                         decode_rows * decode_max_seq_len, num_heads, num_kv_heads, head_dim, elem_bytes, rule)
     low, high = rule.decode_heavy
-    return WS_ITEMS_PER_SM_DECODE_HEAVY if low <= ratio <= high else WS_ITEMS_PER_SM
+    return WS_ITEMS_PER_SM_DECODE_HEAVY if ratio is not None and low <= ratio <= high else WS_ITEMS_PER_SM
 
 
 def ws_serves_shape(group: int, head_dim: int, dtype: torch.dtype) -> bool:
